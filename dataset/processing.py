@@ -1,0 +1,104 @@
+"""The one image preprocessing function and the one prompt builder, shared by training, CLI chat and web demo.
+
+Keeping a single path is the point: a model answers well only on inputs prepared exactly as in training.
+"""
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
+CLIP_IMAGE_SIZE = 224
+# openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# Decompression-bomb guard: refuse images with more pixels than this before decoding them.
+MAX_IMAGE_PIXELS = 50_000_000
+ROLES_BY_PARITY = ("user", "assistant")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: unreadable, not an image, or too large."""
+
+
+def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a path, bytes or file object as a decoded PIL image, refusing oversized or broken files."""
+    name = str(source) if isinstance(source, (str, Path)) else "image"
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{name}: {width}x{height} pixels is over the {max_pixels} pixel limit")
+        image.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ImageError(f"{name}: not a readable image ({error})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB. High-bit-depth greyscale is scaled down rather than clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if image.mode == "I" and array.max() <= 255:
+            peak = 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
+    """PIL image (any mode) -> CLIP input [3, size, size] float32.
+
+    Same steps as CLIPImageProcessor: RGB; shortest side to `size` (bicubic, long side truncated); centre
+    crop; scale to [0, 1]; normalise with the CLIP mean/std.
+    """
+    image = to_rgb(image)
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    image = image.resize((new_width, new_height), resample=Image.BICUBIC)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size]  # [size, size, 3]
+    pixels = (pixels * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, size, size]
+
+
+def load_pixel_values(sources, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Paths/bytes of images -> [N, 3, 224, 224]."""
+    return torch.stack([preprocess_image(open_image(s, max_pixels)) for s in sources])
+
+
+def expand_image_markers(text: str, image_special_token: str) -> str:
+    """Replace each `<image>` with the placeholder run (196 '@') the model overwrites with image features."""
+    return text.replace(IMAGE_MARKER, image_special_token)
+
+
+def roles_by_parity(turns):
+    """Training records: turn i is the user's when i is even, the assistant's when odd (stored roles ignored)."""
+    return [{"role": ROLES_BY_PARITY[i % 2], "content": turn["content"]} for i, turn in enumerate(turns)]
+
+
+def user_content(text: str, num_images: int) -> str:
+    """A chat message with its images first, each marker on its own line, then the question."""
+    return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + text
+
+
+def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool) -> str:
+    """Chat-template text of `messages` with every `<image>` expanded to its placeholder run."""
+    expanded = [{"role": m["role"], "content": expand_image_markers(m["content"], image_special_token)}
+                for m in messages]
+    return tokenizer.apply_chat_template(expanded, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def count_image_markers(messages) -> int:
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)

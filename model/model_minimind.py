@@ -1,0 +1,489 @@
+"""MiniMind causal language model (the MiniMind2 generation), weight- and logit-compatible with upstream.
+
+Module and parameter names follow upstream exactly, so `state_dict()` keys match released `.pth` files:
+`model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
+`model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head` (tied to the embedding).
+
+Shapes: B batch, T new tokens, P cached tokens, H query heads, Hkv key/value heads, d head_dim.
+"""
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+# Default YaRN settings upstream switches on with `inference_rope_scaling=True` (spec §1.1).
+YARN_ROPE_SCALING = {
+    "beta_fast": 32, "beta_slow": 1, "factor": 16,
+    "original_max_position_embeddings": 2048, "attention_factor": 1.0, "type": "yarn",
+}
+# The FFN width rule: 8/3 of the hidden size, rounded up to a multiple of this.
+FFN_WIDTH_MULTIPLE = 64
+IGNORE_INDEX = -100
+
+
+class MiniMindConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        hidden_act: str = "silu",
+        hidden_size: int = 512,
+        intermediate_size: int = None,
+        max_position_embeddings: int = 32768,
+        num_attention_heads: int = 8,
+        num_hidden_layers: int = 8,
+        num_key_value_heads: int = 2,
+        vocab_size: int = 6400,
+        rms_norm_eps: float = 1e-05,
+        rope_theta: float = 1000000.0,
+        inference_rope_scaling: bool = False,
+        flash_attn: bool = True,
+        use_moe: bool = False,
+        num_experts_per_tok: int = 2,
+        n_routed_experts: int = 4,
+        n_shared_experts: int = 1,
+        scoring_func: str = "softmax",
+        aux_loss_alpha: float = 0.01,
+        seq_aux: bool = True,
+        norm_topk_prob: bool = True,
+        **kwargs,
+    ):
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.dropout = dropout
+        self.hidden_act = hidden_act
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.num_key_value_heads = num_key_value_heads
+        self.vocab_size = vocab_size
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.inference_rope_scaling = inference_rope_scaling
+        # transformers 5 keeps `rope_scaling` as an alias of `rope_parameters`; set the latter directly.
+        self.rope_parameters = dict(YARN_ROPE_SCALING) if inference_rope_scaling else None
+        self.flash_attn = flash_attn
+        self.use_moe = bool(use_moe)
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
+
+
+def resolve_intermediate_size(config: MiniMindConfig) -> int:
+    """FFN width: upstream computes 8/3·hidden rounded up to 64 and writes it back into the config."""
+    if config.intermediate_size is None:
+        width = int(config.hidden_size * 8 / 3)
+        config.intermediate_size = FFN_WIDTH_MULTIPLE * ((width + FFN_WIDTH_MULTIPLE - 1) // FFN_WIDTH_MULTIPLE)
+    return config.intermediate_size
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, cast back, then scale: the order upstream's weights were trained with.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def precompute_freqs_cis(dim: int, end: int, rope_base: float = 1e6, rope_scaling: dict = None):
+    """RoPE tables cos/sin of shape [end, dim] (halves duplicated, rotate-half convention), optional YaRN."""
+    inv_freq = 1.0 / (rope_base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    attn_factor = 1.0
+    if rope_scaling is not None:
+        original_max = rope_scaling.get("original_max_position_embeddings", 2048)
+        factor = rope_scaling.get("factor", 16)
+        beta_fast, beta_slow = rope_scaling.get("beta_fast", 32.0), rope_scaling.get("beta_slow", 1.0)
+        attn_factor = rope_scaling.get("attention_factor", 1.0)
+        if end / original_max > 1.0:
+            def correction_dim(beta):
+                return dim * math.log(original_max / (beta * 2 * math.pi)) / (2 * math.log(rope_base))
+
+            low = max(math.floor(correction_dim(beta_fast)), 0)
+            high = min(math.ceil(correction_dim(beta_slow)), dim // 2 - 1)
+            ramp = torch.clamp((torch.arange(dim // 2).float() - low) / max(high - low, 0.001), 0, 1)
+            inv_freq = inv_freq * (1 - ramp + ramp / factor)
+    angles = torch.outer(torch.arange(end, device=inv_freq.device).float(), inv_freq)  # [end, dim/2]
+    freqs_cos = torch.cat([torch.cos(angles), torch.cos(angles)], dim=-1) * attn_factor  # [end, dim]
+    freqs_sin = torch.cat([torch.sin(angles), torch.sin(angles)], dim=-1) * attn_factor  # [end, dim]
+    return freqs_cos, freqs_sin
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q [B, T, H, d], k [B, T, Hkv, d]; cos/sin [T, d] broadcast over batch and heads."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, d]
+    q_rot = (q * cos + rotate_half(q) * sin).to(q.dtype)
+    k_rot = (k * cos + rotate_half(k) * sin).to(k.dtype)
+    return q_rot, k_rot
+
+
+def is_hf_cache(past_key_values) -> bool:
+    return isinstance(past_key_values, Cache)
+
+
+def cached_length(past_key_values) -> int:
+    """Tokens already in the cache: an HF Cache object or upstream's list of per-layer (k [B, P, Hkv, d], v)."""
+    if past_key_values is None:
+        return 0
+    if is_hf_cache(past_key_values):
+        return past_key_values.get_seq_length()
+    first = past_key_values[0]
+    return 0 if first is None else first[0].shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_attention_heads {self.num_heads} must be a multiple of num_key_value_heads "
+                             f"{self.num_kv_heads}")
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None):
+        """x [B, T, hidden]; past_key_value: None, an HF Cache, or a (k, v) pair laid out [B, P, Hkv, d]."""
+        bsz, seq_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
+        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+        if is_hf_cache(past_key_value):
+            # HF caches hold [B, Hkv, P+T, d]; update() appends and returns the full tensors.
+            k_all, v_all = past_key_value.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            present = past_key_value
+        else:
+            if past_key_value is not None:
+                k = torch.cat([past_key_value[0], k], dim=1)  # [B, P+T, Hkv, d]
+                v = torch.cat([past_key_value[1], v], dim=1)
+            present = (k, v) if use_cache else None
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, P+T, d]
+
+        q = q.transpose(1, 2)  # [B, H, T, d]
+        total_len = k_all.shape[2]
+        past_len = total_len - seq_len
+        needs_mask = past_len > 0 or (attention_mask is not None and not bool(attention_mask.all()))
+        mask = None
+        if needs_mask:
+            mask = self._additive_mask(attention_mask, bsz, seq_len, past_len, q.dtype, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and seq_len > 1, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, T, d]
+        out = out.transpose(1, 2).reshape(bsz, seq_len, -1)  # [B, T, H*d]
+        return self.resid_dropout(self.o_proj(out)), present
+
+    @staticmethod
+    def _additive_mask(attention_mask, bsz, seq_len, past_len, dtype, device):
+        """[B, 1, T, P+T] float mask: causal over the new tokens, plus padding from a [B, P+T] 0/1 mask."""
+        total_len = past_len + seq_len
+        query_pos = torch.arange(past_len, total_len, device=device).unsqueeze(1)  # [T, 1]
+        key_pos = torch.arange(total_len, device=device).unsqueeze(0)  # [1, P+T]
+        mask = torch.zeros(seq_len, total_len, dtype=dtype, device=device)
+        mask = mask.masked_fill(key_pos > query_pos, float("-inf")).expand(bsz, 1, seq_len, total_len)
+        if attention_mask is not None:
+            pad = (attention_mask[:, -total_len:] == 0).view(bsz, 1, 1, total_len)
+            mask = mask.masked_fill(pad & (key_pos <= query_pos), torch.finfo(dtype).min)
+        return mask
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        width = resolve_intermediate_size(config)
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEGate(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        if config.scoring_func != "softmax":
+            raise NotImplementedError(f"unsupported MoE scoring function: {config.scoring_func}")
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty((self.n_routed_experts, config.hidden_size)))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states):
+        """hidden_states [B, T, hidden] -> top-k expert ids and weights [B*T, k], aux loss scalar."""
+        bsz, seq_len, hidden = hidden_states.shape
+        logits = F.linear(hidden_states.view(-1, hidden), self.weight)  # [B*T, E]
+        scores = logits.softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+
+        aux_loss = scores.new_zeros(())
+        if self.training and self.alpha > 0.0:
+            idx_per_seq = topk_idx.view(bsz, -1)  # [B, T*k]
+            if self.seq_aux:
+                seq_scores = scores.view(bsz, seq_len, -1)  # [B, T, E]
+                counts = torch.zeros(bsz, self.n_routed_experts, device=hidden_states.device)
+                counts.scatter_add_(1, idx_per_seq, torch.ones_like(idx_per_seq, dtype=counts.dtype))
+                counts = counts / (seq_len * self.top_k / self.n_routed_experts)
+                aux_loss = (counts * seq_scores.mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:
+                one_hot = F.one_hot(idx_per_seq.view(-1), num_classes=self.n_routed_experts)
+                fraction = one_hot.float().mean(0) * self.n_routed_experts
+                aux_loss = (scores.mean(0) * fraction).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.gate = MoEGate(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
+        self.aux_loss = None
+
+    def forward(self, x):
+        """Each token goes to its top-k experts; outputs are weighted and summed (one pass per expert)."""
+        bsz, seq_len, hidden = x.shape
+        topk_idx, topk_weight, self.aux_loss = self.gate(x)
+        flat_x = x.reshape(-1, hidden)  # [B*T, hidden]
+        out = torch.zeros_like(flat_x)
+        for expert_id, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(topk_idx == expert_id)
+            if token_idx.numel() == 0:
+                continue
+            weight = topk_weight[token_idx, slot].unsqueeze(-1).to(flat_x.dtype)
+            out = out.index_add(0, token_idx, (expert(flat_x[token_idx]) * weight).to(out.dtype))
+        out = out.view(bsz, seq_len, hidden)
+        for shared in getattr(self, "shared_experts", []):
+            out = out + shared(x)
+        return out
+
+
+class MiniMindBlock(nn.Module):
+    def __init__(self, layer_id: int, config: MiniMindConfig):
+        super().__init__()
+        self.self_attn = Attention(config, layer_id)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, hidden_states, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None):
+        attn_out, present = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                           past_key_value, use_cache, attention_mask)
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, present
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._register_rope_buffers()
+
+    def _register_rope_buffers(self):
+        # Non-persistent: never part of state_dict, rebuilt from the config (also after meta-device init).
+        freqs_cos, freqs_sin = precompute_freqs_cis(
+            self.config.hidden_size // self.config.num_attention_heads, self.config.max_position_embeddings,
+            self.config.rope_theta, self.config.rope_scaling)
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
+                inputs_embeds=None):
+        """Returns final normed hidden states [B, T, hidden], the cache (or None) and the summed MoE aux loss."""
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden_states = self.dropout(hidden_states)
+        seq_len = hidden_states.shape[1]
+        start_pos = cached_length(past_key_values)
+        position_embeddings = (self.freqs_cos[start_pos:start_pos + seq_len],
+                               self.freqs_sin[start_pos:start_pos + seq_len])
+
+        hf_cache = is_hf_cache(past_key_values)
+        layer_pasts = [past_key_values] * len(self.layers) if hf_cache else (
+            past_key_values or [None] * len(self.layers))
+        presents = []
+        for layer, layer_past in zip(self.layers, layer_pasts):
+            hidden_states, present = layer(hidden_states, position_embeddings, layer_past, use_cache, attention_mask)
+            presents.append(present)
+        hidden_states = self.norm(hidden_states)
+
+        aux_loss = hidden_states.new_zeros(())
+        for layer in self.layers:
+            if isinstance(layer.mlp, MOEFeedForward) and layer.mlp.aux_loss is not None:
+                aux_loss = aux_loss + layer.mlp.aux_loss
+        cache = (past_key_values if hf_cache else presents) if use_cache else None
+        return hidden_states, cache, aux_loss
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"model.embed_tokens.weight": "lm_head.weight"}
+    _supports_sdpa = True
+
+    def __init__(self, config: MiniMindConfig = None):
+        config = config or MiniMindConfig()
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Tied as upstream does it: the embedding is the lm_head Parameter (init = Linear's init).
+        self.model.embed_tokens.weight = self.lm_head.weight
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _init_weights(self, module):
+        # Weights come from the modules' own constructors (as upstream); only the RoPE tables need rebuilding
+        # when transformers materialises the model from the meta device.
+        if isinstance(module, MiniMindModel):
+            cos, sin = precompute_freqs_cis(module.config.hidden_size // module.config.num_attention_heads,
+                                            module.config.max_position_embeddings, module.config.rope_theta,
+                                            module.config.rope_scaling)
+            with torch.no_grad():
+                if module.freqs_cos.device.type != "meta":
+                    module.freqs_cos.copy_(cos)
+                    module.freqs_sin.copy_(sin)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, inputs_embeds=None, **kwargs):
+        hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
+                                                    inputs_embeds)
+        return self._lm_output(hidden_states, cache, aux_loss, labels, logits_to_keep)
+
+    def _lm_output(self, hidden_states, cache, aux_loss, labels, logits_to_keep):
+        """Project the kept positions to logits; shifted cross-entropy over labels != -100 when given."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache,
+                                         hidden_states=hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Legacy (Feb-2025, "LMConfig"/"MiniMindLM") checkpoints: renamed keys and interleaved-pair RoPE.
+
+LEGACY_KEY_RENAMES = [
+    ("tok_embeddings.", "model.embed_tokens."),
+    ("output.", "lm_head."),
+    ("norm.", "model.norm."),
+]
+LEGACY_LAYER_RENAMES = [
+    ("attention.wq.", "self_attn.q_proj."),
+    ("attention.wk.", "self_attn.k_proj."),
+    ("attention.wv.", "self_attn.v_proj."),
+    ("attention.wo.", "self_attn.o_proj."),
+    ("attention_norm.", "input_layernorm."),
+    ("ffn_norm.", "post_attention_layernorm."),
+    ("feed_forward.w1.", "mlp.gate_proj."),
+    ("feed_forward.w2.", "mlp.down_proj."),
+    ("feed_forward.w3.", "mlp.up_proj."),
+    ("feed_forward.", "mlp."),  # MoE: experts.{e}.w1 etc. are renamed by the pass below
+]
+LEGACY_EXPERT_RENAMES = [(".w1.", ".gate_proj."), (".w2.", ".down_proj."), (".w3.", ".up_proj.")]
+
+
+def is_legacy_state_dict(state_dict) -> bool:
+    return "tok_embeddings.weight" in state_dict or any(k.startswith("layers.") for k in state_dict)
+
+
+def interleaved_to_half_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows [0,1,2,...,d-1] -> [0,2,4,...,d-2, 1,3,...,d-1].
+
+    Legacy RoPE rotates pairs (x[2i], x[2i+1]); rotate-half RoPE rotates (x[i], x[i+d/2]). Permuting the
+    projection rows this way makes the two conventions produce identical attention scores.
+    """
+    out_features, in_features = weight.shape
+    head_dim = out_features // num_heads
+    per_head = weight.view(num_heads, head_dim // 2, 2, in_features)  # [heads, d/2, pair, in]
+    return per_head.transpose(1, 2).reshape(out_features, in_features)
+
+
+def convert_legacy_state_dict(state_dict, config: MiniMindConfig):
+    """Map a Feb-2025 MiniMind-V state_dict onto the current key names and RoPE layout (logits preserved)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(".mask") or key == "mask" or "pos_cis" in key:
+            continue  # non-persistent buffers some old saves contain
+        new_key = key
+        if key.startswith("layers."):
+            new_key = "model." + key
+            for old, new in LEGACY_LAYER_RENAMES:
+                if old in new_key:
+                    new_key = new_key.replace(old, new, 1)
+                    break
+            if ".mlp.experts." in new_key or ".mlp.shared_experts." in new_key:
+                for old, new in LEGACY_EXPERT_RENAMES:
+                    new_key = new_key.replace(old, new)
+            if ".mlp.shared_experts." in new_key and not re.search(r"\.shared_experts\.\d+\.", new_key):
+                # Legacy kept one shared FFN as an attribute; current code keeps a list of them.
+                new_key = new_key.replace(".mlp.shared_experts.", ".mlp.shared_experts.0.")
+        else:
+            for old, new in LEGACY_KEY_RENAMES:
+                if key.startswith(old):
+                    new_key = new + key[len(old):]
+                    break
+        if new_key.endswith("self_attn.q_proj.weight"):
+            tensor = interleaved_to_half_rows(tensor, config.num_attention_heads)
+        elif new_key.endswith("self_attn.k_proj.weight"):
+            tensor = interleaved_to_half_rows(tensor, config.num_key_value_heads)
+        converted[new_key] = tensor
+    # Legacy saves stored the tied embedding once when both names share storage; restore both names.
+    if "lm_head.weight" in converted and "model.embed_tokens.weight" not in converted:
+        converted["model.embed_tokens.weight"] = converted["lm_head.weight"]
+    if "model.embed_tokens.weight" in converted and "lm_head.weight" not in converted:
+        converted["lm_head.weight"] = converted["model.embed_tokens.weight"]
+    return converted

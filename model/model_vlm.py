@@ -1,0 +1,180 @@
+"""MiniMindVLM: the MiniMind LM plus a frozen CLIP ViT-B/16 whose patch features replace image placeholders.
+
+Each image is written in the prompt as a run of exactly 196 placeholder tokens ('@', id 34). On the prefill
+step every such run is overwritten by `vision_proj(CLIP patch features)` of that sample's next image, left
+to right. The CLIP encoder is held outside the module tree, so `state_dict()` holds only the LM and
+`vision_proj` (77 keys at 512x8): released upstream files load with `strict=True`.
+"""
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VISION_MODEL_PATH = REPO_ROOT / "model" / "vision_model" / "clip-vit-base-patch16"
+IMAGE_PLACEHOLDER_CHAR = "@"
+IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
+IMAGE_TOKENS_PER_IMAGE = (224 // 16) ** 2  # CLIP ViT-B/16 at 224 px: a 14x14 grid of patches
+CLIP_HIDDEN_SIZE = 768  # ViT-B width
+
+
+class VLMConfig(MiniMindConfig):
+    model_type = "minimind-v"
+
+    def __init__(self, image_special_token: str = IMAGE_PLACEHOLDER_CHAR * IMAGE_TOKENS_PER_IMAGE,
+                 image_ids: list = None, ve_hidden_size: int = CLIP_HIDDEN_SIZE, **kwargs):
+        self.image_special_token = image_special_token
+        self.image_ids = list(image_ids) if image_ids is not None else [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
+        # Width of the vision features; set from the loaded encoder, 768 for CLIP ViT-B/16.
+        self.ve_hidden_size = ve_hidden_size
+        super().__init__(**kwargs)
+
+
+class VisionProj(nn.Module):
+    """Linear map (with bias, as upstream's code) from vision features to the LM width."""
+
+    def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 512):
+        super().__init__()
+        self.vision_proj = nn.Sequential(nn.Linear(ve_hidden_size, hidden_size))
+
+    def forward(self, image_features):
+        return self.vision_proj(image_features)
+
+
+def load_vision_encoder(vision_model_path):
+    """Frozen CLIP vision tower (eval mode) from a CLIP folder; a missing folder says how to get one."""
+    path = Path(vision_model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"CLIP vision encoder not found at {path}: run `python scripts/download.py --what clip` "
+            f"(or `git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}`), "
+            f"or pass --vision_model_path")
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the text tower's weights are "unused" by design
+    try:
+        encoder = CLIPVisionModel.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def find_image_runs(input_ids, image_token_id: int):
+    """Runs of consecutive image tokens: (batch index, start, length) tensors, in row-major order."""
+    is_image = input_ids == image_token_id  # [B, T]
+    previous = torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+    following = torch.nn.functional.pad(is_image[:, 1:], (0, 1), value=False)
+    starts = (is_image & ~previous).nonzero()  # [R, 2] (row, col), row-major
+    ends = (is_image & ~following).nonzero()  # [R, 2], the same runs in the same order
+    return starts[:, 0], starts[:, 1], ends[:, 1] - starts[:, 1] + 1
+
+
+def count_images_per_sample(pixel_values, batch_size):
+    """Images per sample for batched pixel_values [B, N, (1,) 3, H, W]; None for a flat [M, 3, H, W] list."""
+    if pixel_values.dim() == 4:
+        return None
+    if pixel_values.shape[0] != batch_size:
+        raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch_size}")
+    return [pixel_values.shape[1]] * batch_size
+
+
+def flatten_pixel_values(pixel_values):
+    """[B, N, 1, 3, H, W] (upstream) or [B, N, 3, H, W] or a flat [M, 3, H, W] -> [M, 3, H, W]."""
+    if pixel_values.dim() == 6:
+        pixel_values = pixel_values.squeeze(2)  # [B, N, 3, H, W]
+    if pixel_values.dim() == 5:
+        return pixel_values.flatten(0, 1)  # [B*N, 3, H, W]
+    if pixel_values.dim() == 4:
+        return pixel_values
+    raise ValueError(f"pixel_values must be [B, N, 3, H, W], [B, N, 1, 3, H, W] or [M, 3, H, W], "
+                     f"got shape {tuple(pixel_values.shape)}")
+
+
+class MiniMindVLM(MiniMindForCausalLM):
+    config_class = VLMConfig
+
+    def __init__(self, config: VLMConfig = None, vision_model_path=DEFAULT_VISION_MODEL_PATH):
+        config = config or VLMConfig()
+        vision_encoder = load_vision_encoder(vision_model_path) if vision_model_path is not None else None
+        if vision_encoder is not None:
+            config.ve_hidden_size = vision_encoder.config.hidden_size
+        super().__init__(config)
+        # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
+        self.__dict__["vision_encoder"] = vision_encoder
+        self.vision_proj = VisionProj(config.ve_hidden_size, config.hidden_size)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_ids[0]
+
+    @property
+    def image_token_count(self) -> int:
+        return len(self.config.image_ids)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.cuda() also move the (unregistered) vision encoder.
+        super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("vision_encoder") is not None:
+            self.vision_encoder._apply(fn, *args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values):
+        """[M, 3, 224, 224] -> CLIP patch features [M, 196, ve_hidden] (pre-post_layernorm, CLS dropped)."""
+        if self.vision_encoder is None:
+            raise RuntimeError("this model was built without a vision encoder (vision_model_path=None)")
+        encoder_dtype = next(self.vision_encoder.parameters()).dtype
+        hidden = self.vision_encoder(pixel_values=pixel_values.to(encoder_dtype)).last_hidden_state
+        return hidden[:, 1:, :]  # [M, 196, ve_hidden]
+
+    def splice_image_features(self, input_ids, inputs_embeds, image_features, images_per_sample=None):
+        """Overwrite every run of image tokens with the projected features of the sample's next image.
+
+        input_ids [B, T]; inputs_embeds [B, T, hidden]; image_features [M, 196, ve_hidden] in reading order
+        (sample 0's images left to right, then sample 1's, ...). Raises ValueError when a run is not exactly
+        196 tokens long or when the number of runs differs from the number of images (per sample if
+        `images_per_sample` is given, else in total).
+        """
+        rows, starts, lengths = find_image_runs(input_ids, self.image_token_id)
+        bad = (lengths != self.image_token_count).nonzero().flatten().tolist()
+        if bad:
+            run = bad[0]
+            raise ValueError(f"sample {int(rows[run])}: a run of {int(lengths[run])} image tokens at position "
+                             f"{int(starts[run])}; each image needs exactly {self.image_token_count} consecutive "
+                             f"id-{self.image_token_id} tokens (was the prompt truncated, or '@' typed next to "
+                             f"an image?)")
+        runs_per_sample = torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
+        if images_per_sample is not None:
+            for sample, (runs, images) in enumerate(zip(runs_per_sample, images_per_sample)):
+                if runs != images:
+                    raise ValueError(f"sample {sample}: {runs} image placeholder(s) in the text but {images} "
+                                     f"image(s) given")
+        elif sum(runs_per_sample) != image_features.shape[0]:
+            raise ValueError(f"{sum(runs_per_sample)} image placeholder(s) in the batch {runs_per_sample} but "
+                             f"{image_features.shape[0]} image(s) given")
+        projected = self.vision_proj(image_features.to(self.vision_proj.vision_proj[0].weight.dtype))
+        is_image = (input_ids == self.image_token_id).unsqueeze(-1)  # [B, T, 1]
+        # Row-major order of masked positions = sample by sample, image by image, patch by patch.
+        return inputs_embeds.masked_scatter(is_image, projected.to(inputs_embeds.dtype))
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, labels=None, pixel_values=None, image_features=None, inputs_embeds=None,
+                **kwargs):
+        """pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224]
+        list in reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead."""
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        has_images = pixel_values is not None or image_features is not None
+        if has_images and cached_length(past_key_values) == 0:
+            images_per_sample = None
+            if image_features is None:
+                images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
+                image_features = self.encode_images(flatten_pixel_values(pixel_values))
+            inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample)
+        hidden_states, cache, aux_loss = self.model(None, attention_mask, past_key_values, use_cache, inputs_embeds)
+        return self._lm_output(hidden_states, cache, aux_loss, labels, logits_to_keep)
