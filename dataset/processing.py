@@ -17,6 +17,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # Decompression-bomb guard: refuse images with more pixels than this before decoding them.
 MAX_IMAGE_PIXELS = 50_000_000
 ROLES_BY_PARITY = ("user", "assistant")
+FULLWIDTH_TWIN = {"@": "\uff20"}  # '@' -> '＠' (U+FF20), which the tokenizer keeps apart from id 34
 
 
 class ImageError(ValueError):
@@ -79,7 +80,13 @@ def load_pixel_values(sources, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tens
 
 
 def expand_image_markers(text: str, image_special_token: str) -> str:
-    """Replace each `<image>` with the placeholder run (196 '@') the model overwrites with image features."""
+    """Replace each `<image>` with the placeholder run (196 '@') the model overwrites with image features.
+
+    A literal placeholder character in the text (an e-mail address, say) would merge into or mimic an image
+    run, so it is written as its full-width twin first.
+    """
+    for char in set(image_special_token):
+        text = text.replace(char, FULLWIDTH_TWIN.get(char, char))
     return text.replace(IMAGE_MARKER, image_special_token)
 
 

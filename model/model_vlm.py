@@ -54,12 +54,15 @@ def load_vision_encoder(vision_model_path):
     from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the text tower's weights are "unused" by design
+    hf_logging.disable_progress_bar()
     try:
         encoder = CLIPVisionModel.from_pretrained(str(path))
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     encoder.requires_grad_(False)
     return encoder.eval()
 

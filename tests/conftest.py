@@ -1,0 +1,53 @@
+"""Shared fixtures: offline stand-ins for the hub assets, built once per test session.
+
+The repo root goes on sys.path so tests can `import scripts.make_assets`, `import model...`, `import dataset...`.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import make_assets  # noqa: E402  (needs the sys.path entry above)
+
+# The real MiniMind2 tokenizer lives outside the repo (it must never be copied in); tests that compare
+# against it skip when it is absent.
+REAL_TOKENIZER_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "minimind2_tokenizer"
+
+ASSET_SEED = 0
+# Small enough to build in about a second, large enough that every question kind and both image-marker
+# positions occur.
+SHAPES_DATA_SIZES = dict(n_pretrain=8, n_sft=12, n_eval=9, n_sft_multi=4)
+TINY_CLIP_HIDDEN_SIZE = 64
+TINY_CLIP_NUM_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """MiniMind2-structured byte-level BPE tokenizer (specials 0-2, '@' = 34), loadable with AutoTokenizer."""
+    out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
+    return make_assets.build_tokenizer(out_dir, make_assets.tokenizer_corpus(ASSET_SEED))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """Random CLIPModel folder with ViT-B/16 geometry (197 tokens out) and openai's image preprocessing."""
+    out_dir = tmp_path_factory.mktemp("tiny_clip")
+    return make_assets.build_tiny_clip(out_dir, TINY_CLIP_HIDDEN_SIZE, TINY_CLIP_NUM_LAYERS, ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict:
+    """Paths of the synthetic shapes dataset (keys as returned by make_assets.build_shapes_dataset)."""
+    out_dir = tmp_path_factory.mktemp("shapes_data")
+    return make_assets.build_shapes_dataset(out_dir, seed=ASSET_SEED, **SHAPES_DATA_SIZES)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir() -> Path:
+    if not REAL_TOKENIZER_DIR.is_dir():
+        pytest.skip(f"real MiniMind2 tokenizer fixture not found at {REAL_TOKENIZER_DIR}")
+    return REAL_TOKENIZER_DIR

@@ -1,0 +1,603 @@
+"""The shared training module: flags, distributed setup, model and data assembly, freezing, optimizer,
+schedule, the loop, and checkpoint I/O. `train_pretrain_vlm.py` and `train_sft_vlm.py` differ only in the
+defaults they pass to `build_parser`.
+
+Loss normalisation: every optimizer step averages the cross-entropy over all supervised tokens of the
+global batch (all micro-batches, all ranks). One process with batch 2b and two processes with batch b
+therefore take identical steps.
+"""
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
+from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from model.weights import load_weights, weight_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SAVE_DIR = REPO_ROOT / "out"
+DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+DEFAULT_TOKENIZER_PATH = REPO_ROOT / "model"
+DEFAULT_DATA_DIR = REPO_ROOT / "dataset"
+# Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
+MIN_LR_RATIO = 0.1
+# Which parameters train; CLIP is always frozen.
+TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (signal, too many bad steps); the message says how to go on."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------------- flags
+
+def build_parser(description, **stage_defaults):
+    """All training flags; each stage script passes its own defaults (shown in --help)."""
+    d = stage_defaults
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("files")
+    io.add_argument("--save_dir", default=str(DEFAULT_SAVE_DIR), help="where .pth weights are read and written")
+    io.add_argument("--save_weight", default=d["save_weight"], help="output name: {save_weight}_{hidden}.pth")
+    io.add_argument("--from_weight", default=d["from_weight"],
+                    help="start from {save_dir}/{from_weight}_{hidden}.pth, a .pth path, or 'none'")
+    io.add_argument("--data_path", default=str(d["data_path"]), help="a .parquet file or a .jsonl file")
+    io.add_argument("--images_path", default=str(d["images_path"]), help="image folder for a .jsonl dataset")
+    io.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH), help="CLIP ViT-B/16 folder")
+    io.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH), help="folder with tokenizer.json")
+    io.add_argument("--checkpoint_dir", default=str(DEFAULT_CHECKPOINT_DIR), help="resume checkpoints")
+    io.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
+                    help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
+    io.add_argument("--skip_bad_samples", action="store_true",
+                    help="leave malformed records out (counted) instead of refusing to start")
+    model = p.add_argument_group("model")
+    model.add_argument("--hidden_size", type=int, default=512)
+    model.add_argument("--num_hidden_layers", type=int, default=8)
+    model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    model.add_argument("--max_seq_len", type=int, default=d["max_seq_len"], help="tokens per sample, at most")
+    model.add_argument("--trainable", default=d["trainable"], choices=TRAINABLE_CHOICES,
+                       help="parameters that train: projector, projector + last LM layer, or projector + LM")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d["epochs"])
+    opt.add_argument("--batch_size", type=int, default=d["batch_size"], help="samples per process per micro-step")
+    opt.add_argument("--learning_rate", type=float, default=d["learning_rate"])
+    opt.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--grad_clip", type=float, default=1.0)
+    opt.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    opt.add_argument("--max_bad_steps", type=int, default=10,
+                     help="stop after this many optimizer steps in a row with a non-finite loss")
+    opt.add_argument("--seed", type=int, default=42)
+    run = p.add_argument_group("runtime")
+    run.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="autocast dtype on CUDA")
+    run.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes")
+    run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
+    run.add_argument("--no_length_grouping", action="store_true",
+                     help="plain random batches instead of grouping samples of similar length")
+    run.add_argument("--cache_vision_features", default=None, metavar="DIR",
+                     help="compute each image's CLIP features once and reuse them (fp16, memory-mapped)")
+    log = p.add_argument_group("logging and saving")
+    log.add_argument("--log_interval", type=int, default=d["log_interval"], help="optimizer steps between logs")
+    log.add_argument("--save_interval", type=int, default=d["save_interval"], help="optimizer steps between saves")
+    log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    log.add_argument("--wandb_project", default=d["wandb_project"])
+    return p
+
+
+# ------------------------------------------------------------------------------------- processes and precision
+
+@dataclass
+class RunContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def init_distributed(device_arg: str) -> RunContext:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU. Otherwise one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world_size == 1:
+        return RunContext(device=torch.device(device_arg))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.device(device_arg).type == "cuda" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return RunContext(rank, local_rank, world_size, device)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, dtype_name: str):
+    """bf16/fp16 autocast on CUDA; fp32 elsewhere. The GradScaler only acts for fp16."""
+    dtype = DTYPES[dtype_name]
+    use_autocast = device.type == "cuda" and dtype != torch.float32
+    context = (lambda: torch.autocast(device_type="cuda", dtype=dtype)) if use_autocast else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
+    return context, scaler
+
+
+def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32,
+                          device=ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ------------------------------------------------------------------------------------------------ model setup
+
+def resolve_from_weight(from_weight: str, save_dir, hidden_size, use_moe):
+    if from_weight == "none":
+        return None
+    if from_weight.endswith(".pth") or os.sep in from_weight:
+        return Path(from_weight)
+    return weight_path(save_dir, from_weight, hidden_size, use_moe)
+
+
+def load_tokenizer(tokenizer_path):
+    from transformers import AutoTokenizer
+
+    if not (Path(tokenizer_path) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python scripts/download.py --what "
+                                f"tokenizer` or pass --tokenizer_path")
+    return AutoTokenizer.from_pretrained(str(tokenizer_path))
+
+
+def check_tokenizer_matches(tokenizer, config: VLMConfig):
+    ids = tokenizer(config.image_special_token, add_special_tokens=False).input_ids
+    if ids != config.image_ids:
+        raise ValueError(f"the tokenizer encodes the image placeholder as {ids[:3]}... (x{len(ids)}), the model "
+                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the MiniMind2 tokenizer")
+
+
+def build_model(args, log=print) -> MiniMindVLM:
+    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                       max_seq_len=args.max_seq_len, use_moe=bool(args.use_moe))
+    model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
+    source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
+    if source is not None:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: download the weights (`python scripts/download.py --what "
+                                    f"llm`), train the previous stage first, or pass --from_weight none")
+        load_weights(model, source, log=log)
+    return model
+
+
+def set_trainable(model: MiniMindVLM, policy: str):
+    """projector: vision_proj only; projector_last_layer: + the last LM block; all: + the whole LM."""
+    if policy not in TRAINABLE_CHOICES:
+        raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
+    model.requires_grad_(policy == "all")
+    model.vision_proj.requires_grad_(True)
+    if policy == "projector_last_layer":
+        model.model.layers[-1].requires_grad_(True)
+
+
+def count_parameters(model):
+    params = {id(p): p for p in model.parameters()}.values()  # the tied embedding once
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def build_optimizer(model, lr: float):
+    """AdamW with torch defaults (weight decay 0.01) over the trainable parameters only."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, min_ratio: float = MIN_LR_RATIO) -> float:
+    """Cosine from base_lr (step 0) to min_ratio·base_lr (last step), no warmup."""
+    progress = step / max(total_steps, 1)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ------------------------------------------------------------------------------------------ checkpoint files
+
+class CheckpointSaveError(OSError):
+    pass
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointSaveError(f"could not write {path} ({error}); the previous file is kept") from error
+
+
+def inference_state_dict(model):
+    """Upstream's released format: LM + vision_proj (no CLIP), every tensor fp16 on the CPU."""
+    return {k: v.detach().half().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def resume_path(checkpoint_dir, save_weight, hidden_size, use_moe) -> Path:
+    """`{checkpoint_dir}/{save_weight}_{hidden}{_moe}_resume.pth`."""
+    weights = weight_path(checkpoint_dir, save_weight, hidden_size, use_moe)
+    return weights.with_name(f"{weights.stem}_resume.pth")
+
+
+def capture_rng():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0  # optimizer steps done in total
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    replaced_samples: int = 0
+    wandb_id: str = None
+    extra: dict = field(default_factory=dict)
+
+
+def save_resume(path, model, optimizer, scaler, state: TrainState, ctx: RunContext, args):
+    atomic_save({
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step_in_epoch, "global_step": state.global_step,
+        "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples,
+        "world_size": ctx.world_size, "batch_size": args.batch_size,
+        "accumulation_steps": args.accumulation_steps, "wandb_id": state.wandb_id, "rng": capture_rng(),
+    }, path)
+
+
+def load_resume(path, model, optimizer, scaler, ctx: RunContext, args, log=print) -> TrainState:
+    # weights_only=False is limited to our own resume files: they hold RNG states (numpy arrays, tuples).
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    unwrap(model).load_state_dict(checkpoint["model"], strict=True)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainState(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step"],
+                       global_step=checkpoint["global_step"], skipped_steps=checkpoint["skipped_steps"],
+                       replaced_samples=checkpoint["replaced_samples"], wandb_id=checkpoint["wandb_id"])
+    old_global_batch = checkpoint["world_size"] * checkpoint["batch_size"] * checkpoint["accumulation_steps"]
+    new_global_batch = ctx.world_size * args.batch_size * args.accumulation_steps
+    if old_global_batch != new_global_batch:
+        # Same samples seen, counted in the new step size (the epoch's order changes with the batch size).
+        state.step_in_epoch = state.step_in_epoch * old_global_batch // new_global_batch
+        log(f"resume: global batch {old_global_batch} -> {new_global_batch}; continuing at step "
+            f"{state.step_in_epoch} of epoch {state.epoch + 1}")
+    if checkpoint["world_size"] == ctx.world_size:
+        restore_rng(checkpoint["rng"])
+    log(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step_in_epoch}, "
+        f"{state.global_step} optimizer steps done")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- run logging
+
+class NullLogger:
+    run_id = None
+
+    def log(self, metrics, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+class WandbLogger:
+    def __init__(self, project, name, run_id, config):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config)
+        self.run_id = self.run.id
+
+    def log(self, metrics, step):
+        self.wandb.log(metrics, step=step)
+
+    def finish(self):
+        self.wandb.finish()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask for a clean stop: the current step finishes, a resume checkpoint is written."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
+    return VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
+                      args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
+                      log=log if ctx.is_main else None)
+
+
+def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
+    sampler = GlobalBatchSampler(dataset.lengths, args.batch_size, ctx.world_size, ctx.rank, seed=args.seed,
+                                 group_by_length=not args.no_length_grouping)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=Collator(dataset.pad_token_id,
+                                                                                          pad_to),
+        pin_memory=ctx.device.type == "cuda", worker_init_fn=init_worker,
+        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+    return loader, sampler
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+def move_batch(batch, device):
+    moved = {}
+    for key, value in batch.items():
+        moved[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    return moved
+
+
+def micro_batches(loader_iter, count):
+    batches = []
+    for _ in range(count):
+        batch = next(loader_iter, None)
+        if batch is None:
+            break
+        batches.append(batch)
+    return batches
+
+
+@dataclass
+class LoopSetup:
+    model: torch.nn.Module  # possibly DDP- or compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    loader: torch.utils.data.DataLoader
+    sampler: GlobalBatchSampler
+    ctx: RunContext
+    logger: object
+    weights_out: Path
+    resume_out: Path
+
+
+def optimizer_steps_per_epoch(sampler: GlobalBatchSampler, accumulation_steps: int) -> int:
+    return math.ceil(sampler.steps_per_epoch() / accumulation_steps)
+
+
+def train(setup: LoopSetup, args, state: TrainState, log=print):
+    """Epochs of optimizer steps; logs, saves, stops on signals / bad steps / --max_steps."""
+    model, optimizer, ctx = setup.model, setup.optimizer, setup.ctx
+    steps_per_epoch = optimizer_steps_per_epoch(setup.sampler, args.accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    is_tty = sys.stdout.isatty() and ctx.is_main
+    window = {"start": time.time(), "samples": 0.0, "tokens": 0.0}
+    run_start, run_start_step = time.time(), state.global_step
+    model.train()
+
+    with StopSignal() as stop:
+        for epoch in range(state.epoch, args.epochs):
+            start_step = state.step_in_epoch if epoch == state.epoch else 0
+            setup.sampler.set_epoch(epoch, start_step * args.accumulation_steps)
+            state.epoch, state.step_in_epoch = epoch, start_step
+            loader_iter = iter(setup.loader)
+            while state.global_step < last_step:
+                batches = micro_batches(loader_iter, args.accumulation_steps)
+                if not batches:
+                    break
+                # ---- one optimizer step over len(batches) micro-batches ----
+                local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                global_tokens = float(all_reduce_sum([local_tokens], ctx)[0])
+                lr = lr_at(state.global_step, total_steps, args.learning_rate)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, aux_sum = 0.0, 0.0
+                for i, batch in enumerate(batches):
+                    batch = move_batch(batch, ctx.device)
+                    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+                    # Gradient all-reduce only on the last micro-batch of the step.
+                    sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
+                    with sync, setup.autocast():
+                        out = model(batch["input_ids"], labels=batch["labels"],
+                                    pixel_values=batch.get("pixel_values"),
+                                    image_features=batch.get("image_features"))
+                        # mean CE x local tokens = summed CE; DDP averages over ranks, so x world size.
+                        ce_sum = out.loss * n_tokens
+                        loss = ce_sum * ctx.world_size / max(global_tokens, 1.0) + out.aux_loss / len(batches)
+                    setup.scaler.scale(loss).backward()
+                    loss_sum += float(ce_sum.detach())
+                    aux_sum += float(out.aux_loss.detach())
+                totals = all_reduce_sum([loss_sum, float(math.isfinite(loss_sum + aux_sum)), float(stop.received is not None),
+                                         sum(len(b["input_ids"]) for b in batches),
+                                         sum(int((b["input_ids"] != setup.loader.collate_fn.pad_token_id).sum())
+                                             for b in batches), sum(b["replaced"] for b in batches)], ctx)
+                finite = int(totals[1]) == ctx.world_size
+                if finite:
+                    if args.grad_clip > 0:
+                        setup.scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                    setup.scaler.step(optimizer)
+                    setup.scaler.update()
+                    state.bad_steps_in_row = 0
+                else:
+                    state.skipped_steps += 1
+                    state.bad_steps_in_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.step_in_epoch += 1
+                state.replaced_samples += int(totals[5])
+                window["samples"] += float(totals[3])
+                window["tokens"] += float(totals[4])
+                # ---- end of the optimizer step ----
+
+                if not finite:
+                    log(f"warning: non-finite loss at step {state.global_step}; step skipped "
+                        f"({state.bad_steps_in_row} in a row, {state.skipped_steps} in total)")
+                    if state.bad_steps_in_row >= args.max_bad_steps:
+                        raise TrainingStopped(
+                            f"stopped: {state.bad_steps_in_row} optimizer steps in a row had a non-finite loss; "
+                            f"the last saved checkpoint is intact. Lower --learning_rate or check the data.", 1)
+                    continue
+                mean_loss = float(totals[0]) / max(global_tokens, 1.0)
+                done = state.global_step >= last_step or state.step_in_epoch >= steps_per_epoch
+                if state.global_step % args.log_interval == 0 or done:
+                    elapsed = time.time() - window["start"]
+                    rate = (state.global_step - run_start_step) / max(time.time() - run_start, 1e-9)
+                    eta = (last_step - state.global_step) / max(rate, 1e-9)
+                    metrics = {"loss": mean_loss, "aux_loss": aux_sum / len(batches), "lr": lr,
+                               "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+                    if ctx.is_main:
+                        log(f"{chr(13) if is_tty else ''}epoch {epoch + 1}/{args.epochs} step "
+                            f"{state.step_in_epoch}/{steps_per_epoch} | loss {mean_loss:.4f} | lr {lr:.3e} | "
+                            f"{metrics['samples_per_s']:.1f} samples/s | {metrics['tokens_per_s']:.0f} tokens/s | "
+                            f"ETA {format_duration(eta)}")
+                        setup.logger.log(metrics, step=state.global_step)
+                    window = {"start": time.time(), "samples": 0.0, "tokens": 0.0}
+                elif is_tty:
+                    print(f"\r  step {state.global_step}/{last_step} loss {mean_loss:.4f}", end="", flush=True)
+                if state.global_step % args.save_interval == 0 and not done:
+                    save_all(setup, args, state, log)
+                if int(totals[2]):
+                    save_all(setup, args, state, log)
+                    signal_name = signal.Signals(stop.received or signal.SIGTERM).name
+                    raise TrainingStopped(f"stopped by {signal_name} at step {state.global_step}; resume with the "
+                                          f"same command plus --from_resume 1",
+                                          130 if signal_name == "SIGINT" else 143)
+            if state.global_step >= last_step:
+                break
+            if state.step_in_epoch >= steps_per_epoch:
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+    save_all(setup, args, state, log)
+    if ctx.is_main:
+        log(f"done: {state.global_step} optimizer steps, {state.skipped_steps} skipped (non-finite loss), "
+            f"{state.replaced_samples} samples replaced (undecodable image); weights in {setup.weights_out}")
+
+
+def save_all(setup: LoopSetup, args, state: TrainState, log=print):
+    """Rank 0 writes the weights file and the resume checkpoint; a failed write is reported, not fatal."""
+    if setup.ctx.is_main:
+        model = unwrap(setup.model)
+        was_training = model.training
+        model.eval()
+        try:
+            atomic_save(inference_state_dict(model), setup.weights_out)
+            save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args)
+        except CheckpointSaveError as error:
+            log(f"warning: {error}")
+        model.train(was_training)
+    if setup.ctx.distributed:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------- assembly
+
+def make_logger(ctx: RunContext, args, stage: str):
+    if not (args.use_wandb and ctx.is_main):
+        return NullLogger()
+    name = f"MiniMind-V-{stage}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LearningRate-{args.learning_rate}"
+    return WandbLogger(args.wandb_project, name, None, vars(args))
+
+
+def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, stage: str, log=print):
+    """Device, feature cache, optimizer, resume state, compile/DDP wrappers, loader and logger."""
+    autocast, scaler = autocast_for(ctx.device, args.dtype)
+    model.to(ctx.device)
+    if args.cache_vision_features:
+        from dataset.feature_cache import attach_feature_cache
+
+        attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
+    total, trainable = count_parameters(model)
+    log(f"{stage}: {total / 1e6:.3f}M parameters without CLIP, {trainable / 1e6:.3f}M trainable ({args.trainable})")
+    optimizer = build_optimizer(model, args.learning_rate)
+    resume_out = resume_path(args.checkpoint_dir, args.save_weight, args.hidden_size, args.use_moe)
+    state = TrainState()
+    if args.from_resume:
+        if resume_out.is_file():
+            state = load_resume(resume_out, model, optimizer, scaler, ctx, args, log=log)
+        else:
+            log(f"no resume checkpoint at {resume_out}; starting from the beginning")
+    wrapped = model
+    if args.use_compile:
+        wrapped = torch.compile(wrapped)
+    if ctx.distributed:
+        # A batch without images leaves vision_proj unused on that rank; DDP must not wait for its gradient.
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=True)
+    loader, sampler = build_loader(dataset, args, ctx)
+    logger = make_logger(ctx, args, stage) if state.wandb_id is None or not args.use_wandb else \
+        WandbLogger(args.wandb_project, None, state.wandb_id, vars(args)) if ctx.is_main else NullLogger()
+    state.wandb_id = logger.run_id
+    weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
+    return LoopSetup(wrapped, optimizer, scaler, autocast, loader, sampler, ctx, logger, weights_out,
+                     resume_out), state
+
+
+def finish_run(setup: LoopSetup):
+    setup.logger.finish()
+    if setup.ctx.distributed:
+        dist.destroy_process_group()
