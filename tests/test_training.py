@@ -1,0 +1,249 @@
+"""Training end to end: both stage scripts as users launch them, DDP equivalence, exact resume, loss masks."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, assistant_label_mask, collate_batch
+from model.model_vlm import MiniMindVLM, VLMConfig
+from trainer.training import TRAINABLE_CHOICES, build_parser, lr_at, set_trainable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_FLAGS = ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0"]
+
+
+def stage_command(script, assets, out_dir, data_key, images_key, *extra, launcher=None):
+    """The command line a user types, pointed at the tiny offline assets."""
+    launcher = launcher or [sys.executable]
+    return [*launcher, str(REPO_ROOT / script), *TINY_MODEL_FLAGS,
+            "--data_path", str(assets["data"][data_key]), "--images_path", str(assets["data"][images_key]),
+            "--vision_model_path", str(assets["clip"]), "--tokenizer_path", str(assets["tokenizer"]),
+            "--save_dir", str(out_dir / "out"), "--checkpoint_dir", str(out_dir / "ckpt"),
+            "--log_interval", "1", *extra]
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=kwargs.pop("cwd", "/"),
+                            **kwargs)
+    assert result.returncode == 0, f"{command}\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_tokenizer_dir, tiny_clip_dir, shapes_data):
+    return {"tokenizer": tiny_tokenizer_dir, "clip": tiny_clip_dir, "data": shapes_data}
+
+
+def load_resume_model(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+# ------------------------------------------------------------------------------------------- scripts, end to end
+
+def test_pretrain_then_sft_as_users_run_them(assets, tmp_path):
+    pretrain = run(stage_command("train_pretrain_vlm.py", assets, tmp_path, "pretrain_jsonl", "pretrain_images",
+                                 "--from_weight", "none", "--max_steps", "3", "--batch_size", "2"))
+    assert "epoch 1/4 step 3/4" in pretrain.stdout
+    assert "samples/s" in pretrain.stdout and "tokens/s" in pretrain.stdout and "ETA" in pretrain.stdout
+    weights = tmp_path / "out" / "pretrain_vlm_64.pth"
+    state = torch.load(weights, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert not any(k.startswith("vision_encoder") for k in state)
+    config = VLMConfig(hidden_size=64, num_hidden_layers=2, ve_hidden_size=64)  # the tiny CLIP is 64 wide
+    MiniMindVLM(config, vision_model_path=None).load_state_dict(state, strict=True)
+    assert (tmp_path / "ckpt" / "pretrain_vlm_64_resume.pth").is_file()
+
+    # SFT starts from the pretrain output by default (out/pretrain_vlm_64.pth), here on the parquet data.
+    sft = run(stage_command("train_sft_vlm.py", assets, tmp_path, "sft_parquet", "sft_images", "--max_steps", "2"))
+    assert "pretrain_vlm_64.pth" in sft.stdout
+    sft_state = torch.load(tmp_path / "out" / "sft_vlm_64.pth", weights_only=True)
+    MiniMindVLM(config, vision_model_path=None).load_state_dict(sft_state, strict=True)
+    assert not torch.equal(sft_state["model.layers.0.mlp.up_proj.weight"], state["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_multi_image_sft_trains(assets, tmp_path):
+    result = run(stage_command("train_sft_vlm.py", assets, tmp_path, "sft_multi_jsonl", "sft_multi_images",
+                               "--from_weight", "none", "--max_steps", "2", "--batch_size", "2"))
+    assert "done: 2 optimizer steps" in result.stdout
+
+
+def test_missing_start_weights_is_one_line_error(assets, tmp_path):
+    result = subprocess.run(stage_command("train_pretrain_vlm.py", assets, tmp_path, "pretrain_jsonl",
+                                          "pretrain_images"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "llm_64.pth not found" in result.stderr and "scripts/download.py" in result.stderr
+
+
+def test_both_stage_parsers_have_the_same_flags_and_upstream_defaults():
+    import train_pretrain_vlm
+    import train_sft_vlm
+
+    pre = build_parser("", **train_pretrain_vlm.STAGE_DEFAULTS).parse_args([])
+    sft = build_parser("", **train_sft_vlm.STAGE_DEFAULTS).parse_args([])
+    assert vars(pre).keys() == vars(sft).keys()
+    assert (pre.epochs, pre.batch_size, pre.learning_rate, pre.max_seq_len, pre.from_weight) == (4, 16, 4e-4, 640, "llm")
+    assert (sft.epochs, sft.batch_size, sft.learning_rate, sft.max_seq_len, sft.from_weight) == \
+        (2, 4, 1e-6, 1536, "pretrain_vlm")
+    differing = {k for k in vars(pre) if vars(pre)[k] != vars(sft)[k]}
+    assert differing == set(train_pretrain_vlm.STAGE_DEFAULTS) - {"log_interval", "save_interval"}
+    assert pre.save_dir.endswith("out") and pre.trainable == "projector_last_layer" and sft.trainable == "all"
+
+
+def test_trainable_parameter_counts_at_26m():
+    model = MiniMindVLM(VLMConfig(), vision_model_path=None)
+    counts = {}
+    for policy in TRAINABLE_CHOICES:
+        set_trainable(model, policy)
+        counts[policy] = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800, "all": 26_223_616}
+
+
+def test_learning_rate_schedule_matches_upstream_formula():
+    base = 4e-4
+    for step, total in [(0, 100), (37, 100), (100, 100)]:
+        expected = base * (0.1 + 0.45 * (1 + np.cos(np.pi * step / total)))
+        assert lr_at(step, total, base) == pytest.approx(expected, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------- DDP and exact resume
+
+def test_two_process_ddp_equals_one_process_with_double_batch(assets, tmp_path):
+    if not shutil.which("torchrun") and not (Path(sys.executable).parent / "torchrun").exists():
+        pytest.skip("torchrun not installed")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    common = ("--from_weight", "none", "--max_steps", "3", "--trainable", "all", "--learning_rate", "1e-3")
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    ddp = run(stage_command("train_sft_vlm.py", assets, ddp_dir, "sft_jsonl", "sft_images", *common,
+                            "--batch_size", "2", launcher=torchrun), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.stdout.count("done: 3 optimizer steps") == 1  # rank 0 alone reports
+    single = run(stage_command("train_sft_vlm.py", assets, single_dir, "sft_jsonl", "sft_images", *common,
+                               "--batch_size", "4"))
+    losses = [line.split("loss ")[1].split()[0] for line in single.stdout.splitlines() if "| loss " in line]
+    assert len(set(losses)) == 3  # the weights really moved between steps
+    ddp_losses = [line.split("loss ")[1].split()[0] for line in ddp.stdout.splitlines() if "| loss " in line]
+    assert ddp_losses == losses  # the logged loss is the global-batch mean in both
+    ddp_state = load_resume_model(ddp_dir / "ckpt" / "sft_vlm_64_resume.pth")
+    single_state = load_resume_model(single_dir / "ckpt" / "sft_vlm_64_resume.pth")
+    assert ddp_state.keys() == single_state.keys()
+    for key, value in single_state.items():
+        assert torch.allclose(ddp_state[key], value, atol=1e-5), key
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path):
+    common = ("--from_weight", "none", "--trainable", "all", "--batch_size", "3", "--learning_rate", "1e-3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(stage_command("train_sft_vlm.py", assets, straight, "sft_jsonl", "sft_images", *common, "--max_steps", "6"))
+    run(stage_command("train_sft_vlm.py", assets, resumed, "sft_jsonl", "sft_images", *common, "--max_steps", "4"))
+    second = run(stage_command("train_sft_vlm.py", assets, resumed, "sft_jsonl", "sft_images", *common,
+                               "--max_steps", "6", "--from_resume", "1"))
+    assert "resumed from" in second.stdout and "4 optimizer steps done" in second.stdout
+    a = load_resume_model(straight / "ckpt" / "sft_vlm_64_resume.pth")
+    b = load_resume_model(resumed / "ckpt" / "sft_vlm_64_resume.pth")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "out" / "sft_vlm_64.pth").read_bytes() == (resumed / "out" / "sft_vlm_64.pth").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------- batching and masks
+
+def test_global_batches_are_the_same_for_any_world_size():
+    lengths = np.random.default_rng(0).integers(200, 400, size=37)
+    one = GlobalBatchSampler(lengths, batch_size=8, world_size=1, rank=0, seed=3)
+    two = [GlobalBatchSampler(lengths, batch_size=4, world_size=2, rank=r, seed=3) for r in range(2)]
+    for epoch in range(2):
+        one.set_epoch(epoch)
+        for sampler in two:
+            sampler.set_epoch(epoch)
+        single = list(one)
+        pairs = list(zip(*two))
+        assert len(single) == len(pairs) == one.steps_per_epoch()
+        for whole, (r0, r1) in zip(single, pairs):
+            assert whole == r0 + r1
+        seen = sorted(i for batch in single for i in batch)
+        assert seen == list(range(37))  # every sample once per epoch (the last batch is partial)
+    one.set_epoch(0, start_step=2)
+    assert list(one) == single_epoch0_from(lengths, 2)
+
+
+def single_epoch0_from(lengths, start):
+    sampler = GlobalBatchSampler(lengths, batch_size=8, world_size=1, rank=0, seed=3)
+    sampler.set_epoch(0)
+    return list(sampler)[start:]
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(1).integers(210, 900, size=2000)
+
+    def padding_fraction(group):
+        sampler = GlobalBatchSampler(lengths, batch_size=16, seed=0, group_by_length=group)
+        padded = sum(len(b) * lengths[b].max() for b in sampler)
+        return 1 - lengths.sum() / padded
+
+    assert padding_fraction(True) < 0.05 < padding_fraction(False)
+
+
+def test_loss_masks_on_the_real_chat_template(real_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (32, 32), "red").save(images / name)
+    records = [
+        {"conversations": [{"role": "user", "content": "Describe.\n<image>"},
+                           {"role": "assistant", "content": "A red square."}], "image": "a.jpg"},
+        {"conversations": [{"role": "user", "content": "<image>\n<image>\nSame colour?"},
+                           {"role": "assistant", "content": "Yes."},
+                           {"role": "user", "content": "Sure?"},
+                           {"role": "assistant", "content": "Quite sure."}], "image": "a.jpg, b.jpg"},
+    ]
+    data = tmp_path / "data.jsonl"
+    import json
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    config = VLMConfig()
+    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None)
+    for index, answers in [(0, ["A red square."]), (1, ["Yes.", "Quite sure."])]:
+        item = dataset[index]
+        ids, labels = item["input_ids"], item["labels"]
+        supervised = labels != -100
+        assert torch.equal(labels[supervised], ids[supervised])
+        # spans: each answer + <|im_end|> + '\n', nothing else
+        expected = "".join(f"{a}<|im_end|>\n" for a in answers)
+        assert tokenizer.decode(ids[supervised]) == expected
+        assert int((ids == 34).sum()) == 196 * len(records[index]["image"].split(","))
+        assert item["pixel_values"].shape == (len(records[index]["image"].split(",")), 3, 224, 224)
+    batch = collate_batch([dataset[0], dataset[1]], pad_token_id=0)
+    assert batch["pixel_values"].shape == (3, 3, 224, 224)  # flat, reading order
+    assert batch["input_ids"].shape[1] == max(len(dataset.token_ids(0)), len(dataset.token_ids(1)))
+
+
+def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = VLMConfig()
+    full = VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, 2048,
+                      images_path=shapes_data["sft_images"], log=None)
+    shortest = int(full.lengths.min())
+    # Cut inside every image run: all samples are left out and counted, none trained without its image.
+    with pytest.raises(Exception, match="no usable sample"):
+        VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, 100,
+                   images_path=shapes_data["sft_images"], log=None)
+    # A limit that keeps the images but cuts some answers entirely drops exactly those samples.
+    limit = shortest - 3
+    partial = VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, limit,
+                         images_path=shapes_data["sft_images"], log=None, skip_bad_samples=True)
+    assert partial.stats.usable + partial.stats.answer_cut_by_max_seq_len + partial.stats.image_cut_by_max_seq_len \
+        == full.stats.usable
+    for index in range(len(partial)):
+        ids = partial.token_ids(index)
+        assert len(ids) <= limit
+        assert assistant_label_mask(ids, partial.label_start_ids, partial.label_end_ids).any()
