@@ -54,9 +54,39 @@ def check_conversations(conversations):
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
             return f"turn {i} has no text 'content'"
+        if not turn["content"].isascii():
+            try:
+                turn["content"].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON): the tokenizer refuses it
+                return f"turn {i} has text that is not valid Unicode (an unpaired surrogate)"
     if len(conversations) < 2:
         return "no assistant turn to learn from"
     return None
+
+
+def check_image_count(conversations, num_images):
+    """None if the text has one `<image>` marker per image, else the reason."""
+    markers = count_image_markers(conversations)
+    if markers != num_images:
+        return f"{markers} {IMAGE_MARKER} marker(s) but {num_images} image(s)"
+    return None
+
+
+def parse_json(text):
+    """(object, None) or (None, reason): any malformed text gives a reason, never an exception."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, f"invalid JSON ({error.msg} at column {error.colno})"
+    except (ValueError, RecursionError) as error:  # an integer with too many digits, nesting too deep
+        return None, f"invalid JSON ({type(error).__name__}: {str(error)[:80]})"
+
+
+def is_file(path):
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system
+        return False
 
 
 class JsonlSource:
@@ -67,16 +97,21 @@ class JsonlSource:
         self.images_path = Path(images_path) if images_path else self.data_path.parent
 
     def read(self):
+        """(records that pass every check, a DataProblem for each line that does not), in file order."""
         records, problems = [], []
-        with open(self.data_path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
+        with open(self.data_path, "rb") as handle:  # bytes: a line that is not UTF-8 is one problem, not a crash
+            for line_no, raw in enumerate(handle, start=1):
                 origin = f"{self.data_path.name}:{line_no}"
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    problems.append(DataProblem(origin, f"not UTF-8 text (byte {error.start + 1})"))
+                    continue
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as error:
-                    problems.append(DataProblem(origin, f"invalid JSON ({error.msg} at column {error.colno})"))
+                obj, reason = parse_json(line)
+                if reason:
+                    problems.append(DataProblem(origin, reason))
                     continue
                 if not isinstance(obj, dict):
                     problems.append(DataProblem(origin, "a line must be a JSON object"))
@@ -90,7 +125,11 @@ class JsonlSource:
                     problems.append(DataProblem(origin, "'image' must be a string of comma-separated file names"))
                     continue
                 paths = [self.images_path / name.strip() for name in names.split(",") if name.strip()]
-                missing = [p.name for p in paths if not p.is_file()]
+                reason = check_image_count(obj["conversations"], len(paths))
+                if reason:
+                    problems.append(DataProblem(origin, reason))
+                    continue
+                missing = [p.name for p in paths if not is_file(p)]
                 if missing:
                     problems.append(DataProblem(origin, f"image file {missing[0]!r} not found in {self.images_path}"))
                     continue
@@ -100,29 +139,41 @@ class JsonlSource:
     def image_bytes(self, ref):
         return Path(ref).read_bytes()
 
+    def image_name(self, ref):
+        return Path(ref).name
+
+
+UNREADABLE = object()  # a parquet value that cannot be converted to Python
+
 
 class ParquetSource:
     """`conversations` as a JSON string, `image_bytes` as one binary or a list of binaries per row."""
 
     def __init__(self, data_path):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.data_path = Path(data_path)
-        self.table = pq.read_table(self.data_path, memory_map=True)
+        try:
+            self.table = pq.read_table(self.data_path, memory_map=True)
+            columns = self.table.column_names
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
+            raise DataError(f"{self.data_path}: not a readable parquet file ({error})") from None
         for column in ("conversations", "image_bytes"):
-            if column not in self.table.column_names:
-                raise DataError(f"{self.data_path}: no '{column}' column (has {self.table.column_names})")
+            if column not in columns:
+                raise DataError(f"{self.data_path}: no '{column}' column (has {columns})")
         self.images = self.table.column("image_bytes")
 
     def read(self):
         records, problems = [], []
-        conversations = self.table.column("conversations").to_pylist()
-        for row, text in enumerate(conversations):
+        for row, text in enumerate(self.column_values("conversations")):
             origin = f"{self.data_path.name}:row {row}"
-            try:
-                turns = json.loads(text) if isinstance(text, str) else text
-            except json.JSONDecodeError as error:
-                problems.append(DataProblem(origin, f"invalid JSON in 'conversations' ({error.msg})"))
+            if text is UNREADABLE:
+                problems.append(DataProblem(origin, "'conversations' is not readable (not UTF-8 text)"))
+                continue
+            turns, reason = parse_json(text) if isinstance(text, str) else (text, None)
+            if reason:
+                problems.append(DataProblem(origin, f"'conversations': {reason}"))
                 continue
             reason = check_conversations(turns)
             if reason:
@@ -130,13 +181,36 @@ class ParquetSource:
                 continue
             value = self.images[row]
             count = 0 if not value.is_valid else (len(value) if hasattr(value, "values") else 1)
+            reason = check_image_count(turns, count)
+            if reason:
+                problems.append(DataProblem(origin, reason))
+                continue
             records.append(Record(turns, [(row, slot) for slot in range(count)], origin))
         return records, problems
+
+    def column_values(self, name):
+        """The column as Python values; a value that does not convert (bad UTF-8 in a string) is UNREADABLE."""
+        import pyarrow as pa
+
+        column = self.table.column(name)
+        try:
+            return column.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException):  # look at each value only when the fast path fails
+            values = []
+            for row in range(len(column)):
+                try:
+                    values.append(column[row].as_py())
+                except (UnicodeDecodeError, pa.ArrowException):
+                    values.append(UNREADABLE)
+            return values
 
     def image_bytes(self, ref):
         row, slot = ref
         value = self.images[row]
         return (value[slot] if hasattr(value, "values") else value).as_py()
+
+    def image_name(self, ref):
+        return f"image_bytes[{ref[1]}]"
 
 
 def open_source(data_path, images_path=None):
@@ -181,6 +255,73 @@ def image_runs_intact(ids: np.ndarray, image_token_id: int, run_length: int, num
     return len(lengths) == num_images and bool(np.all(lengths == run_length))
 
 
+def load_image(source, ref) -> torch.Tensor:
+    """One image of a record as the CLIP input [3, 224, 224]; ImageError if it cannot be read or decoded."""
+    name = source.image_name(ref)
+    try:
+        data = source.image_bytes(ref)
+    except OSError as error:
+        raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise ImageError(f"{name}: no image bytes (found {type(data).__name__})")
+    image = open_image(data, name=name)
+    try:
+        return preprocess_image(image)
+    except ImageError as error:
+        raise ImageError(f"{name}: {error}") from None
+
+
+# Why max_seq_len leaves a sample out (EncodedSample.cut).
+CUT_IMAGE = "image"
+CUT_ANSWER = "answer"
+
+
+@dataclass
+class EncodedSample:
+    ids: np.ndarray  # token ids after the chat template, cut to max_seq_len
+    length: int  # tokens before the cut
+    cut: str = None  # None: usable; CUT_IMAGE: an image run does not fit; CUT_ANSWER: no answer token is left
+
+
+class SampleEncoder:
+    """Records -> token ids under the chat template, and which samples max_seq_len would spoil.
+
+    The one tokenisation path: VLMDataset trains on its output and scripts/check_data.py reports it.
+    """
+
+    def __init__(self, tokenizer, image_special_token, image_token_id, max_seq_len):
+        self.tokenizer = tokenizer
+        self.image_special_token = image_special_token
+        self.image_token_id = image_token_id
+        self.max_seq_len = max_seq_len
+        self.image_tokens_per_image = len(tokenizer(image_special_token).input_ids)
+        self.label_start_ids = tokenizer(f"{tokenizer.bos_token}assistant\n").input_ids
+        self.label_end_ids = tokenizer(f"{tokenizer.eos_token}\n").input_ids
+
+    def encode(self, records) -> list:
+        """One EncodedSample per record, in order."""
+        prompts = [build_prompt(self.tokenizer, roles_by_parity(r.conversations), self.image_special_token,
+                                add_generation_prompt=False) for r in records]
+        encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+        samples = []
+        for record, full_ids in zip(records, encoded):
+            ids = np.asarray(full_ids[:self.max_seq_len], dtype=np.int64)
+            cut = None
+            if not image_runs_intact(ids, self.image_token_id, self.image_tokens_per_image, len(record.images)):
+                cut = CUT_IMAGE
+            elif not self.label_mask(ids).any():
+                cut = CUT_ANSWER
+            samples.append(EncodedSample(ids, len(full_ids), cut))
+        return samples
+
+    def label_mask(self, ids: np.ndarray) -> np.ndarray:
+        return assistant_label_mask(ids, self.label_start_ids, self.label_end_ids)
+
+    def cut_reason(self, sample: EncodedSample) -> str:
+        what = "an image does not fit" if sample.cut == CUT_IMAGE else "the answer is cut entirely"
+        return f"{what} at max_seq_len {self.max_seq_len} ({sample.length} tokens)"
+
+
 @dataclass
 class DatasetStats:
     records: int = 0
@@ -188,6 +329,7 @@ class DatasetStats:
     image_cut_by_max_seq_len: int = 0
     answer_cut_by_max_seq_len: int = 0
     problems: list = field(default_factory=list)
+    cut: list = field(default_factory=list)  # DataProblem per sample left out at max_seq_len
 
     @property
     def usable(self):
@@ -199,10 +341,14 @@ class DatasetStats:
                 f"{self.answer_cut_by_max_seq_len} whose answer is cut entirely")
 
 
+def listed(problems, limit=PROBLEMS_SHOWN):
+    """Indented lines, one per problem, the rest summarised."""
+    shown = "\n".join(f"  {p}" for p in problems[:limit])
+    return shown + (f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
 def problems_message(source_name, problems):
-    shown = "\n".join(f"  {p}" for p in problems[:PROBLEMS_SHOWN])
-    more = f"\n  ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-    return (f"{source_name}: {len(problems)} malformed record(s):\n{shown}{more}\n"
+    return (f"{source_name}: {len(problems)} malformed record(s):\n{listed(problems)}\n"
             f"Fix them (check with `python scripts/check_data.py`), or pass --skip_bad_samples to leave them out.")
 
 
@@ -214,46 +360,38 @@ class VLMDataset(Dataset):
         self.source = open_source(data_path, images_path)
         self.max_seq_len = max_seq_len
         self.image_token_id = image_token_id
-        self.image_tokens_per_image = len(tokenizer(image_special_token).input_ids)
-        self.label_start_ids = tokenizer(f"{tokenizer.bos_token}assistant\n").input_ids
-        self.label_end_ids = tokenizer(f"{tokenizer.eos_token}\n").input_ids
+        self.encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len)
+        self.image_tokens_per_image = self.encoder.image_tokens_per_image
+        self.label_start_ids, self.label_end_ids = self.encoder.label_start_ids, self.encoder.label_end_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.log = log
         self.feature_store = None  # set by the vision-feature cache: items then carry features, not pixels
         self.decode_failures = 0
 
         records, problems = self.source.read()
-        self.stats = DatasetStats(records=len(records) + len(problems), problems=problems)
-        for record in records:
-            markers = count_image_markers(record.conversations)
-            if markers != len(record.images):
-                problems.append(DataProblem(record.origin, f"{markers} {IMAGE_MARKER} marker(s) but "
-                                                           f"{len(record.images)} image(s)"))
-        bad_origins = {p.origin for p in problems}
-        self.stats.bad_records = len(bad_origins)
+        self.stats = DatasetStats(records=len(records) + len(problems), problems=problems,
+                                  bad_records=len(problems))
         if problems and not skip_bad_samples:
             raise DataError(problems_message(self.source.data_path.name, problems))
-        records = [r for r in records if r.origin not in bad_origins]
 
-        prompts = [build_prompt(tokenizer, roles_by_parity(r.conversations), image_special_token,
-                                add_generation_prompt=False) for r in records]
-        encoded = tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
         self.records, token_rows = [], []
-        for record, ids in zip(records, encoded):
-            ids = np.asarray(ids[:max_seq_len], dtype=np.int64)
-            if not image_runs_intact(ids, image_token_id, self.image_tokens_per_image, len(record.images)):
-                self.stats.image_cut_by_max_seq_len += 1
-                continue
-            if not assistant_label_mask(ids, self.label_start_ids, self.label_end_ids).any():
-                self.stats.answer_cut_by_max_seq_len += 1
+        for record, sample in zip(records, self.encoder.encode(records)):
+            if sample.cut is not None:
+                self.stats.cut.append(DataProblem(record.origin, self.encoder.cut_reason(sample)))
+                if sample.cut == CUT_IMAGE:
+                    self.stats.image_cut_by_max_seq_len += 1
+                else:
+                    self.stats.answer_cut_by_max_seq_len += 1
                 continue
             self.records.append(record)
-            token_rows.append(ids)
+            token_rows.append(sample.ids)
         self.lengths = np.array([len(ids) for ids in token_rows], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.tokens = np.concatenate(token_rows) if token_rows else np.zeros(0, dtype=np.int64)
         if log is not None:
             log(f"{self.source.data_path.name}: {self.stats.summary()}")
+            if self.stats.cut:
+                log(f"left out at max_seq_len {max_seq_len} ({len(self.stats.cut)}):\n{listed(self.stats.cut)}")
         if not self.records:
             raise DataError(f"{self.source.data_path}: no usable sample ({self.stats.summary()})")
 
@@ -265,8 +403,7 @@ class VLMDataset(Dataset):
 
     def load_pixels(self, index):
         """[N, 3, 224, 224] for the record's images (N may be 0)."""
-        record = self.records[index]
-        images = [preprocess_image(open_image(self.source.image_bytes(ref))) for ref in record.images]
+        images = [load_image(self.source, ref) for ref in self.records[index].images]
         return torch.stack(images) if images else torch.zeros(0, 3, 224, 224)
 
     def __getitem__(self, index):
@@ -286,7 +423,7 @@ class VLMDataset(Dataset):
 
     def build_item(self, index):
         ids = self.token_ids(index)
-        labels = np.where(assistant_label_mask(ids, self.label_start_ids, self.label_end_ids), ids, IGNORE_INDEX)
+        labels = np.where(self.encoder.label_mask(ids), ids, IGNORE_INDEX)
         item = {"input_ids": torch.from_numpy(ids.copy()), "labels": torch.from_numpy(labels)}
         if self.feature_store is not None:
             item["image_features"] = self.feature_store.features_for(self, index)

@@ -24,9 +24,12 @@ class ImageError(ValueError):
     """An image that cannot be used: unreadable, not an image, or too large."""
 
 
-def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open a path, bytes or file object as a decoded PIL image, refusing oversized or broken files."""
-    name = str(source) if isinstance(source, (str, Path)) else "image"
+def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> Image.Image:
+    """Open a path, bytes or file object as a decoded PIL image, refusing oversized or broken files.
+
+    `name` is how error messages call the image (default: the path, or "image").
+    """
+    name = name or (str(source) if isinstance(source, (str, Path)) else "image")
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         width, height = image.size
@@ -52,7 +55,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "I" and array.max() <= 255:
             peak = 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        image = image.convert("LA")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ImageError(f"{image.mode} image: {error}") from None
 
 
 def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
@@ -67,6 +75,8 @@ def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.T
         new_width, new_height = size, int(size * height / width)
     else:
         new_width, new_height = int(size * width / height), size
+    if new_width * new_height > MAX_IMAGE_PIXELS:  # a 1 x 100000 strip would be resized to 224 x 22 million
+        raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
     image = image.resize((new_width, new_height), resample=Image.BICUBIC)
     top, left = (new_height - size) // 2, (new_width - size) // 2
     pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size]  # [size, size, 3]
@@ -87,6 +97,9 @@ def expand_image_markers(text: str, image_special_token: str) -> str:
     """
     for char in set(image_special_token):
         text = text.replace(char, FULLWIDTH_TWIN.get(char, char))
+    # Two markers side by side would make one run of twice the length; a newline keeps the images apart.
+    text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)
+    text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)  # chains of 3 or more
     return text.replace(IMAGE_MARKER, image_special_token)
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.weights import load_weights, weight_path
+from model.weights import WeightsMismatchError, load_weights, weight_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAVE_DIR = REPO_ROOT / "out"
@@ -242,7 +242,10 @@ def atomic_save(obj, path):
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is missing or unwritable: there is no temporary file to remove
+            pass
         raise CheckpointSaveError(f"could not write {path} ({error}); the previous file is kept") from error
 
 
@@ -258,7 +261,10 @@ def resume_path(checkpoint_dir, save_weight, hidden_size, use_moe) -> Path:
 
 
 def capture_rng():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors, ints and tuples only, so that resume files load with weights_only=True."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -266,7 +272,8 @@ def capture_rng():
 
 def restore_rng(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -296,9 +303,16 @@ def save_resume(path, model, optimizer, scaler, state: TrainState, ctx: RunConte
 
 
 def load_resume(path, model, optimizer, scaler, ctx: RunContext, args, log=print) -> TrainState:
-    # weights_only=False is limited to our own resume files: they hold RNG states (numpy arrays, tuples).
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    unwrap(model).load_state_dict(checkpoint["model"], strict=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a checkpoint, or a pickle that would run code
+        raise WeightsMismatchError(f"{path}: not a loadable resume checkpoint ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0] if str(error) else ''}); delete it or run "
+                                   f"without --from_resume") from error
+    try:
+        load_weights(unwrap(model), checkpoint["model"], allow_missing_vision_proj=False, log=None)
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(f"{path}: {error}") from None
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step"],
@@ -531,14 +545,17 @@ def train(setup: LoopSetup, args, state: TrainState, log=print):
                 break
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-    save_all(setup, args, state, log)
+    save_all(setup, args, state, log, final=True)
     if ctx.is_main:
         log(f"done: {state.global_step} optimizer steps, {state.skipped_steps} skipped (non-finite loss), "
             f"{state.replaced_samples} samples replaced (undecodable image); weights in {setup.weights_out}")
 
 
-def save_all(setup: LoopSetup, args, state: TrainState, log=print):
-    """Rank 0 writes the weights file and the resume checkpoint; a failed write is reported, not fatal."""
+def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
+    """Rank 0 writes the weights file and the resume checkpoint. A failed write is reported and training goes
+    on with the previous files kept; only a failed final save ends the run with an error (after the barrier,
+    so that no rank waits forever)."""
+    failed = None
     if setup.ctx.is_main:
         model = unwrap(setup.model)
         was_training = model.training
@@ -547,10 +564,14 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print):
             atomic_save(inference_state_dict(model), setup.weights_out)
             save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args)
         except CheckpointSaveError as error:
-            log(f"warning: {error}")
+            failed = error
+            if not final:
+                log(f"warning: {error}")
         model.train(was_training)
     if setup.ctx.distributed:
         dist.barrier()
+    if failed is not None and final:
+        raise failed
 
 
 # ------------------------------------------------------------------------------------------------- assembly
