@@ -1,0 +1,133 @@
+"""scripts/convert_vlm.py: .pth <-> transformers folder, exact in fp32, loadable with the Auto classes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from dataset.processing import load_pixel_values, open_image
+from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
+from model.weights import load_weights
+from scripts import convert_vlm
+from scripts.inference import GenerationSettings, answer_once, load_model
+from trainer.cli import run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def fp32_pth(tmp_path_factory, tiny_clip_dir):
+    """A random tiny VLM saved in fp32 (all 23 keys, both tied ones), so nothing is rounded on the way."""
+    torch.manual_seed(MODEL_SEED)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
+    path = tmp_path_factory.mktemp("convert") / "sft_vlm_64.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_folder(fp32_pth, tiny_tokenizer_dir, tiny_clip_dir):
+    folder = fp32_pth.parent / "MiniMind2-V-tiny"
+    convert_vlm.main(["--to", "transformers", "--torch_path", str(fp32_pth), "--transformers_dir", str(folder),
+                      "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir),
+                      "--dtype", "float32"])
+    return folder
+
+
+def native_model(pth, clip_dir):
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=clip_dir)
+    load_weights(model, pth, log=None)
+    return model.eval()
+
+
+def test_round_trip_is_bit_exact_in_fp32(fp32_pth, fp32_folder, tmp_path):
+    back = tmp_path / "back.pth"
+    convert_vlm.main(["--to", "torch", "--transformers_dir", str(fp32_folder), "--torch_path", str(back),
+                      "--dtype", "float32"])
+    original, restored = torch.load(fp32_pth, weights_only=True), torch.load(back, weights_only=True)
+    assert list(restored) == list(original) and len(restored) == 23
+    for key, tensor in original.items():
+        assert restored[key].dtype == torch.float32 and torch.equal(restored[key], tensor), key
+
+
+def test_folder_layout(fp32_folder):
+    names = {p.name for p in fp32_folder.iterdir()}
+    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "tokenizer.json",
+            "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"} <= names
+    config = json.loads((fp32_folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM"}
+    assert config["model_type"] == "minimind-v" and config["tie_word_embeddings"] is True
+    assert (config["hidden_size"], config["num_hidden_layers"], config["ve_hidden_size"]) == (64, 2, 64)
+    for name in ("model_vlm.py", "model_minimind.py"):
+        assert (fp32_folder / name).read_text() == (REPO_ROOT / "model" / name).read_text()
+
+
+def test_auto_model_gives_the_same_logits(fp32_pth, fp32_folder, tiny_clip_dir):
+    native = native_model(fp32_pth, tiny_clip_dir)
+    converted = AutoModelForCausalLM.from_pretrained(fp32_folder, trust_remote_code=True,
+                                                     vision_model_path=str(tiny_clip_dir))
+    assert type(converted).__name__ == "MiniMindVLM" and converted.vision_encoder is not None
+    ids = torch.tensor([[1, 5, 6] + [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE + [7, 8, 2]])
+    pixels = torch.randn(1, 1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(converted(ids, pixel_values=pixels).logits, native(ids, pixel_values=pixels).logits)
+    text_only = AutoModelForCausalLM.from_pretrained(fp32_folder, trust_remote_code=True)
+    assert text_only.vision_encoder is None  # CLIP is not part of the folder
+    assert text_only.lm_head.weight is text_only.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(text_only(ids[:, :3]).logits, native(ids[:, :3]).logits)
+
+
+def test_tokenizer_and_image_processing_load_from_the_folder(fp32_folder, shapes_data):
+    tokenizer = AutoTokenizer.from_pretrained(fp32_folder, trust_remote_code=True)
+    assert tokenizer("@" * IMAGE_TOKENS_PER_IMAGE).input_ids == [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
+    image_path = shapes_data["eval_images"] / "000000.jpg"
+    ours = load_pixel_values([image_path])
+    image_processor = AutoImageProcessor.from_pretrained(fp32_folder)
+    theirs = image_processor(images=[open_image(image_path)], return_tensors="pt").pixel_values
+    assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-2)
+    processor = AutoProcessor.from_pretrained(fp32_folder, trust_remote_code=True)
+    both = processor(text=["What is it?"], images=[open_image(image_path)], return_tensors="pt")
+    assert both.input_ids.shape[0] == 1 and both.pixel_values.shape == (1, 3, 224, 224)
+
+
+def test_chat_plumbing_reads_the_folder(fp32_pth, fp32_folder, tiny_tokenizer_dir, tiny_clip_dir, shapes_data):
+    """`--load 1` (tokenizer from the folder) answers exactly as `--load 0` with the same weights."""
+    settings = GenerationSettings(max_new_tokens=10, temperature=0.0)
+    image = [shapes_data["eval_images"] / "000003.jpg"]
+    from_folder = load_model(fp32_folder, True, None, tiny_clip_dir, "cpu", log=None)
+    from_pth = load_model(fp32_pth, False, tiny_tokenizer_dir, tiny_clip_dir, "cpu", log=None)
+    assert answer_once(from_folder, "What colour?", image, settings)[0] == \
+        answer_once(from_pth, "What colour?", image, settings)[0]
+
+
+def test_script_defaults_bfloat16_folder_and_float16_pth(fp32_pth, tiny_tokenizer_dir, tiny_clip_dir, tmp_path):
+    folder = tmp_path / "bf16"
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_vlm.py"), "--to", "transformers",
+               "--torch_path", str(fp32_pth), "--transformers_dir", str(folder),
+               "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tmp_path / "no_clip_here")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert all(weights.get_tensor(k).dtype == torch.bfloat16 for k in weights.keys())
+    # without a CLIP folder the preprocessing is written from the constants dataset/processing.py uses
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 224}
+    back = tmp_path / "back.pth"
+    convert_vlm.main(["--to", "torch", "--transformers_dir", str(folder), "--torch_path", str(back)])
+    restored, original = torch.load(back, weights_only=True), torch.load(fp32_pth, weights_only=True)
+    assert list(restored) == list(original) and all(v.dtype == torch.float16 for v in restored.values())
+    assert all(torch.allclose(restored[k].float(), original[k], atol=1e-2, rtol=1e-2) for k in original)
+
+
+def test_missing_input_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(convert_vlm.main, ["--to", "torch", "--transformers_dir", str(tmp_path / "nothing"),
+                                   "--torch_path", str(tmp_path / "x.pth")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: no transformers model in")

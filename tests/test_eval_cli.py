@@ -1,0 +1,225 @@
+"""eval_vlm.py and the shared chat plumbing (scripts/inference.py), on a random tiny model and the offline assets.
+
+The scripts run as users run them (a subprocess from another folder, a pexpect terminal); the session logic
+(history, truncation, stopping, scoring) is checked in-process, where it is fast.
+"""
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+import eval_vlm
+from dataset.processing import IMAGE_MARKER, build_prompt
+from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
+from model.weights import weight_path
+from scripts.inference import (ChatSession, GenerationSettings, InferenceError, QuestionScore, fit_prompt, is_correct,
+                               load_model, score_questions)
+from trainer.cli import run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2)
+MODEL_SEED = 0
+GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def save_dir(tmp_path_factory, tiny_clip_dir):
+    """A random tiny VLM saved as upstream saves weights: {save_dir}/sft_vlm_64.pth in fp16."""
+    torch.manual_seed(MODEL_SEED)
+    model = MiniMindVLM(VLMConfig(**TINY_SHAPE), vision_model_path=tiny_clip_dir)
+    out = tmp_path_factory.mktemp("eval_out")
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_flags(save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    return ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--save_dir", str(save_dir),
+            "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir)]
+
+
+@pytest.fixture(scope="module")
+def loaded(save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    return load_model(weight_path(save_dir, "sft_vlm", 64, False), False, tiny_tokenizer_dir, tiny_clip_dir, "cpu",
+                      log=None)
+
+
+def eval_command(cli_flags, *extra):
+    return [sys.executable, str(REPO_ROOT / "eval_vlm.py"), *cli_flags, *extra]
+
+
+def run_eval(cli_flags, *extra, tmp_path):
+    """eval_vlm.py from an unrelated folder: nothing may depend on the working directory."""
+    return subprocess.run(eval_command(cli_flags, *extra), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- as users run it
+
+def test_single_shot_answers_and_exits(cli_flags, shapes_data, tmp_path):
+    image = shapes_data["eval_images"] / "000000.jpg"
+    result = run_eval(cli_flags, "--image", str(image), "--prompt", "What shape is in the picture?",
+                      "--max_new_tokens", "12", "--temperature", "0", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "no answer printed"
+    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interactive_session_through_a_terminal(cli_flags, shapes_data, tmp_path):
+    """Ask about an image, stop the answer with Ctrl-C, attach another image, ask again, /clear, /quit."""
+    images = shapes_data["eval_images"]
+    # Answers could run to 4000 tokens; each one is cut short by Ctrl-C, which must not end the program.
+    command = eval_command(cli_flags, "--image", str(images / "000000.jpg"), "--max_new_tokens", "4000",
+                           "--temperature", "0")
+    child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), encoding="utf-8",
+                          codec_errors="replace", timeout=120)  # the tty echoes ^C between any two bytes
+    try:
+        child.expect_exact("1 image(s) attached to your first question")
+        child.expect_exact(eval_vlm.USER_PROMPT)
+        child.sendline("What shape is in the picture?")
+        child.expect_exact(eval_vlm.MODEL_PROMPT)
+        child.expect(r"\S")  # the answer is streaming
+        child.sendintr()
+        child.expect(r"\[Speed\]: [\d.]+ tokens/s \(\d+ tokens in [\d.]+ s, stopped\)")
+        child.expect_exact(eval_vlm.USER_PROMPT)
+        child.sendintr()  # Ctrl-C at the prompt drops the line, nothing else
+        child.expect_exact(eval_vlm.USER_PROMPT)
+        child.sendline(f"/image {images / '000001.jpg'}")
+        child.expect_exact("[1 image(s) attached to your next question]")
+        child.sendline("/image " + str(tmp_path / "missing.jpg"))
+        child.expect_exact("file not found")
+        child.sendline("And this one?")
+        child.expect_exact(eval_vlm.MODEL_PROMPT)
+        child.expect(r"\S")
+        child.sendintr()
+        child.expect(r"tokens/s \(\d+ tokens in [\d.]+ s, stopped\)")
+        child.sendline("/clear")
+        child.expect_exact("[conversation cleared]")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_batch_captioning_prints_tokens_per_s(cli_flags, shapes_data, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("000000.jpg", "000001.jpg", "000002.jpg"):
+        (folder / name).write_bytes((shapes_data["eval_images"] / name).read_bytes())
+    (folder / "broken.png").write_bytes(b"not a picture")
+    (folder / "notes.txt").write_text("ignored")
+    result = run_eval(cli_flags, "--caption", "--image_dir", str(folder), "--max_new_tokens", "6", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("[Speed]: ") == 3 and result.stdout.count(" tokens/s") == 3
+    assert "[Image]: 000000.jpg" in result.stdout and "notes.txt" not in result.stdout
+    assert "broken.png: skipped" in result.stdout
+
+
+def test_missing_weights_is_one_line_error(cli_flags, tmp_path):
+    result = run_eval(cli_flags, "--save_dir", str(tmp_path / "nowhere"), "--prompt", "hi", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: weights not found:") and "sft_vlm_64.pth" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["wrong_shape", "not_an_image", "prompt_too_long"])
+def test_bad_input_is_one_line_error(case, cli_flags, save_dir, shapes_data, tmp_path, capsys):
+    extra = {
+        "wrong_shape": ["--weight", str(weight_path(save_dir, "sft_vlm", 64, False)), "--hidden_size", "128"],
+        "not_an_image": ["--image", str(tmp_path / "fake.jpg")],
+        "prompt_too_long": ["--image", str(shapes_data["eval_images"] / "000000.jpg"), "--max_seq_len", "150",
+                            "--max_new_tokens", "20"],
+    }[case]
+    (tmp_path / "fake.jpg").write_text("plain text")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(eval_vlm.main, [*cli_flags, *extra, "--prompt", "hi"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert {"wrong_shape": "--hidden_size 64 --num_hidden_layers 2", "not_an_image": "not a readable image",
+            "prompt_too_long": "raise --max_seq_len"}[case] in errors[0]
+
+
+def test_question_file_prints_accuracy(cli_flags, shapes_data, capsys):
+    eval_vlm.main([*cli_flags, "--questions", str(shapes_data["eval_jsonl"]), "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "accuracy " in out and "/9 = " in out and "chance" in out
+
+
+# --------------------------------------------------------------------------------------------- the session
+
+def test_history_and_images_are_fed_back_in_order(loaded, shapes_data):
+    images = shapes_data["eval_images"]
+    session = ChatSession(loaded, max_seq_len=2048)
+    session.attach_images([images / "000000.jpg"])
+    first = "".join(session.ask("What shape is in the picture?", GREEDY))
+    session.attach_images([images / "000001.jpg", images / "000002.jpg"])
+    second = "".join(session.ask("Are they the same?", GREEDY))
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[1]["content"] == first and session.messages[3]["content"] == second
+    assert session.messages[2]["content"].count(IMAGE_MARKER) == 2 and len(session.images) == 3
+    assert session.last_stats.tokens == GREEDY.max_new_tokens and session.last_stats.tokens_per_s > 0
+    # what the model saw for the second answer: the whole conversation, three image runs
+    prompt = build_prompt(loaded.tokenizer, session.messages[:3], loaded.model.config.image_special_token, True)
+    ids = loaded.tokenizer(prompt, add_special_tokens=False).input_ids
+    assert ids.count(IMAGE_PLACEHOLDER_ID) == 3 * IMAGE_TOKENS_PER_IMAGE
+    session.clear()
+    assert session.messages == [] and session.images == [] and session.pending_images == []
+
+
+def test_truncation_drops_oldest_turns_never_part_of_an_image(loaded, shapes_data):
+    session = ChatSession(loaded, max_seq_len=700)
+    for turn in range(4):
+        session.attach_images([shapes_data["eval_images"] / f"00000{turn}.jpg"])
+        "".join(session.ask("What colour is it?", GenerationSettings(max_new_tokens=8, temperature=0.0)))
+    assert len(session.messages) == 8 and session.history_dropped > 0
+    special = loaded.model.config.image_special_token
+    for budget in range(230, 700, 37):
+        ids, dropped, images_dropped = fit_prompt(loaded.tokenizer, session.messages[:7], special, budget)
+        assert ids.shape[1] <= budget and dropped % 2 == 0
+        assert (ids[0] == IMAGE_PLACEHOLDER_ID).sum() == IMAGE_TOKENS_PER_IMAGE * (4 - images_dropped)
+    with pytest.raises(InferenceError, match="the question alone"):
+        fit_prompt(loaded.tokenizer, session.messages[:7], special, 100)
+
+
+def test_stop_ends_the_answer_and_keeps_it(loaded):
+    session = ChatSession(loaded, max_seq_len=8192)
+    answer = session.ask("Tell me a long story.", GenerationSettings(max_new_tokens=8000, temperature=0.0))
+    threading.Timer(0.5, session.stop).start()
+    text = "".join(answer)
+    assert session.last_stats.stopped and session.last_stats.tokens < 8000
+    assert session.messages[-1] == {"role": "assistant", "content": text, "stats": session.last_stats}
+
+
+def test_leaving_the_stream_early_stops_generation(loaded):
+    session = ChatSession(loaded, max_seq_len=8192)
+    answer = session.ask("Tell me a long story.", GenerationSettings(max_new_tokens=8000, temperature=0.0))
+    next(answer)
+    answer.close()  # what a browser rerun or an exception in the consumer does
+    assert session.last_stats.stopped and session.last_stats.tokens < 8000
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+
+
+def test_markers_must_match_attached_images(loaded, shapes_data):
+    session = ChatSession(loaded)
+    session.attach_images([shapes_data["eval_images"] / "000000.jpg"])
+    with pytest.raises(InferenceError, match="2 <image> marker"):
+        session.ask("Compare <image> with <image>", GREEDY)
+    "".join(session.ask("Look: <image> what is it?", GREEDY))
+    assert session.messages[0]["content"] == "Look: <image> what is it?"
+
+
+def test_scoring_rule_and_score(loaded, shapes_data):
+    choices = ["circle", "square", "triangle", "star"]
+    assert is_correct("It is a star.", "star", choices)
+    assert not is_correct("A star or a circle", "star", choices)
+    assert not is_correct("starry night", "star", choices) and is_correct("STAR!", "star", choices)
+    score = score_questions(loaded, shapes_data["eval_jsonl"], max_new_tokens=4)
+    assert isinstance(score, QuestionScore) and score.total == 9 and 0 <= score.accuracy <= 1
+    assert set(score.by_kind) == {"shape", "colour", "background"}
+    assert 0.25 < score.chance < 0.5
