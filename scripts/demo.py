@@ -1,0 +1,174 @@
+"""The whole pipeline, offline, in a few minutes on a CPU: tiny assets -> pretrain -> SFT -> held-out accuracy.
+
+    python scripts/demo.py --install        # pip-install the requirements first, then run
+    python scripts/demo.py                  # outputs under out/demo/
+    python scripts/demo.py --blank_control  # also train on blank images: accuracy should stay near chance
+
+It builds a randomly initialised CLIP (224 px, 16 px patches, so still 196 image tokens), a tokenizer with
+MiniMind2's special tokens and chat template, and a synthetic shapes-and-colours dataset in upstream's JSONL
++ image-folder format, then runs the real `train_pretrain_vlm.py`, `train_sft_vlm.py` and `eval_vlm.py`.
+There is no pretrained language model offline, so both stages here train the whole LM (--trainable all)
+from random weights; with the real assets the stages keep their upstream defaults.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
+BLANK_GREY = (128, 128, 128)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default=str(REPO_ROOT / "out" / "demo"))
+    p.add_argument("--install", action="store_true", help="pip install -r requirements.txt first")
+    p.add_argument("--n_train", type=int, default=1500, help="records per training stage")
+    p.add_argument("--n_eval", type=int, default=120, help="held-out questions")
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--num_hidden_layers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--pretrain_lr", type=float, default=1e-3)
+    p.add_argument("--sft_lr", type=float, default=5e-4)
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blank_control", action="store_true",
+                   help="repeat the run with every training image blank (the image path must carry the answer)")
+    return p.parse_args(argv)
+
+
+def install_requirements():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "torch"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REPO_ROOT / "requirements.txt")],
+                   check=True)
+
+
+def run_step(title, command, log_path):
+    """Run one real script, its output into a log file; stop the demo with the log's tail on failure."""
+    start = time.time()
+    print(f"-- {title} ...", flush=True)
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    text = Path(log_path).read_text()
+    if result.returncode != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        raise SystemExit(f"{title} failed (exit {result.returncode}); log {log_path}:\n{tail}")
+    print(f"   done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
+    return text
+
+
+def blank_copy(data, out_dir):
+    """The same records with every image replaced by one flat grey picture."""
+    import shutil
+
+    from PIL import Image
+
+    blank = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key in ("pretrain_jsonl", "sft_jsonl"):
+        target = out_dir / Path(data[key]).name
+        shutil.copy(data[key], target)
+        blank[key] = target
+    for key in ("pretrain_images", "sft_images"):
+        folder = out_dir / Path(data[key]).name
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in Path(data[key]).iterdir():
+            Image.new("RGB", Image.open(image).size, BLANK_GREY).save(folder / image.name)
+        blank[key] = folder
+    return blank
+
+
+def train_and_score(run_dir, assets, data, args, score_every_stage=True):
+    """Untrained -> pretrain -> SFT through the real scripts; held-out accuracy after each (or only at the end)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_flags = ["--device", "cpu", "--hidden_size", str(args.hidden_size), "--num_hidden_layers",
+                   str(args.num_hidden_layers)]
+    asset_flags = ["--vision_model_path", str(assets["clip"]), "--tokenizer_path", str(assets["tokenizer"])]
+    train_flags = [*model_flags, *asset_flags, "--save_dir", str(run_dir), "--checkpoint_dir",
+                   str(run_dir / "checkpoints"), "--trainable", "all", "--epochs", str(args.epochs),
+                   "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
+                   "--log_interval", "20", "--seed", str(args.seed)]
+    scores = {}
+    if score_every_stage:
+        write_untrained_weights(run_dir / f"untrained_{args.hidden_size}.pth", assets, args)
+        scores["untrained"] = score(run_dir, "untrained", args, assets, model_flags, asset_flags)
+    run_step("pretrain", [sys.executable, "train_pretrain_vlm.py", *train_flags, "--from_weight", "none",
+                          "--learning_rate", str(args.pretrain_lr), "--data_path", str(data["pretrain_jsonl"]),
+                          "--images_path", str(data["pretrain_images"])], run_dir / "pretrain.log")
+    if score_every_stage:
+        scores["after pretrain"] = score(run_dir, "pretrain_vlm", args, assets, model_flags, asset_flags)
+    run_step("SFT", [sys.executable, "train_sft_vlm.py", *train_flags, "--learning_rate", str(args.sft_lr),
+                     "--data_path", str(data["sft_jsonl"]), "--images_path", str(data["sft_images"])],
+             run_dir / "sft.log")
+    scores["after SFT"] = score(run_dir, "sft_vlm", args, assets, model_flags, asset_flags)
+    return scores
+
+
+def write_untrained_weights(path, assets, args):
+    import torch
+
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    from trainer.training import atomic_save, inference_state_dict
+
+    torch.manual_seed(args.seed)
+    model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
+                        vision_model_path=assets["clip"])
+    atomic_save(inference_state_dict(model), path)
+
+
+def score(run_dir, weight_name, args, assets, model_flags, asset_flags):
+    text = run_step(f"score {weight_name}", [
+        sys.executable, "eval_vlm.py", *model_flags, *asset_flags,
+        "--weight", str(run_dir / f"{weight_name}_{args.hidden_size}.pth"),
+        "--questions", str(assets["data"]["eval_jsonl"])], run_dir / f"eval_{weight_name}.log")
+    match = ACCURACY_LINE.search(text)
+    if not match:
+        raise SystemExit(f"no accuracy line in {run_dir / f'eval_{weight_name}.log'}")
+    return {"correct": int(match[1]), "total": int(match[2]), "accuracy": float(match[3]) / 100,
+            "chance": float(match[4]) / 100}
+
+
+def print_table(results):
+    print("\nheld-out accuracy (greedy answers naming exactly the right choice)")
+    print(f"{'run':<14}{'model':<16}{'accuracy':>10}{'chance':>9}")
+    for run_name, scores in results.items():
+        for model_name, s in scores.items():
+            print(f"{run_name:<14}{model_name:<16}{s['accuracy']:>10.1%}{s['chance']:>9.1%}")
+
+
+def main(argv=None):
+    return main_with_args(parse_args(argv))
+
+
+def main_with_args(args, score_every_stage=True):
+    if args.install:
+        install_requirements()
+    from scripts import make_assets
+
+    started = time.time()
+    out_dir = Path(args.out_dir)
+    print(f"-- building offline assets in {out_dir / 'assets'} ...", flush=True)
+    paths = make_assets.build_all(out_dir / "assets", n_pretrain=args.n_train, n_sft=args.n_train,
+                                  n_eval=args.n_eval, seed=args.seed)
+    assets = {"clip": Path(paths["clip"]), "tokenizer": Path(paths["tokenizer"]), "data": paths}
+    results = {"real images": train_and_score(out_dir / "run", assets, assets["data"], args, score_every_stage)}
+    if args.blank_control:
+        blank = blank_copy(assets["data"], out_dir / "blank_data")
+        results["blank images"] = train_and_score(out_dir / "blank_run", assets, blank, args, score_every_stage)
+    print_table(results)
+    print(f"\ntotal {time.time() - started:.0f} s; weights and logs in {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
