@@ -131,12 +131,22 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    """q [B, T, H, d], k [B, T, Hkv, d]; cos/sin [T, d] broadcast over batch and heads."""
+def apply_rotary(x, cos, sin):
+    """x [B, T, heads, d]; cos/sin [T, d] broadcast over batch and heads."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, d]
-    q_rot = (q * cos + rotate_half(q) * sin).to(q.dtype)
-    k_rot = (k * cos + rotate_half(k) * sin).to(k.dtype)
-    return q_rot, k_rot
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q [B, T, H, d], k [B, T, Hkv, d]; cos/sin [T, d]."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+@torch.compiler.disable  # a data-dependent int: computed eagerly, torch.compile splits its graph here
+def first_target_position(labels) -> int:
+    """The first position whose next token is a target in any row of the batch (labels [B, T])."""
+    columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else labels.shape[1] - 1
 
 
 def is_hf_cache(past_key_values) -> bool:
@@ -171,8 +181,15 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None):
-        """x [B, T, hidden]; past_key_value: None, an HF Cache, or a (k, v) pair laid out [B, P, Hkv, d]."""
+    def forward(self, x, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None,
+                query_from=0):
+        """x [B, T, hidden]; past_key_value: None, an HF Cache, or a (k, v) pair laid out [B, P, Hkv, d].
+
+        query_from > 0 (training, no cache): outputs only for positions >= query_from, which still attend to
+        the keys and values of every earlier position.
+        """
+        if query_from:
+            return self._forward_from(x, position_embeddings, query_from)
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
@@ -205,6 +222,24 @@ class Attention(nn.Module):
         )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)  # [B, T, H*d]
         return self.resid_dropout(self.o_proj(out)), present
+
+    def _forward_from(self, x, position_embeddings, query_from):
+        """Queries of positions >= query_from against keys of all positions: the causal mask is the cached-
+        decoding one, with the first query_from positions in the role of the cache."""
+        bsz, seq_len, _ = x.shape
+        new_len = seq_len - query_from
+        q = self.q_proj(x[:, query_from:]).view(bsz, new_len, self.num_heads, self.head_dim)  # [B, T', H, d]
+        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos[query_from:], sin[query_from:]), apply_rotary(k, cos, sin)
+        mask = self._additive_mask(None, bsz, new_len, query_from, q.dtype, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, T', d]
+        out = out.transpose(1, 2).reshape(bsz, new_len, -1)  # [B, T', H*d]
+        return self.resid_dropout(self.o_proj(out)), None
 
     @staticmethod
     def _additive_mask(attention_mask, bsz, seq_len, past_len, dtype, device):
@@ -307,10 +342,12 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, hidden_states, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None):
+    def forward(self, hidden_states, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None,
+                query_from=0):
+        """query_from > 0: the block's output only for positions >= query_from ([B, T - query_from, hidden])."""
         attn_out, present = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           past_key_value, use_cache, attention_mask)
-        hidden_states = hidden_states + attn_out
+                                           past_key_value, use_cache, attention_mask, query_from)
+        hidden_states = hidden_states[:, query_from:] + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, present
 
@@ -334,8 +371,12 @@ class MiniMindModel(nn.Module):
         self.register_buffer("freqs_sin", freqs_sin, persistent=False)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                inputs_embeds=None):
-        """Returns final normed hidden states [B, T, hidden], the cache (or None) and the summed MoE aux loss."""
+                inputs_embeds=None, output_from=0):
+        """Returns final normed hidden states [B, T, hidden], the cache (or None) and the summed MoE aux loss.
+
+        output_from > 0 (training without cache or padding mask): hidden states only for positions
+        >= output_from, [B, T - output_from, hidden]; the last layer skips its query-side work before that.
+        """
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden_states = self.dropout(hidden_states)
         seq_len = hidden_states.shape[1]
@@ -347,8 +388,10 @@ class MiniMindModel(nn.Module):
         layer_pasts = [past_key_values] * len(self.layers) if hf_cache else (
             past_key_values or [None] * len(self.layers))
         presents = []
-        for layer, layer_past in zip(self.layers, layer_pasts):
-            hidden_states, present = layer(hidden_states, position_embeddings, layer_past, use_cache, attention_mask)
+        last = len(self.layers) - 1
+        for i, (layer, layer_past) in enumerate(zip(self.layers, layer_pasts)):
+            hidden_states, present = layer(hidden_states, position_embeddings, layer_past, use_cache, attention_mask,
+                                           output_from if i == last else 0)
             presents.append(present)
         hidden_states = self.norm(hidden_states)
 
@@ -396,10 +439,31 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     module.freqs_sin.copy_(sin)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, inputs_embeds=None, **kwargs):
+                logits_to_keep=0, inputs_embeds=None, loss_only=False, **kwargs):
+        """loss_only=True (training): the same loss, computed without logits for positions that have no target
+        (the returned `logits` is None); see `_loss_only_output`."""
+        return self._run_lm(input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, labels,
+                            logits_to_keep, loss_only)
+
+    def _run_lm(self, input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, labels, logits_to_keep,
+                loss_only):
+        if loss_only and labels is not None and past_key_values is None and not use_cache and attention_mask is None:
+            # Positions before the first target of the batch feed the loss only through attention: the last
+            # layer computes keys and values there but no outputs (not with MoE, whose aux loss sees every token).
+            first = 0 if self.config.use_moe else first_target_position(labels)
+            hidden_states, _, aux_loss = self.model(input_ids, None, None, False, inputs_embeds, output_from=first)
+            return self._loss_only_output(hidden_states, aux_loss, labels[:, first:])
         hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
                                                     inputs_embeds)
         return self._lm_output(hidden_states, cache, aux_loss, labels, logits_to_keep)
+
+    def _loss_only_output(self, hidden_states, aux_loss, labels):
+        """Cross-entropy of `_lm_output` with the vocabulary projection applied only where a target exists."""
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        has_target = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden_states[:, :-1][has_target])  # [N targets, vocab]
+        loss = F.cross_entropy(logits.float(), targets[has_target])
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, hidden_states=hidden_states)
 
     def _lm_output(self, hidden_states, cache, aux_loss, labels, logits_to_keep):
         """Project the kept positions to logits; shifted cross-entropy over labels != -100 when given."""

@@ -110,6 +110,23 @@ class MiniMindVLM(MiniMindForCausalLM):
         # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
         self.__dict__["vision_encoder"] = vision_encoder
         self.vision_proj = VisionProj(config.ve_hidden_size, config.hidden_size)
+        self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
+        """Load a saved folder (CLIP is not in it); `vision_model_path` attaches a CLIP encoder afterwards."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
+        if vision_model_path is not None:
+            model.attach_vision_encoder(vision_model_path)
+        return model
+
+    def attach_vision_encoder(self, vision_model_path):
+        """Load a frozen CLIP encoder onto this model's device and dtype; its width must fit vision_proj."""
+        encoder = load_vision_encoder(vision_model_path)
+        if encoder.config.hidden_size != self.config.ve_hidden_size:
+            raise ValueError(f"{vision_model_path}: vision width {encoder.config.hidden_size}, but this model's "
+                             f"vision_proj expects {self.config.ve_hidden_size}")
+        self.__dict__["vision_encoder"] = encoder.to(device=self.device, dtype=self.dtype)
 
     @property
     def image_token_id(self) -> int:
@@ -167,9 +184,10 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0, labels=None, pixel_values=None, image_features=None, inputs_embeds=None,
-                **kwargs):
+                loss_only=False, **kwargs):
         """pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224]
-        list in reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead."""
+        list in reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead;
+        loss_only: as MiniMindForCausalLM.forward."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         has_images = pixel_values is not None or image_features is not None
@@ -179,5 +197,5 @@ class MiniMindVLM(MiniMindForCausalLM):
                 images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
                 image_features = self.encode_images(flatten_pixel_values(pixel_values))
             inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample)
-        hidden_states, cache, aux_loss = self.model(None, attention_mask, past_key_values, use_cache, inputs_embeds)
-        return self._lm_output(hidden_states, cache, aux_loss, labels, logits_to_keep)
+        return self._run_lm(None, attention_mask, past_key_values, use_cache, inputs_embeds, labels, logits_to_keep,
+                            loss_only)

@@ -476,9 +476,10 @@ def train(setup: LoopSetup, args, state: TrainState, log=print):
                     # Gradient all-reduce only on the last micro-batch of the step.
                     sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
                     with sync, setup.autocast():
+                        # loss_only: no logits where there is no target (same loss, less work and memory)
                         out = model(batch["input_ids"], labels=batch["labels"],
                                     pixel_values=batch.get("pixel_values"),
-                                    image_features=batch.get("image_features"))
+                                    image_features=batch.get("image_features"), loss_only=True)
                         # mean CE x local tokens = summed CE; DDP averages over ranks, so x world size.
                         ce_sum = out.loss * n_tokens
                         loss = ce_sum * ctx.world_size / max(global_tokens, 1.0) + out.aux_loss / len(batches)

@@ -1,0 +1,353 @@
+"""Frozen-CLIP feature cache: each image's patch features are computed once and reused from disk.
+
+CLIP never trains, so the features of an image are a pure function of (image bytes, encoder weights,
+preprocessing, compute precision). `--cache_vision_features DIR` computes them once per image, stores them
+as fp16 in memory-mapped numpy shards, and from then on training reads [N, 196, hidden] features instead of
+decoding, resizing and encoding pixels on every step of every epoch.
+
+Layout under DIR:
+
+    {fingerprint}/                one folder per encoder + preprocessing + precision (see `cache_fingerprint`)
+        fingerprint.json          what the folder name was derived from, for people
+        shard-{id}.npy            fp16 [n, 196, hidden] features, read with np.load(mmap_mode="r")
+        shard-{id}.keys.npy       the n image keys (16-byte BLAKE2b digests of the image file bytes)
+
+An image is keyed by the hash of its bytes, so the same picture in the pretrain and the SFT set, or in two
+epochs, or in two runs, is encoded once. A changed encoder, preprocessing version or precision gives a new
+fingerprint and so a fresh folder; old folders are never read again (delete them to free the space).
+
+Crash safety: a shard is written to a temporary name, fsynced and renamed, and only then is its keys file
+written the same way. The keys file is what makes a shard visible, so a crash at any point leaves either a
+complete shard or files that are ignored (and recomputed next time). There is no shared index file to corrupt;
+the index is rebuilt from the keys files at each start.
+
+Under DDP every rank hashes all images (the same list on every rank, no communication), encodes its
+`rank::world_size` share of the missing ones into its own shards, waits at a barrier, then opens all shards.
+"""
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .processing import CLIP_IMAGE_SIZE, ImageError, open_image, preprocess_image
+
+# Bump whenever dataset.processing.preprocess_image (or what it is fed) changes: old caches are then unused.
+PREPROCESS_VERSION = 1
+FEATURE_DTYPE = np.float16
+KEY_DTYPE = "S16"  # BLAKE2b-128 digest of the image file's bytes
+KEY_BYTES = 16
+# Images per shard file: 2048 x 196 x 768 x 2 bytes = 617 MB; a crash loses at most one shard of work.
+SHARD_IMAGES = 2048
+ENCODE_BATCH_SIZE = 64
+PROGRESS_EVERY_S = 30.0
+SHARD_SUFFIX = ".npy"
+KEYS_SUFFIX = ".keys.npy"
+
+
+def image_key(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
+
+
+def _key_of(source, ref, progress) -> bytes:
+    """The image's key; an unreadable file gets the empty key, which is never cached (reported as undecodable)."""
+    progress()
+    try:
+        return image_key(source.image_bytes(ref))
+    except OSError:
+        return b""
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """BLAKE2b of every parameter and buffer (name, dtype, shape, bytes): the weights as loaded."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compute_precision(encoder, device: torch.device, autocast) -> str:
+    """The dtype the encoder really computes in: the autocast dtype when autocast is on, else its weights'."""
+    with autocast():
+        if torch.is_autocast_enabled(device.type):
+            return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
+    return str(next(encoder.parameters()).dtype).replace("torch.", "")
+
+
+def cache_fingerprint(encoder, precision: str) -> dict:
+    """Everything the cached features depend on besides the image bytes."""
+    config = {k: v for k, v in encoder.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    return {
+        "encoder_class": type(encoder).__name__,
+        "encoder_config": config,
+        "encoder_weights_blake2b": weights_digest(encoder),
+        "preprocess_version": PREPROCESS_VERSION,
+        "image_size": CLIP_IMAGE_SIZE,
+        "precision": precision,
+        "features": "last_hidden_state without the CLS token (before post_layernorm), stored as float16",
+    }
+
+
+def fingerprint_dir(cache_dir, fingerprint: dict) -> Path:
+    name = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / name
+
+
+def _fsync_replace(tmp: Path, final: Path):
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray):
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    _fsync_replace(tmp, path)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------ the store on disk
+
+def list_shards(folder: Path):
+    """(stem, keys) of every complete shard: a keys file plus a features file of the matching shape."""
+    shards = []
+    for keys_path in sorted(folder.glob(f"shard-*{KEYS_SUFFIX}")):
+        stem = keys_path.name[:-len(KEYS_SUFFIX)]
+        features_path = folder / f"{stem}{SHARD_SUFFIX}"
+        try:
+            keys = np.load(keys_path, allow_pickle=False)
+            features = np.load(features_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            continue  # unreadable: recomputed as if missing
+        if keys.dtype != np.dtype(KEY_DTYPE) or features.dtype != FEATURE_DTYPE or features.ndim != 3 \
+                or features.shape[0] != len(keys):
+            continue
+        shards.append((stem, keys))
+    return shards
+
+
+class FeatureStore:
+    """Per-record CLIP features of one dataset, read from memory-mapped fp16 shards.
+
+    Picklable for DataLoader workers: only paths and small index arrays travel; each process opens the
+    memory maps itself on first use.
+    """
+
+    def __init__(self, folder: Path, shard_stems, image_offsets, image_shard, image_row, tokens, hidden):
+        self.folder = Path(folder)
+        self.shard_stems = list(shard_stems)
+        self.image_offsets = image_offsets  # [records + 1] into the two arrays below
+        self.image_shard = image_shard  # [images] shard number, -1: the image could not be decoded
+        self.image_row = image_row  # [images] row in that shard
+        self.tokens, self.hidden = tokens, hidden
+        self.computed = 0  # images encoded by this process when the store was built
+        self._maps = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def _shard(self, number):
+        if number not in self._maps:
+            path = self.folder / f"{self.shard_stems[number]}{SHARD_SUFFIX}"
+            self._maps[number] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._maps[number]
+
+    def features_for(self, dataset, index) -> torch.Tensor:
+        """fp16 [N_images, 196, hidden] for record `index`, images in reading order."""
+        start, stop = int(self.image_offsets[index]), int(self.image_offsets[index + 1])
+        if stop == start:
+            return torch.zeros(0, self.tokens, self.hidden, dtype=torch.float16)
+        shards = self.image_shard[start:stop]
+        if (shards < 0).any():
+            raise ImageError(f"{dataset.records[index].origin}: an image could not be decoded when the feature "
+                             f"cache was built")
+        rows = [self._shard(int(s))[int(r)] for s, r in zip(shards, self.image_row[start:stop])]
+        return torch.from_numpy(np.stack(rows))  # copies out of the memory map
+
+
+# --------------------------------------------------------------------------------------- computing features
+
+class _PixelsToEncode(torch.utils.data.Dataset):
+    """(index, pixels [3, 224, 224], decoded ok) for each image reference; decoding runs in loader workers."""
+
+    def __init__(self, source, refs):
+        self.source, self.refs = source, refs
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        try:
+            return i, preprocess_image(open_image(self.source.image_bytes(self.refs[i]))), True
+        except (ImageError, OSError):
+            return i, torch.zeros(3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), False
+
+
+def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) -> int:
+    """Encode one shard's images, write the features then the keys atomically; returns the count encoded.
+
+    An image that does not decode keeps a zero row under the empty key, which no lookup ever matches.
+    """
+    stem = f"shard-{uuid.uuid4().hex[:12]}"
+    tmp = folder / f".{stem}.tmp"
+    stored_keys = keys.copy()
+    features = None
+    try:
+        for indices, pixels, decoded in loader:
+            with autocast():
+                batch = model.encode_images(pixels.to(ctx.device))  # [n, 196, hidden]
+            if features is None:
+                features = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE,
+                                                     shape=(len(keys),) + tuple(batch.shape[1:]))
+            features[indices.numpy()] = batch.to(torch.float16).cpu().numpy()
+            stored_keys[indices.numpy()[~decoded.numpy()]] = b""
+            progress(len(indices))
+        decoded_count = int((stored_keys != b"").sum())
+        if features is None or decoded_count == 0:
+            return 0  # nothing worth a shard (the finally clause removes the temporary file)
+        features.flush()
+        del features
+        _fsync_replace(tmp, folder / f"{stem}{SHARD_SUFFIX}")
+        _save_npy_atomic(folder / f"{stem}{KEYS_SUFFIX}", stored_keys)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return decoded_count
+
+
+class _Progress:
+    """Count, rate and ETA every PROGRESS_EVERY_S seconds, and a last line if any was shown."""
+
+    def __init__(self, total, log, label):
+        self.total, self.log, self.label = total, log, label
+        self.done = 0
+        self.start = self.last = time.time()
+        self.shown = False
+
+    def __call__(self, count=1):
+        self.done += count
+        now = time.time()
+        due = now - self.last >= PROGRESS_EVERY_S or (self.shown and self.done == self.total)
+        if self.log is not None and due:
+            rate = self.done / max(now - self.start, 1e-9)
+            self.log(f"{self.label}: {self.done}/{self.total} images, {rate:.1f} images/s, "
+                     f"ETA {_format_duration((self.total - self.done) / max(rate, 1e-9))}")
+            self.last, self.shown = now, True
+
+
+def lookup(keys, shard_keys):
+    """(shard number, row) of each key in the shards' key lists; shard -1 where none holds it."""
+    shard_of = np.full(len(keys), -1, dtype=np.int32)
+    row_of = np.zeros(len(keys), dtype=np.int64)
+    if not shard_keys or not sum(len(k) for k in shard_keys):
+        return shard_of, row_of
+    all_keys = np.concatenate(shard_keys)
+    all_shard = np.concatenate([np.full(len(k), n, dtype=np.int32) for n, k in enumerate(shard_keys)])
+    all_row = np.concatenate([np.arange(len(k), dtype=np.int64) for k in shard_keys])
+    order = np.argsort(all_keys, kind="stable")  # a key in two shards (two runs at once): the first shard wins
+    sorted_keys = all_keys[order]
+    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    found = (sorted_keys[position] == keys) & (keys != b"")  # the empty key marks an image that did not decode
+    shard_of[found] = all_shard[order[position[found]]]
+    row_of[found] = all_row[order[position[found]]]
+    return shard_of, row_of
+
+
+def check_undecodable(refs, source, folder: Path):
+    """Images missing from the cache after encoding must be ones that do not decode; anything else means
+    another rank's shards are invisible here (multi-node runs need DIR on a shared filesystem)."""
+    for ref in refs:
+        try:
+            open_image(source.image_bytes(ref))
+        except (ImageError, OSError):
+            continue
+        raise RuntimeError(f"feature cache {folder}: image {ref!r} decodes but has no cached features; with "
+                           f"several machines --cache_vision_features must be a folder all of them share")
+
+
+def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, batch_size: int = ENCODE_BATCH_SIZE,
+                         num_workers: int = None) -> FeatureStore:
+    """Make `dataset` yield cached CLIP features: compute the missing ones, then set `dataset.feature_store`.
+
+    model: the MiniMindVLM (its frozen `vision_encoder` runs on ctx.device under `autocast`, as in training);
+    ctx: the RunContext (rank, world_size, device). Returns the store; `store.computed` counts the images this
+    process encoded.
+    """
+    vlm = _unwrap(model)
+    encoder = vlm.vision_encoder
+    if encoder is None:
+        raise RuntimeError("--cache_vision_features needs the vision encoder (the model was built without one)")
+    fingerprint = cache_fingerprint(encoder, compute_precision(encoder, ctx.device, autocast))
+    folder = fingerprint_dir(cache_dir, fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "fingerprint.json").is_file():
+        tmp = folder / f".fingerprint.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        os.replace(tmp, folder / "fingerprint.json")
+
+    # 1. Key every image of every record by its content hash (same list on every rank)
+    started = time.time()
+    refs = [ref for record in dataset.records for ref in record.images]
+    offsets = np.zeros(len(dataset.records) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(record.images) for record in dataset.records])
+    hashing = _Progress(len(refs), log, "hashing images")
+    keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
+
+    # 2. Which unique images are not cached yet; this rank encodes its share of them
+    cached = list_shards(folder)
+    cached_keys = np.concatenate([k for _, k in cached]) if cached else np.zeros(0, dtype=KEY_DTYPE)
+    unique_keys, first_ref = np.unique(keys, return_index=True)
+    todo = np.flatnonzero(~np.isin(unique_keys, cached_keys) & (unique_keys != b""))
+    if log is not None:
+        log(f"feature cache {folder}: {len(refs)} images ({len(unique_keys)} unique), "
+            f"{len(unique_keys) - len(todo)} cached, {len(todo)} to encode (hashed in {time.time() - started:.1f}s)")
+    if ctx.distributed:
+        torch.distributed.barrier()  # all ranks listed the same shards before any rank writes new ones
+    mine = todo[ctx.rank::ctx.world_size]
+    computed = 0
+    if len(mine):
+        if num_workers is None:
+            num_workers = min(4, max((os.cpu_count() or 1) - 1, 0))
+        progress = _Progress(len(mine), log, f"encoding images with CLIP (rank {ctx.rank})"
+                             if ctx.distributed else "encoding images with CLIP")
+        for start in range(0, len(mine), SHARD_IMAGES):
+            part = mine[start:start + SHARD_IMAGES]
+            source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part])
+            loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
+            computed += _encode_shard(vlm, loader, unique_keys[part], folder, ctx, autocast, progress)
+    if ctx.distributed:
+        torch.distributed.barrier()  # every rank's shards are on disk before anyone builds its index
+
+    # 3. Index every complete shard; map each record's images to (shard, row)
+    shards = list_shards(folder)
+    image_shard, image_row = lookup(keys, [k for _, k in shards])
+    missing = np.flatnonzero(image_shard < 0)
+    if len(missing):
+        check_undecodable([refs[i] for i in missing], dataset.source, folder)
+        if log is not None:
+            log(f"warning: {len(missing)} image(s) could not be decoded; their samples are replaced by others")
+    hidden = encoder.config.hidden_size
+    store = FeatureStore(folder, [stem for stem, _ in shards], offsets, image_shard, image_row,
+                         vlm.image_token_count, hidden)
+    store.computed = computed
+    dataset.feature_store = store
+    return store
