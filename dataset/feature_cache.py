@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processing import CLIP_IMAGE_SIZE, ImageError, open_image, preprocess_image
+from .lm_dataset import load_image
+from .processing import CLIP_IMAGE_SIZE, ImageError
 
 # Bump whenever dataset.processing.preprocess_image (or what it is fed) changes: old caches are then unused.
 PREPROCESS_VERSION = 1
@@ -198,8 +199,8 @@ class _PixelsToEncode(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, preprocess_image(open_image(self.source.image_bytes(self.refs[i]))), True
-        except (ImageError, OSError):
+            return i, load_image(self.source, self.refs[i]), True
+        except ImageError:
             return i, torch.zeros(3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), False
 
 
@@ -277,8 +278,8 @@ def check_undecodable(refs, source, folder: Path):
     another rank's shards are invisible here (multi-node runs need DIR on a shared filesystem)."""
     for ref in refs:
         try:
-            open_image(source.image_bytes(ref))
-        except (ImageError, OSError):
+            load_image(source, ref)
+        except ImageError:
             continue
         raise RuntimeError(f"feature cache {folder}: image {ref!r} decodes but has no cached features; with "
                            f"several machines --cache_vision_features must be a folder all of them share")

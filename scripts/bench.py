@@ -1,6 +1,6 @@
 """Training and generation throughput of this repo against an upstream-equivalent pipeline, on one machine.
 
-    python scripts/bench.py                           # 26M config (512 x 8), CPU fp32: about 6 min on 2 cores
+    python scripts/bench.py                           # 26M config (512 x 8), CPU fp32: about 7 min on 2 cores
     python scripts/bench.py --quick                   # tiny smoke configuration, well under a minute
     python scripts/bench.py --device cuda --samples 512 --upstream_steps 8
     python scripts/bench.py --out out/bench.json      # where the JSON result goes (default shown)
