@@ -51,3 +51,18 @@ def real_tokenizer_dir() -> Path:
     if not REAL_TOKENIZER_DIR.is_dir():
         pytest.skip(f"real MiniMind2 tokenizer fixture not found at {REAL_TOKENIZER_DIR}")
     return REAL_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_save_dir(tmp_path_factory, tiny_clip_dir) -> Path:
+    """A random tiny VLM (64x2) saved as upstream saves weights: {dir}/sft_vlm_64.pth in fp16."""
+    import torch
+
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    from model.weights import weight_path
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
+    out = tmp_path_factory.mktemp("tiny_vlm_out")
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
+    return out

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pexpect
 import pytest
-import torch
 
 import eval_vlm
 from dataset.processing import IMAGE_MARKER, build_prompt
@@ -21,30 +20,20 @@ from scripts.inference import (ChatSession, GenerationSettings, InferenceError, 
 from trainer.cli import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2)
-MODEL_SEED = 0
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def save_dir(tmp_path_factory, tiny_clip_dir):
-    """A random tiny VLM saved as upstream saves weights: {save_dir}/sft_vlm_64.pth in fp16."""
-    torch.manual_seed(MODEL_SEED)
-    model = MiniMindVLM(VLMConfig(**TINY_SHAPE), vision_model_path=tiny_clip_dir)
-    out = tmp_path_factory.mktemp("eval_out")
-    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def cli_flags(save_dir, tiny_tokenizer_dir, tiny_clip_dir):
-    return ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--save_dir", str(save_dir),
+def cli_flags(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    return ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--save_dir",
+            str(tiny_vlm_save_dir),
             "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir)]
 
 
 @pytest.fixture(scope="module")
-def loaded(save_dir, tiny_tokenizer_dir, tiny_clip_dir):
-    return load_model(weight_path(save_dir, "sft_vlm", 64, False), False, tiny_tokenizer_dir, tiny_clip_dir, "cpu",
+def loaded(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    return load_model(weight_path(tiny_vlm_save_dir, "sft_vlm", 64, False), False, tiny_tokenizer_dir,
+                      tiny_clip_dir, "cpu",
                       log=None)
 
 
@@ -128,9 +117,10 @@ def test_missing_weights_is_one_line_error(cli_flags, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["wrong_shape", "not_an_image", "prompt_too_long"])
-def test_bad_input_is_one_line_error(case, cli_flags, save_dir, shapes_data, tmp_path, capsys):
+def test_bad_input_is_one_line_error(case, cli_flags, tiny_vlm_save_dir, shapes_data, tmp_path, capsys):
     extra = {
-        "wrong_shape": ["--weight", str(weight_path(save_dir, "sft_vlm", 64, False)), "--hidden_size", "128"],
+        "wrong_shape": ["--weight", str(weight_path(tiny_vlm_save_dir, "sft_vlm", 64, False)),
+                        "--hidden_size", "128"],
         "not_an_image": ["--image", str(tmp_path / "fake.jpg")],
         "prompt_too_long": ["--image", str(shapes_data["eval_images"] / "000000.jpg"), "--max_seq_len", "150",
                             "--max_new_tokens", "20"],

@@ -17,33 +17,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
-from model.model_vlm import MiniMindVLM, VLMConfig
-from model.weights import weight_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "web_demo_vlm.py"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-MODEL_SEED = 0
 STARTUP_SECONDS = 90
 ANSWER_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
-def save_dir(tmp_path_factory, tiny_clip_dir):
-    """A random tiny VLM saved as upstream saves weights: {save_dir}/sft_vlm_64.pth in fp16."""
-    torch.manual_seed(MODEL_SEED)
-    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
-    out = tmp_path_factory.mktemp("web_out")
-    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo_flags(save_dir, tiny_tokenizer_dir, tiny_clip_dir):
-    return ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--save_dir", str(save_dir),
+def demo_flags(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    return ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--save_dir",
+            str(tiny_vlm_save_dir),
             "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir),
             "--max_new_tokens", "16", "--temperature", "0", "--max_upload_mb", "1"]
 
