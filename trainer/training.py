@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
+from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
@@ -464,15 +464,16 @@ def train(setup: LoopSetup, args, state: TrainState, log=print):
                 if not batches:
                     break
                 # ---- one optimizer step over len(batches) micro-batches ----
-                local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                global_tokens = float(all_reduce_sum([local_tokens], ctx)[0])
+                # Supervised targets per micro-batch, counted once on the CPU (no device sync in the loop).
+                target_counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+                global_tokens = float(all_reduce_sum([sum(target_counts)], ctx)[0])
                 lr = lr_at(state.global_step, total_steps, args.learning_rate)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, aux_sum = 0.0, 0.0
                 for i, batch in enumerate(batches):
                     batch = move_batch(batch, ctx.device)
-                    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+                    n_tokens = target_counts[i]
                     # Gradient all-reduce only on the last micro-batch of the step.
                     sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
                     with sync, setup.autocast():
@@ -577,11 +578,12 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
 
 # ------------------------------------------------------------------------------------------------- assembly
 
-def make_logger(ctx: RunContext, args, stage: str):
+def make_logger(ctx: RunContext, args, stage: str, run_id: str = None):
+    """wandb on rank 0 with --use_wandb (continuing `run_id` when resuming); otherwise a no-op logger."""
     if not (args.use_wandb and ctx.is_main):
         return NullLogger()
     name = f"MiniMind-V-{stage}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LearningRate-{args.learning_rate}"
-    return WandbLogger(args.wandb_project, name, None, vars(args))
+    return WandbLogger(args.wandb_project, name, run_id, vars(args))
 
 
 def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, stage: str, log=print):
@@ -611,8 +613,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
             wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)
     loader, sampler = build_loader(dataset, args, ctx)
-    logger = make_logger(ctx, args, stage) if state.wandb_id is None or not args.use_wandb else \
-        WandbLogger(args.wandb_project, None, state.wandb_id, vars(args)) if ctx.is_main else NullLogger()
+    logger = make_logger(ctx, args, stage, run_id=state.wandb_id)
     state.wandb_id = logger.run_id
     weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
     return LoopSetup(wrapped, optimizer, scaler, autocast, loader, sampler, ctx, logger, weights_out,
