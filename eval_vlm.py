@@ -7,7 +7,7 @@ Caption a folder (tokens/s):  python eval_vlm.py --caption --image_dir dataset/e
 Accuracy on a question file:  python eval_vlm.py --questions out/tiny_assets/data/eval_questions.jsonl
 Other weights:                python eval_vlm.py --model_mode 0 --hidden_size 768 --num_hidden_layers 16
 A transformers folder:        python eval_vlm.py --load 1 --transformers_dir MiniMind2-V   (scripts/convert_vlm.py)
-CPU smoke run on the tiny offline assets (python scripts/make_assets.py, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
     python eval_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --model_mode 0 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip \\
         --questions out/tiny_assets/data/eval_questions.jsonl
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from common import DEFAULT_DATA_DIR, run_cli
 from dataset.processing import ImageError, load_pixel_values
-from scripts.inference import (SCORING_MAX_NEW_TOKENS, ChatSession, GenerationSettings, InferenceError,
-                               add_model_flags, check_flags, load_model_from_flags, score_questions)
-from trainer.cli import run_cli
+from inference.generation import ChatSession, GenerationSettings
+from inference.loading import InferenceError, add_model_flags, check_flags, load_model_from_flags
+from inference.scoring import SCORING_MAX_NEW_TOKENS, score_questions
 
-REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_IMAGE_DIR = REPO_ROOT / "dataset" / "eval_images"
+DEFAULT_IMAGE_DIR = DEFAULT_DATA_DIR / "eval_images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 # Upstream's captioning request ("Look carefully at this picture: <image> Describe the content of this image."),
 # the wording the released weights were evaluated with.

@@ -8,31 +8,17 @@ CPU smoke run:      python train_pretrain_vlm.py --device cpu --hidden_size 64 -
                         --from_weight none --batch_size 2 --max_steps 5 --num_workers 0
 
 Needs out/llm_512.pth, model/tokenizer.json, model/vision_model/clip-vit-base-patch16 and the pretrain data
-(`python scripts/download.py`). Writes out/pretrain_vlm_512.pth (fp16, loadable by upstream's code) and
+(`python -m scripts.download`). Writes out/pretrain_vlm_512.pth (fp16, loadable by upstream's code) and
 checkpoints/pretrain_vlm_512_resume.pth (add --from_resume 1 to continue an interrupted run).
 """
-from trainer.cli import run_cli
-from trainer.training import (DEFAULT_DATA_DIR, build_dataset, build_model, build_parser, finish_run,
-                              init_distributed, load_tokenizer, prepare_run, seed_everything, set_trainable, train)
-
-STAGE_DEFAULTS = dict(
-    save_weight="pretrain_vlm",
-    from_weight="llm",  # the MiniMind2 language model
-    data_path=DEFAULT_DATA_DIR / "pretrain_i2t.parquet",
-    images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl --data_path
-    trainable="projector_last_layer",
-    epochs=4,
-    batch_size=16,
-    learning_rate=4e-4,
-    max_seq_len=640,
-    log_interval=100,
-    save_interval=1000,
-    wandb_project="MiniMind-V-Pretrain",
-)
+from common import run_cli
+from dataset.processing import load_tokenizer
+from trainer.training import (STAGE_DEFAULTS, build_dataset, build_model, build_parser, finish_run,
+                              init_distributed, prepare_run, seed_everything, set_trainable, train)
 
 
 def main(argv=None):
-    args = build_parser(__doc__, **STAGE_DEFAULTS).parse_args(argv)
+    args = build_parser(__doc__, **STAGE_DEFAULTS["pretrain"]).parse_args(argv)
     # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
     ctx = init_distributed(args.device)
     seed_everything(args.seed + ctx.rank)

@@ -10,28 +10,14 @@ CPU smoke run:      python train_sft_vlm.py --device cpu --hidden_size 64 --num_
 Starts from out/pretrain_vlm_512.pth (stage 1's output). Writes out/sft_vlm_512.pth and
 checkpoints/sft_vlm_512_resume.pth. Multi-image data: --data_path dataset/sft_vlm_data_multi.jsonl.
 """
-from trainer.cli import run_cli
-from trainer.training import (DEFAULT_DATA_DIR, build_dataset, build_model, build_parser, finish_run,
-                              init_distributed, load_tokenizer, prepare_run, seed_everything, set_trainable, train)
-
-STAGE_DEFAULTS = dict(
-    save_weight="sft_vlm",
-    from_weight="pretrain_vlm",  # stage 1's output
-    data_path=DEFAULT_DATA_DIR / "sft_i2t.parquet",
-    images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl --data_path
-    trainable="all",
-    epochs=2,
-    batch_size=4,
-    learning_rate=1e-6,
-    max_seq_len=1536,
-    log_interval=100,
-    save_interval=1000,
-    wandb_project="MiniMind-V-SFT",
-)
+from common import run_cli
+from dataset.processing import load_tokenizer
+from trainer.training import (STAGE_DEFAULTS, build_dataset, build_model, build_parser, finish_run,
+                              init_distributed, prepare_run, seed_everything, set_trainable, train)
 
 
 def main(argv=None):
-    args = build_parser(__doc__, **STAGE_DEFAULTS).parse_args(argv)
+    args = build_parser(__doc__, **STAGE_DEFAULTS["sft"]).parse_args(argv)
     # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
     ctx = init_distributed(args.device)
     seed_everything(args.seed + ctx.rank)

@@ -3,7 +3,7 @@
 Local demo:        python web_demo_vlm.py                          http://127.0.0.1:8000, weights from out/
 Other host/port:   python web_demo_vlm.py --host 0.0.0.0 --port 8501 --save_dir out --device cuda
 Through streamlit: streamlit run web_demo_vlm.py --server.port 8000 -- --save_dir out
-CPU smoke run on the tiny offline assets (python scripts/make_assets.py, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
     python web_demo_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip
 
@@ -21,8 +21,9 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from dataset.processing import IMAGE_MARKER, ImageError
 from model.weights import WeightsMismatchError
-from scripts.inference import (DEFAULT_MAX_NEW_TOKENS, ChatSession, GenerationSettings, InferenceError,
-                               add_model_flags, check_flags, find_checkpoints, load_model, weight_file_from_flags)
+from inference.generation import ChatSession, GenerationSettings
+from inference.loading import (DEFAULT_MAX_NEW_TOKENS, InferenceError, add_model_flags, check_flags, find_checkpoints,
+                               load_model, weight_file_from_flags)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -141,7 +142,7 @@ def main(argv):
     st.title("MiniMind-V")
     choices = weight_choices(args)
     if not choices:
-        st.error(f"No weights found in {args.save_dir}: download them (`python scripts/download.py --what vlm`), "
+        st.error(f"No weights found in {args.save_dir}: download them (`python -m scripts.download --what vlm`), "
                  f"train them, or start the demo with --save_dir / --weight.")
         st.stop()
     label, settings = sidebar(args, choices)

@@ -7,7 +7,6 @@ Formats (the format follows from the file suffix):
 Every `<image>` in the text becomes the 196-token placeholder run that the model overwrites with features.
 """
 import json
-import math
 import random
 import signal
 from dataclasses import dataclass, field
@@ -17,17 +16,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from common import UserError
+from model.model_minimind import IGNORE_INDEX
+
 from .processing import (IMAGE_MARKER, ImageError, build_prompt, count_image_markers, open_image,
                          preprocess_image, roles_by_parity)
 
-IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 # How many problems to spell out before summarising the rest.
 PROBLEMS_SHOWN = 10
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The dataset has problems that stop training; the message lists them (file, line, reason)."""
 
 
@@ -216,7 +217,7 @@ class ParquetSource:
 def open_source(data_path, images_path=None):
     path = Path(data_path)
     if not path.is_file():
-        raise DataError(f"dataset file not found: {path} (download it with `python scripts/download.py --what data`"
+        raise DataError(f"dataset file not found: {path} (download it with `python -m scripts.download --what data`"
                         f" or pass --data_path)")
     if path.suffix in PARQUET_SUFFIXES:
         return ParquetSource(path)
@@ -349,7 +350,7 @@ def listed(problems, limit=PROBLEMS_SHOWN):
 
 def problems_message(source_name, problems):
     return (f"{source_name}: {len(problems)} malformed record(s):\n{listed(problems)}\n"
-            f"Fix them (check with `python scripts/check_data.py`), or pass --skip_bad_samples to leave them out.")
+            f"Fix them (check with `python -m scripts.check_data`), or pass --skip_bad_samples to leave them out.")
 
 
 class VLMDataset(Dataset):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import UserError
+
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
 CLIP_IMAGE_SIZE = 224
 # openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
@@ -20,7 +22,7 @@ ROLES_BY_PARITY = ("user", "assistant")
 FULLWIDTH_TWIN = {"@": "\uff20"}  # '@' -> '＠' (U+FF20), which the tokenizer keeps apart from id 34
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used: unreadable, not an image, or too large."""
 
 
@@ -122,3 +124,21 @@ def build_prompt(tokenizer, messages, image_special_token: str, add_generation_p
 
 def count_image_markers(messages) -> int:
     return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+
+
+def load_tokenizer(tokenizer_path):
+    """A tokenizer folder (tokenizer.json + tokenizer_config.json), with a hint on how to get a missing one."""
+    from transformers import AutoTokenizer
+
+    if not (Path(tokenizer_path) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python -m scripts.download --what "
+                                f"tokenizer` or pass --tokenizer_path")
+    return AutoTokenizer.from_pretrained(str(tokenizer_path))
+
+
+def check_tokenizer_matches(tokenizer, config):
+    """The tokenizer must encode the model's image placeholder run as the ids the model looks for."""
+    ids = tokenizer(config.image_special_token, add_special_tokens=False).input_ids
+    if ids != config.image_ids:
+        raise ValueError(f"the tokenizer encodes the image placeholder as {ids[:3]}... (x{len(ids)}), the model "
+                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the MiniMind2 tokenizer")

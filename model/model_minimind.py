@@ -439,9 +439,10 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     module.freqs_sin.copy_(sin)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, inputs_embeds=None, loss_only=False, **kwargs):
+                logits_to_keep=0, inputs_embeds=None, loss_only=False, cache=None, **kwargs):
         """loss_only=True (training): the same loss, computed without logits for positions that have no target
-        (the returned `logits` is None); see `_loss_only_output`."""
+        (the returned `logits` is None); see `_loss_only_output`. transformers >= 5.2x passes the cache as `cache`."""
+        past_key_values = cache if past_key_values is None else past_key_values
         return self._run_lm(input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, labels,
                             logits_to_keep, loss_only)
 

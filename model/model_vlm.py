@@ -12,8 +12,9 @@ from torch import nn
 
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VISION_MODEL_PATH = REPO_ROOT / "model" / "vision_model" / "clip-vit-base-patch16"
+# Where scripts/download.py puts CLIP. This file is also shipped in exported transformers folders, so it imports
+# nothing from the project beyond model_minimind.
+DEFAULT_VISION_MODEL_PATH = Path(__file__).resolve().parent / "vision_model" / "clip-vit-base-patch16"
 IMAGE_PLACEHOLDER_CHAR = "@"
 IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
 IMAGE_TOKENS_PER_IMAGE = (224 // 16) ** 2  # CLIP ViT-B/16 at 224 px: a 14x14 grid of patches
@@ -48,21 +49,12 @@ def load_vision_encoder(vision_model_path):
     path = Path(vision_model_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"CLIP vision encoder not found at {path}: run `python scripts/download.py --what clip` "
+            f"CLIP vision encoder not found at {path}: run `python -m scripts.download --what clip` "
             f"(or `git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}`), "
             f"or pass --vision_model_path")
     from transformers import CLIPVisionModel
-    from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the text tower's weights are "unused" by design
-    hf_logging.disable_progress_bar()
-    try:
-        encoder = CLIPVisionModel.from_pretrained(str(path))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    encoder = CLIPVisionModel.from_pretrained(str(path))  # callers silence the "unused text tower" report
     encoder.requires_grad_(False)
     return encoder.eval()
 
@@ -184,10 +176,11 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0, labels=None, pixel_values=None, image_features=None, inputs_embeds=None,
-                loss_only=False, **kwargs):
+                loss_only=False, cache=None, **kwargs):
         """pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224]
         list in reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead;
         loss_only: as MiniMindForCausalLM.forward."""
+        past_key_values = cache if past_key_values is None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         has_images = pixel_values is not None or image_features is not None

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from common import UserError
+
 from .model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 
 VISION_PROJ_PREFIX = "vision_proj."
@@ -16,7 +18,7 @@ VISION_PROJ_PREFIX = "vision_proj."
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError):
     """A weight file does not fit the model; the message says which keys and which flags would fit."""
 
 

@@ -1,1 +1,1 @@
-"""Command-line tools of the project; a package so that tests can import them (`import scripts.make_assets`)."""
+"""Entry points, run from the repo root as `python -m scripts.NAME`; nothing in the project imports them."""

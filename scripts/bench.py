@@ -1,9 +1,9 @@
 """Training and generation throughput of this repo against an upstream-equivalent pipeline, on one machine.
 
-    python scripts/bench.py                           # 26M config (512 x 8), CPU fp32: about 7 min on 2 cores
-    python scripts/bench.py --quick                   # tiny smoke configuration, well under a minute
-    python scripts/bench.py --device cuda --samples 512 --upstream_steps 8
-    python scripts/bench.py --out out/bench.json      # where the JSON result goes (default shown)
+    python -m scripts.bench                           # 26M config (512 x 8), CPU fp32: about 7 min on 2 cores
+    python -m scripts.bench --quick                   # tiny smoke configuration, well under a minute
+    python -m scripts.bench --device cuda --samples 512 --upstream_steps 8
+    python -m scripts.bench --out out/bench.json      # where the JSON result goes (default shown)
 
 Every mode runs the same code: MiniMindVLM, the collate function, the GlobalBatchSampler, the loss
 normalisation and AdamW step of trainer.training.train(), on the same synthetic data. The modes differ only
@@ -44,20 +44,17 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402  (after the sys.path entry, like every import of this repo below)
-import torch  # noqa: E402
+from common import DEFAULT_SAVE_DIR
 
-DEFAULT_OUT = REPO_ROOT / "out" / "bench.json"
+DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
 STAGES = ("pretrain", "sft")
 MODES = ("upstream", "ours", "ours_cache")
 CLIP_TOKENS = 197  # 196 patches + CLS
@@ -100,7 +97,7 @@ class TextOfLength:
     """Plain English text of about n tokens: a window of a long tokenised text, decoded back."""
 
     def __init__(self, tokenizer, seed):
-        from scripts import make_assets
+        from dataset import synthetic as make_assets
 
         lines = make_assets.simple_english_lines(4000, seed)
         self.tokenizer = tokenizer
@@ -131,7 +128,7 @@ def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None) -
     from transformers.utils import logging as hf_logging
 
     from dataset.processing import IMAGE_MARKER
-    from scripts import make_assets
+    from dataset import synthetic as make_assets
 
     work_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is None:
@@ -273,11 +270,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def stage_args(spec: dict, extra=()):
     """The stage script's own parser and defaults, pointed at the synthetic assets."""
-    import train_pretrain_vlm
-    import train_sft_vlm
-    from trainer.training import build_parser
+    from trainer.training import STAGE_DEFAULTS, build_parser
 
-    script = train_pretrain_vlm if spec["stage"] == "pretrain" else train_sft_vlm
     out = Path(spec["work_dir"]) / "runs" / f"{spec['stage']}_{spec['mode']}"
     argv = ["--device", spec["device"], "--dtype", spec["dtype"], "--from_weight", "none",
             "--hidden_size", str(spec["hidden_size"]), "--num_hidden_layers", str(spec["num_hidden_layers"]),
@@ -286,7 +280,7 @@ def stage_args(spec: dict, extra=()):
             "--batch_size", str(spec["batch_size"]), "--num_workers", str(spec["num_workers"]),
             "--epochs", "2", "--max_steps", str(spec.get("steps", 1)), "--log_interval", "1",
             "--save_interval", str(10 ** 9), "--seed", str(spec["seed"]), *extra]
-    return build_parser(script.__doc__, **script.STAGE_DEFAULTS).parse_args(argv)
+    return build_parser(None, **STAGE_DEFAULTS[spec["stage"]]).parse_args(argv)
 
 
 class UpstreamPixelsDataset:
@@ -384,7 +378,8 @@ def train_worker(conn, spec):
 
 def _train_worker(conn, spec):
     from dataset.lm_dataset import VLMDataset
-    from trainer.training import (RunContext, build_dataset, build_loader, build_model, load_tokenizer,
+    from dataset.processing import load_tokenizer
+    from trainer.training import (RunContext, build_dataset, build_loader, build_model,
                                   prepare_run, seed_everything, set_trainable, train)
     from transformers import CLIPImageProcessorPil
 
@@ -439,7 +434,8 @@ def cache_worker(conn, spec):
 def _cache_worker(spec):
     """Build (or find) the feature cache as training would, timed; the training process then only opens it."""
     from dataset.feature_cache import attach_feature_cache
-    from trainer.training import RunContext, autocast_for, build_dataset, build_model, load_tokenizer
+    from dataset.processing import load_tokenizer
+    from trainer.training import RunContext, autocast_for, build_dataset, build_model
 
     args = stage_args(spec)
     ctx = RunContext(device=torch.device(args.device))
@@ -486,7 +482,8 @@ def _generation_worker(spec):
 
     from dataset.processing import build_prompt, open_image, preprocess_image, user_content
     from model.model_vlm import MiniMindVLM, VLMConfig
-    from trainer.training import autocast_for, load_tokenizer
+    from dataset.processing import load_tokenizer
+    from trainer.training import autocast_for
 
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
@@ -551,8 +548,7 @@ def _generation_worker(spec):
 
 # Workers fork from a server that has imported these once: each starts in a moment instead of re-importing.
 # (A plain fork of this process is not safe once torch's thread pool has run the matmul peak.)
-WORKER_PRELOAD = ["__main__", "torch", "transformers", "trainer.training", "dataset.feature_cache",
-                  "train_pretrain_vlm", "train_sft_vlm"]
+WORKER_PRELOAD = ["__main__", "torch", "transformers", "trainer.training", "dataset.feature_cache"]
 
 
 def worker_context():

@@ -1,8 +1,8 @@
 """Check a dataset before training: every record, every image, every token length.
 
-    python scripts/check_data.py dataset/pretrain_i2t.parquet
-    python scripts/check_data.py dataset/sft_vlm_data.jsonl --images_path dataset/sft_images --stage sft
-    python scripts/check_data.py DATA --tokenizer_path model --max_seq_len 1024 --workers 16
+    python -m scripts.check_data dataset/pretrain_i2t.parquet
+    python -m scripts.check_data dataset/sft_vlm_data.jsonl --images_path dataset/sft_images --stage sft
+    python -m scripts.check_data DATA --tokenizer_path model --max_seq_len 1024 --workers 16
 
 It runs the checks the trainers run at start-up, with the same code (dataset/lm_dataset.py), plus the one
 they cannot afford up front:
@@ -27,21 +27,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python scripts/check_data.py` puts only scripts/ on the path
+from common import DEFAULT_TOKENIZER_PATH, format_duration, run_cli
+from dataset.lm_dataset import CUT_IMAGE, DataError, DataProblem, SampleEncoder, load_image, open_source
+from dataset.processing import ImageError, check_tokenizer_matches, load_tokenizer
+from model.model_vlm import VLMConfig
+from trainer.training import STAGE_DEFAULTS
 
-from dataset.lm_dataset import (CUT_IMAGE, DataError, DataProblem, SampleEncoder, load_image,  # noqa: E402
-                                open_source)
-from dataset.processing import ImageError  # noqa: E402
-from model.model_vlm import VLMConfig  # noqa: E402
-from train_pretrain_vlm import STAGE_DEFAULTS as PRETRAIN_DEFAULTS  # noqa: E402
-from train_sft_vlm import STAGE_DEFAULTS as SFT_DEFAULTS  # noqa: E402
-from trainer.cli import run_cli  # noqa: E402
-from trainer.training import (DEFAULT_TOKENIZER_PATH, check_tokenizer_matches, format_duration,  # noqa: E402
-                              load_tokenizer)
-
-STAGE_MAX_SEQ_LEN = {"pretrain": PRETRAIN_DEFAULTS["max_seq_len"], "sft": SFT_DEFAULTS["max_seq_len"]}
+STAGE_MAX_SEQ_LEN = {stage: defaults["max_seq_len"] for stage, defaults in STAGE_DEFAULTS.items()}
 IMAGES_PER_TASK = 64  # images one worker decodes per task: few futures, smooth progress
 PROGRESS_EVERY_S = {True: 0.2, False: 10.0}  # seconds between progress updates on a terminal / in a log file
 HISTOGRAM_BINS = 12

@@ -1,8 +1,8 @@
 """Convert MiniMind-V weights between a native .pth file and a transformers folder, both ways.
 
-.pth -> folder:   python scripts/convert_vlm.py --to transformers --torch_path out/sft_vlm_512.pth \
+.pth -> folder:   python -m scripts.convert_vlm --to transformers --torch_path out/sft_vlm_512.pth \
                       --transformers_dir MiniMind2-V
-folder -> .pth:   python scripts/convert_vlm.py --to torch --transformers_dir MiniMind2-V \
+folder -> .pth:   python -m scripts.convert_vlm --to torch --transformers_dir MiniMind2-V \
                       --torch_path out/sft_vlm_512.pth
 Bit-exact copy:   add --dtype float32 (default: bfloat16 in a folder, as upstream; float16 in a .pth, as released)
 
@@ -23,26 +23,19 @@ with the folder.
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python scripts/convert_vlm.py` puts scripts/, not the repo, on the path
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPES, REPO_ROOT, atomic_save,
+                    quiet_transformers, run_cli)
+from dataset.processing import CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD
+from inference.loading import read_checkpoint
+from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from model.weights import VISION_PROJ_PREFIX, describe_state_dict, load_weights
 
-from dataset.processing import CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD  # noqa: E402
-from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig  # noqa: E402
-from model.weights import VISION_PROJ_PREFIX, describe_state_dict, load_weights  # noqa: E402
-from scripts.inference import quiet_transformers, read_checkpoint  # noqa: E402
-from trainer.cli import run_cli  # noqa: E402
-from trainer.training import DEFAULT_TOKENIZER_PATH, atomic_save  # noqa: E402
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
-DEFAULT_TORCH_PATH = REPO_ROOT / "out" / "sft_vlm_512.pth"
-DEFAULT_TRANSFORMERS_DIR = REPO_ROOT / "MiniMind2-V"
+DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
 MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py")  # model_vlm imports model_minimind relatively
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"

@@ -1,8 +1,8 @@
 """The whole pipeline, offline, in a few minutes on a CPU: tiny assets -> pretrain -> SFT -> held-out accuracy.
 
-    python scripts/demo.py --install        # pip-install the requirements first, then run
-    python scripts/demo.py                  # outputs under out/demo/
-    python scripts/demo.py --blank_control  # also train on blank images: accuracy should stay near chance
+    python -m scripts.demo --install        # pip-install the requirements first, then run
+    python -m scripts.demo                  # outputs under out/demo/
+    python -m scripts.demo --blank_control  # also train on blank images: accuracy should stay near chance
 
 It builds a randomly initialised CLIP (224 px, 16 px patches, so still 196 image tokens), a tokenizer with
 MiniMind2's special tokens and chat template, and a synthetic shapes-and-colours dataset in upstream's JSONL
@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from common import DEFAULT_SAVE_DIR, REPO_ROOT
 
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
 BLANK_GREY = (128, 128, 128)
@@ -27,7 +25,7 @@ BLANK_GREY = (128, 128, 128)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=str(REPO_ROOT / "out" / "demo"))
+    p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"))
     p.add_argument("--install", action="store_true", help="pip install -r requirements.txt first")
     p.add_argument("--n_train", type=int, default=1500, help="records per training stage")
     p.add_argument("--n_eval", type=int, default=120, help="held-out questions")
@@ -117,8 +115,9 @@ def train_and_score(run_dir, assets, data, args, score_every_stage=True):
 def write_untrained_weights(path, assets, args):
     import torch
 
+    from common import atomic_save
     from model.model_vlm import MiniMindVLM, VLMConfig
-    from trainer.training import atomic_save, inference_state_dict
+    from trainer.training import inference_state_dict
 
     torch.manual_seed(args.seed)
     model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
@@ -153,12 +152,12 @@ def main(argv=None):
 def main_with_args(args, score_every_stage=True):
     if args.install:
         install_requirements()
-    from scripts import make_assets
+    from dataset import synthetic
 
     started = time.time()
     out_dir = Path(args.out_dir)
     print(f"-- building offline assets in {out_dir / 'assets'} ...", flush=True)
-    paths = make_assets.build_all(out_dir / "assets", n_pretrain=args.n_train, n_sft=args.n_train,
+    paths = synthetic.build_all(out_dir / "assets", n_pretrain=args.n_train, n_sft=args.n_train,
                                   n_eval=args.n_eval, seed=args.seed)
     assets = {"clip": Path(paths["clip"]), "tokenizer": Path(paths["tokenizer"]), "data": paths}
     results = {"real images": train_and_score(out_dir / "run", assets, assets["data"], args, score_every_stage)}

@@ -3,13 +3,13 @@
 Sources: the Hugging Face Hub through huggingface_hub (default; honours HF_ENDPOINT and HF_TOKEN), or
 ModelScope over plain HTTPS (`--source modelscope`; MODELSCOPE_ENDPOINT overrides https://www.modelscope.cn).
 
-    python scripts/download.py                                   # clip, tokenizer, llm_512.pth, parquet data
-    python scripts/download.py --what clip tokenizer llm         # everything but the dataset
-    python scripts/download.py --what llm vlm --hidden_size 768  # llm_768.pth, pretrain_vlm_768.pth, sft_vlm_768.pth
-    python scripts/download.py --what data_jsonl                 # the older jsonl files + image zips, unzipped
-    python scripts/download.py --source modelscope               # from ModelScope instead of the HF Hub
-    HF_ENDPOINT=https://hf-mirror.com python scripts/download.py # through a Hub mirror
-    python scripts/download.py --dry_run                         # show what is present and what would be fetched
+    python -m scripts.download                                   # clip, tokenizer, llm_512.pth, parquet data
+    python -m scripts.download --what clip tokenizer llm         # everything but the dataset
+    python -m scripts.download --what llm vlm --hidden_size 768  # llm_768.pth, pretrain_vlm_768.pth, sft_vlm_768.pth
+    python -m scripts.download --what data_jsonl                 # the older jsonl files + image zips, unzipped
+    python -m scripts.download --source modelscope               # from ModelScope instead of the HF Hub
+    HF_ENDPOINT=https://hf-mirror.com python -m scripts.download # through a Hub mirror
+    python -m scripts.download --dry_run                         # show what is present and what would be fetched
 
 Where things land (under --dest_root, default the repo root):
     clip        model/vision_model/clip-vit-base-patch16/   config.json, model.safetensors (or pytorch_model.bin), ...
@@ -60,7 +60,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common import REPO_ROOT
 
 SOURCES = ("hf", "modelscope")
 DEFAULT_REVISION = {"hf": "main", "modelscope": "master"}

@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts import make_assets  # noqa: E402  (needs the sys.path entry above)
+from dataset import synthetic  # noqa: E402  (needs the sys.path entry above)
 
 # The real MiniMind2 tokenizer lives outside the repo (it must never be copied in); tests that compare
 # against it skip when it is absent.
@@ -29,21 +29,21 @@ TINY_CLIP_NUM_LAYERS = 2
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """MiniMind2-structured byte-level BPE tokenizer (specials 0-2, '@' = 34), loadable with AutoTokenizer."""
     out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
-    return make_assets.build_tokenizer(out_dir, make_assets.tokenizer_corpus(ASSET_SEED))
+    return synthetic.build_tokenizer(out_dir, synthetic.tokenizer_corpus(ASSET_SEED))
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """Random CLIPModel folder with ViT-B/16 geometry (197 tokens out) and openai's image preprocessing."""
     out_dir = tmp_path_factory.mktemp("tiny_clip")
-    return make_assets.build_tiny_clip(out_dir, TINY_CLIP_HIDDEN_SIZE, TINY_CLIP_NUM_LAYERS, ASSET_SEED)
+    return synthetic.build_tiny_clip(out_dir, TINY_CLIP_HIDDEN_SIZE, TINY_CLIP_NUM_LAYERS, ASSET_SEED)
 
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
-    """Paths of the synthetic shapes dataset (keys as returned by make_assets.build_shapes_dataset)."""
+    """Paths of the synthetic shapes dataset (keys as returned by synthetic.build_shapes_dataset)."""
     out_dir = tmp_path_factory.mktemp("shapes_data")
-    return make_assets.build_shapes_dataset(out_dir, seed=ASSET_SEED, **SHAPES_DATA_SIZES)
+    return synthetic.build_shapes_dataset(out_dir, seed=ASSET_SEED, **SHAPES_DATA_SIZES)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPProcessor, CLIPVisionModel
 
-from scripts import make_assets
+from dataset import synthetic as make_assets
+from scripts import make_assets as make_assets_script
 
 IMAGE_TOKENS = make_assets.clip_num_patches()  # 196 placeholders per image
 PLACEHOLDER_ID = 34  # id of '@' in MiniMind2, which the VLM searches for
@@ -301,11 +302,11 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_cli_builds_requested_parts(tmp_path, capsys):
-    make_assets.main(["--out_dir", str(tmp_path), "--only", "data", "--n_pretrain", "2", "--n_sft", "2",
+    make_assets_script.main(["--out_dir", str(tmp_path), "--only", "data", "--n_pretrain", "2", "--n_sft", "2",
                       "--n_eval", "2", "--n_sft_multi", "1"])
     printed = capsys.readouterr().out
     assert "pretrain_jsonl" in printed and "tokenizer" not in printed
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
     assert len(read_jsonl(tmp_path / "data" / make_assets.PRETRAIN_JSONL)) == 2
     with pytest.raises(SystemExit):
-        make_assets.parse_args(["--only", "weights"])
+        make_assets_script.parse_args(["--only", "weights"])

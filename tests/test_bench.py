@@ -14,13 +14,13 @@ from model.model_vlm import IMAGE_PLACEHOLDER_ID, MiniMindVLM, VLMConfig
 from scripts import bench
 from trainer.training import set_trainable
 
-REPO_ROOT = bench.REPO_ROOT
+from common import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "scripts.bench", "--quick", "--out", str(out)],
                    check=True, cwd=REPO_ROOT, timeout=300, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

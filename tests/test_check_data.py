@@ -4,6 +4,7 @@ Both must name the same records for the same reasons; only check_data.py decodes
 trainers replace an undecodable image by the next sample when they load it, and count it).
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -144,7 +145,8 @@ class Launched:
     """A command started now, its result collected when a test asks for it."""
 
     def __init__(self, command):
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
         self.completed = None
 
     def result(self):
@@ -158,7 +160,7 @@ class Launched:
 def launched(defect_data):
     """The three real processes of this module, started side by side (each pays the torch import)."""
     runs = {
-        "check_data": Launched([sys.executable, str(REPO_ROOT / "scripts" / "check_data.py"),
+        "check_data": Launched([sys.executable, "-m", "scripts.check_data",
                                 *check_args(defect_data, defect_data["jsonl"])]),
         "train": Launched(train_command(defect_data)),
         # Batch = every usable sample, so the one step loads the undecodable image too.

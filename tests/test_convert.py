@@ -1,5 +1,6 @@
 """scripts/convert_vlm.py: .pth <-> transformers folder, exact in fp32, loadable with the Auto classes."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ from dataset.processing import load_pixel_values, open_image
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.weights import load_weights
 from scripts import convert_vlm
-from scripts.inference import GenerationSettings, answer_once, load_model
-from trainer.cli import run_cli
+from inference.generation import GenerationSettings, answer_once
+from inference.loading import load_model
+from common import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SEED = 3
@@ -108,10 +110,12 @@ def test_chat_plumbing_reads_the_folder(fp32_pth, fp32_folder, tiny_tokenizer_di
 
 def test_script_defaults_bfloat16_folder_and_float16_pth(fp32_pth, tiny_tokenizer_dir, tiny_clip_dir, tmp_path):
     folder = tmp_path / "bf16"
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_vlm.py"), "--to", "transformers",
+    command = [sys.executable, "-m", "scripts.convert_vlm", "--to", "transformers",
                "--torch_path", str(fp32_pth), "--transformers_dir", str(folder),
                "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tmp_path / "no_clip_here")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # From another folder: no path may resolve from the current directory.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(folder / "model.safetensors", "pt") as weights:

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from scripts import download
 
-SCRIPT = Path(download.__file__)
+from common import REPO_ROOT  # noqa: E402
 HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NEW_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 OLD_SPECIALS = ("<unk>", "<s>", "</s>")
@@ -381,8 +381,8 @@ def test_unreachable_source_gives_one_line_and_nonzero_exit(monkeypatch, tmp_pat
 
 def test_offline_run_as_a_script_prints_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--what", "clip", "--dest_root", str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "scripts.download", "--what", "clip", "--dest_root", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""eval_vlm.py and the shared chat plumbing (scripts/inference.py), on a random tiny model and the offline assets.
+"""eval_vlm.py and the shared chat plumbing (the inference package), on a random tiny model and the offline assets.
 
 The scripts run as users run them (a subprocess from another folder, a pexpect terminal); the session logic
 (history, truncation, stopping, scoring) is checked in-process, where it is fast.
@@ -15,9 +15,10 @@ import eval_vlm
 from dataset.processing import IMAGE_MARKER, build_prompt
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.weights import weight_path
-from scripts.inference import (ChatSession, GenerationSettings, InferenceError, QuestionScore, fit_prompt, is_correct,
-                               load_model, score_questions)
-from trainer.cli import run_cli
+from common import run_cli
+from inference.generation import ChatSession, GenerationSettings, fit_prompt
+from inference.loading import InferenceError, load_model
+from inference.scoring import QuestionScore, is_correct, score_questions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)

@@ -257,7 +257,7 @@ def test_vlm_generate_with_cache_equals_without(tiny_vlm):
 
 
 def test_missing_clip_folder_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="scripts/download.py --what clip"):
+    with pytest.raises(FileNotFoundError, match="scripts.download --what clip"):
         MiniMindVLM(VLMConfig(**TINY), vision_model_path=tmp_path / "nope")
 
 

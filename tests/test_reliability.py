@@ -37,8 +37,8 @@ from dataset.lm_dataset import (DataError, DataProblem, JsonlSource, ParquetSour
 from dataset.processing import (ImageError, ROLES_BY_PARITY, build_prompt, count_image_markers, open_image,
                                 preprocess_image)
 from model.model_vlm import MiniMindVLM, VLMConfig
-from trainer.cli import run_cli
-from trainer.training import atomic_save
+from common import run_cli
+from common import atomic_save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROPERTY_SETTINGS = settings(max_examples=50, deadline=None, database=None,
@@ -304,7 +304,7 @@ def test_extreme_aspect_ratio_is_refused_not_resized():
 # Forks one saver per request (so each starts without paying the imports again); the test SIGKILLs it.
 SAVER = r"""
 import os, sys, torch
-from trainer.training import atomic_save
+from common import atomic_save
 path = sys.argv[1]
 for line in sys.stdin:
     while True:  # reap the savers already killed

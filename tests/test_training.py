@@ -11,7 +11,7 @@ import torch
 
 from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, assistant_label_mask, collate_batch
 from model.model_vlm import MiniMindVLM, VLMConfig
-from trainer.training import TRAINABLE_CHOICES, build_parser, lr_at, set_trainable
+from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, build_parser, lr_at, set_trainable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FLAGS = ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0"]
@@ -77,21 +77,19 @@ def test_missing_start_weights_is_one_line_error(assets, tmp_path):
                                           "pretrain_images"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "llm_64.pth not found" in result.stderr and "scripts/download.py" in result.stderr
+    assert "llm_64.pth not found" in result.stderr and "scripts.download" in result.stderr
 
 
 def test_both_stage_parsers_have_the_same_flags_and_upstream_defaults():
-    import train_pretrain_vlm
-    import train_sft_vlm
 
-    pre = build_parser("", **train_pretrain_vlm.STAGE_DEFAULTS).parse_args([])
-    sft = build_parser("", **train_sft_vlm.STAGE_DEFAULTS).parse_args([])
+    pre = build_parser("", **STAGE_DEFAULTS["pretrain"]).parse_args([])
+    sft = build_parser("", **STAGE_DEFAULTS["sft"]).parse_args([])
     assert vars(pre).keys() == vars(sft).keys()
     assert (pre.epochs, pre.batch_size, pre.learning_rate, pre.max_seq_len, pre.from_weight) == (4, 16, 4e-4, 640, "llm")
     assert (sft.epochs, sft.batch_size, sft.learning_rate, sft.max_seq_len, sft.from_weight) == \
         (2, 4, 1e-6, 1536, "pretrain_vlm")
     differing = {k for k in vars(pre) if vars(pre)[k] != vars(sft)[k]}
-    assert differing == set(train_pretrain_vlm.STAGE_DEFAULTS) - {"log_interval", "save_interval"}
+    assert differing == set(STAGE_DEFAULTS["pretrain"]) - {"log_interval", "save_interval"}
     assert pre.save_dir.endswith("out") and pre.trainable == "projector_last_layer" and sft.trainable == "all"
 
 

@@ -21,28 +21,48 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DTYPES,
+                    RunStopped, SaveError, atomic_save, count_parameters, format_duration, quiet_transformers,
+                    unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SAVE_DIR = REPO_ROOT / "out"
-DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_TOKENIZER_PATH = REPO_ROOT / "model"
-DEFAULT_DATA_DIR = REPO_ROOT / "dataset"
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
 TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class TrainingStopped(Exception):
-    """Training ended early on purpose (signal, too many bad steps); the message says how to go on."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
+# Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
+STAGE_DEFAULTS = {
+    "pretrain": dict(
+        save_weight="pretrain_vlm",
+        from_weight="llm",  # the MiniMind2 language model
+        data_path=DEFAULT_DATA_DIR / "pretrain_i2t.parquet",
+        images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl --data_path
+        trainable="projector_last_layer",
+        epochs=4,
+        batch_size=16,
+        learning_rate=4e-4,
+        max_seq_len=640,
+        log_interval=100,
+        save_interval=1000,
+        wandb_project="MiniMind-V-Pretrain",
+    ),
+    "sft": dict(
+        save_weight="sft_vlm",
+        from_weight="pretrain_vlm",  # stage 1's output
+        data_path=DEFAULT_DATA_DIR / "sft_i2t.parquet",
+        images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl --data_path
+        trainable="all",
+        epochs=2,
+        batch_size=4,
+        learning_rate=1e-6,
+        max_seq_len=1536,
+        log_interval=100,
+        save_interval=1000,
+        wandb_project="MiniMind-V-SFT",
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------- flags
@@ -164,30 +184,15 @@ def resolve_from_weight(from_weight: str, save_dir, hidden_size, use_moe):
     return weight_path(save_dir, from_weight, hidden_size, use_moe)
 
 
-def load_tokenizer(tokenizer_path):
-    from transformers import AutoTokenizer
-
-    if not (Path(tokenizer_path) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python scripts/download.py --what "
-                                f"tokenizer` or pass --tokenizer_path")
-    return AutoTokenizer.from_pretrained(str(tokenizer_path))
-
-
-def check_tokenizer_matches(tokenizer, config: VLMConfig):
-    ids = tokenizer(config.image_special_token, add_special_tokens=False).input_ids
-    if ids != config.image_ids:
-        raise ValueError(f"the tokenizer encodes the image placeholder as {ids[:3]}... (x{len(ids)}), the model "
-                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the MiniMind2 tokenizer")
-
-
 def build_model(args, log=print) -> MiniMindVLM:
     config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                        max_seq_len=args.max_seq_len, use_moe=bool(args.use_moe))
-    model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
+    with quiet_transformers():
+        model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
     source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
     if source is not None:
         if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: download the weights (`python scripts/download.py --what "
+            raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
                                     f"llm`), train the previous stage first, or pass --from_weight none")
         load_weights(model, source, log=log)
     return model
@@ -203,11 +208,6 @@ def set_trainable(model: MiniMindVLM, policy: str):
         model.model.layers[-1].requires_grad_(True)
 
 
-def count_parameters(model):
-    params = {id(p): p for p in model.parameters()}.values()  # the tied embedding once
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
 def build_optimizer(model, lr: float):
     """AdamW with torch defaults (weight decay 0.01) over the trainable parameters only."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -219,35 +219,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, min_ratio: float = MIN_LR
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 # ------------------------------------------------------------------------------------------ checkpoint files
-
-class CheckpointSaveError(OSError):
-    pass
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder itself is missing or unwritable: there is no temporary file to remove
-            pass
-        raise CheckpointSaveError(f"could not write {path} ({error}); the previous file is kept") from error
-
 
 def inference_state_dict(model):
     """Upstream's released format: LM + vision_proj (no CLIP), every tensor fp16 on the CPU."""
@@ -357,12 +329,6 @@ class WandbLogger:
 
     def finish(self):
         self.wandb.finish()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class StopSignal:
@@ -514,7 +480,7 @@ def train(setup: LoopSetup, args, state: TrainState, log=print):
                     log(f"warning: non-finite loss at step {state.global_step}; step skipped "
                         f"({state.bad_steps_in_row} in a row, {state.skipped_steps} in total)")
                     if state.bad_steps_in_row >= args.max_bad_steps:
-                        raise TrainingStopped(
+                        raise RunStopped(
                             f"stopped: {state.bad_steps_in_row} optimizer steps in a row had a non-finite loss; "
                             f"the last saved checkpoint is intact. Lower --learning_rate or check the data.", 1)
                     continue
@@ -540,7 +506,7 @@ def train(setup: LoopSetup, args, state: TrainState, log=print):
                 if int(totals[2]):
                     save_all(setup, args, state, log)
                     signal_name = signal.Signals(stop.received or signal.SIGTERM).name
-                    raise TrainingStopped(f"stopped by {signal_name} at step {state.global_step}; resume with the "
+                    raise RunStopped(f"stopped by {signal_name} at step {state.global_step}; resume with the "
                                           f"same command plus --from_resume 1",
                                           130 if signal_name == "SIGINT" else 143)
             if state.global_step >= last_step:
@@ -565,7 +531,7 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
         try:
             atomic_save(inference_state_dict(model), setup.weights_out)
             save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args)
-        except CheckpointSaveError as error:
+        except SaveError as error:
             failed = error
             if not final:
                 log(f"warning: {error}")

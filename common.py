@@ -1,0 +1,119 @@
+"""Small helpers every part of the project shares: repo paths, dtypes, atomic writes, CLI errors, quiet loading.
+
+One home for each: nothing here knows about the model, the data or training.
+"""
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent
+# Default places, all under the repo root (flags override them; nothing resolves from the current directory).
+DEFAULT_SAVE_DIR = REPO_ROOT / "out"
+DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+DEFAULT_TOKENIZER_PATH = REPO_ROOT / "model"
+DEFAULT_DATA_DIR = REPO_ROOT / "dataset"
+DEFAULT_TRANSFORMERS_DIR = REPO_ROOT / "MiniMind2-V"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UserError(ValueError):
+    """Bad input from the user (a file, a flag, a request): reported in one line, never as a traceback."""
+
+
+class RunStopped(Exception):
+    """A run ended early on purpose (a signal, too many bad steps); the message says how to go on."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SaveError(OSError):
+    """A file could not be written (disk full, no permission); the previous file is kept."""
+
+
+def run_cli(main, argv=None):
+    """Run an entry point's `main(argv)`: a user mistake ends in one line on stderr (exit 2), not a traceback.
+
+    UserError, SaveError and FileNotFoundError describe bad input or a full disk; anything else is a bug and keeps its traceback.
+    """
+    try:
+        result = main(argv)
+    except RunStopped as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (UserError, FileNotFoundError, SaveError) as error:
+        first, _, rest = str(error).partition("\n")
+        print(f"error: {first}" + (f"\n{rest}" if rest else ""), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(result, int):
+        sys.exit(result)
+
+
+def atomic_write(path, write) -> Path:
+    """Call `write(handle)` on a temporary file beside `path`, fsync, then rename over `path`.
+
+    A crash or error leaves the previous file intact and no temporary file behind.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # fixed name: the next save replaces what a killed one left
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is missing or unwritable: there is no temporary file to remove
+            pass
+        raise SaveError(f"could not write {path} ({error}); the previous file is kept") from error
+    return path
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save through `atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def unwrap(model):
+    """The model inside DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def count_parameters(model) -> tuple:
+    """(all, trainable) parameter counts, the tied embedding counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@contextmanager
+def quiet_transformers():
+    """No progress bars or load reports from transformers while loading (CLIP's text tower is unused by design)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,596 @@
+"""Build small offline stand-ins for the hub downloads: a tokenizer, a tiny CLIP and a synthetic dataset.
+
+The tests and the offline demo use these instead of the real MiniMind2 tokenizer, openai/clip-vit-base-patch16
+and the MiniMind-V image-text data. Everything is generated locally and seeded, so two builds with the same
+arguments give byte-identical files.
+
+    python -m scripts.make_assets                                  # everything, into out/tiny_assets
+    python -m scripts.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
+    python -m scripts.make_assets --only tokenizer clip --clip_hidden_size 128
+
+Layout written under --out_dir:
+
+    tokenizer/   tokenizer.json, tokenizer_config.json (chat template inside): AutoTokenizer.from_pretrained
+    clip/        config.json, model.safetensors, preprocessor_config.json, processor_config.json,
+                 tokenizer.json, tokenizer_config.json: CLIPModel / CLIPVisionModel / CLIPProcessor /
+                 AutoImageProcessor.from_pretrained
+    data/        pretrain_vlm_data.jsonl + pretrain_images/, sft_vlm_data.jsonl + sft_images/,
+                 sft_vlm_data_multi.jsonl + sft_multi_images/, pretrain_i2t.parquet, sft_i2t.parquet,
+                 sft_multi_i2t.parquet, eval_questions.jsonl + eval_images/
+
+The dataset is "one coloured shape on a plain background": every answer (shape, colour, light or dark
+background, same/different between two pictures) can only be known from the image, so a model that scores
+above chance on eval_questions.jsonl has learnt to use its vision input. An eval record is
+{"image", "question", "answer", "choices", "kind"}; the question carries no `<image>` marker (the caller puts
+the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
+"""
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer,
+                          PreTrainedTokenizerFast)
+
+ASSET_PARTS = ("tokenizer", "clip", "data")
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
+# ----------------------------------------------------------------------------------------------------------
+
+PAD_TOKEN = "<|endoftext|>"  # also the unk token, as in MiniMind2
+BOS_TOKEN = "<|im_start|>"  # opens every chat turn
+EOS_TOKEN = "<|im_end|>"  # closes every chat turn
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2 in this order
+MODEL_MAX_LENGTH = 32768
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # no final period, like MiniMind2's template
+# The VLM replaces each `<image>` by 196 copies of this character and finds the image slots by its id. With
+# the byte alphabet placed right after the three special tokens '@' gets id 34, as in MiniMind2, and it stays
+# a single-byte token only if no merge contains it, hence a corpus without it.
+IMAGE_PLACEHOLDER_CHAR = "@"
+IMAGE_MARKER = "<image>"
+# MiniMind2 has 6400 entries; the small local corpus supports only about 600 (the trainer stops when no pair
+# is left to merge), so the default stays just below that and the built vocab has exactly this size.
+DEFAULT_VOCAB_SIZE = 600
+
+
+def make_chat_template(turn_start: str, turn_end: str, default_system_prompt: str) -> str:
+    """Jinja chat template that renders plain system/user/assistant chats the way MiniMind2's does.
+
+    Output: a system turn (the first message if it is a system message, else `default_system_prompt`), then
+    `{turn_start}{role}\\n{content}{turn_end}\\n` per remaining message, then `{turn_start}assistant\\n` when
+    add_generation_prompt is set (plus an empty think block when enable_thinking is passed as false).
+    Tool calls are not supported.
+    """
+    constants = (
+        f"{{%- set turn_start = {json.dumps(turn_start)} -%}}\n"
+        f"{{%- set turn_end = {json.dumps(turn_end)} -%}}\n"
+        f"{{%- set default_system_prompt = {json.dumps(default_system_prompt)} -%}}\n"
+    )
+    body = r"""{%- if messages and messages[0].role == 'system' -%}
+    {%- set system_prompt = messages[0].content -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set system_prompt = default_system_prompt -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{{- turn_start ~ 'system\n' ~ system_prompt ~ turn_end ~ '\n' -}}
+{%- for turn in turns -%}
+    {{- turn_start ~ turn.role ~ '\n' ~ turn.content ~ turn_end ~ '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- turn_start ~ 'assistant\n' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- '<think>\n\n</think>\n\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+    return constants + body
+
+
+CHAT_TEMPLATE = make_chat_template(BOS_TOKEN, EOS_TOKEN, DEFAULT_SYSTEM_PROMPT)
+
+
+def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """Train a byte-level BPE tokenizer on `corpus_texts` and save it for AutoTokenizer.from_pretrained.
+
+    Structure as MiniMind2: specials at ids 0-2, the full 256-byte alphabet next (so '@' is id 34 and '\\n' is
+    201), ByteLevel pre-tokenizer without prefix space, ByteLevel decoder, no normalizer and no
+    post-processor (encoding adds nothing by itself).
+    """
+    out_dir = Path(out_dir)
+    texts = list(corpus_texts)
+    with_placeholder = [text for text in texts if IMAGE_PLACEHOLDER_CHAR in text]
+    if with_placeholder:
+        raise ValueError(f"corpus must not contain {IMAGE_PLACEHOLDER_CHAR!r} (a merge would swallow image "
+                         f"placeholders); first offending text: {with_placeholder[0]!r}")
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    smallest_vocab = len(SPECIAL_TOKENS) + len(byte_alphabet)
+    if vocab_size < smallest_vocab:
+        raise ValueError(f"vocab_size {vocab_size} is below the {smallest_vocab} specials + bytes")
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    # The trainer puts the special tokens first and the alphabet after them in code-point order, which is the
+    # id layout of MiniMind2's ids 0..258.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=byte_alphabet, show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=PAD_TOKEN,
+        add_bos_token=False, add_eos_token=False,
+        model_max_length=MODEL_MAX_LENGTH, padding_side="right", truncation_side="right",
+        clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE,
+    )
+    # save_jinja_files=False keeps the template inside tokenizer_config.json, where MiniMind2 has it.
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    _restore_minimind2_file_layout(out_dir, bpe)
+    return out_dir
+
+
+def _restore_minimind2_file_layout(tokenizer_dir: Path, bpe: Tokenizer) -> None:
+    """Undo what transformers 5 changes on save, so the files read like MiniMind2's in any transformers version.
+
+    transformers 5 writes a pass-through TemplateProcessing post-processor into tokenizer.json, names the class
+    "TokenizersBackend" (unknown to transformers 4) and leaves out add_bos_token / add_eos_token. Encoding is the
+    same either way: on load transformers 5 installs the same pass-through post-processor for MiniMind2's own
+    tokenizer too.
+    """
+    bpe.save(str(tokenizer_dir / "tokenizer.json"))  # identical to the saved file except post_processor: null
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n",
+                           encoding="utf-8")
+
+
+_ENGLISH_SUBJECTS = ("the cat", "a small dog", "my friend", "the teacher", "a young girl", "the old man",
+                     "our team", "the bird", "this robot", "the children", "a tall boy", "the farmer")
+_ENGLISH_VERBS = ("sees", "likes", "draws", "finds", "paints", "holds", "wants", "looks at", "points to",
+                  "picks up", "shows me", "talks about")
+_ENGLISH_OBJECTS = ("a red ball", "the blue box", "a green leaf", "the yellow sun", "a round plate",
+                    "the big picture", "a square card", "the bright star", "a dark cloud", "the white wall",
+                    "a purple flower", "the small triangle", "a light lamp", "the old book")
+_ENGLISH_ENDINGS = ("today", "in the garden", "on the table", "after lunch", "every morning",
+                    "near the window", "with a smile", "again", "at school", "in the picture")
+_ENGLISH_QUESTIONS = ("What can you see?", "Where is it?", "Can you help me?", "What is this?",
+                      "Is it big or small?", "How many are there?", "Which one do you like?")
+_ENGLISH_REPLIES = ("Yes, I can.", "No, it is not.", "I think so.", "It is on the left.", "It is on the right.",
+                    "There is one.", "There are two.", "Thank you.", "Of course.")
+
+
+def simple_english_lines(n_lines: int, seed: int) -> list[str]:
+    """Short generated sentences, so that common English words get merges of their own."""
+    rng = random.Random(f"english:{seed}")
+    lines = []
+    for _ in range(n_lines):
+        form = rng.random()
+        if form < 0.7:
+            sentence = (f"{rng.choice(_ENGLISH_SUBJECTS)} {rng.choice(_ENGLISH_VERBS)} "
+                        f"{rng.choice(_ENGLISH_OBJECTS)} {rng.choice(_ENGLISH_ENDINGS)}.")
+            lines.append(sentence[0].upper() + sentence[1:])
+        else:
+            lines.append(f"{rng.choice(_ENGLISH_QUESTIONS)} {rng.choice(_ENGLISH_REPLIES)}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Tiny CLIP: the openai/clip-vit-base-patch16 folder layout and geometry, with small random weights
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_IMAGE_SIZE = 224
+CLIP_PATCH_SIZE = 16  # 224 / 16 = 14 -> 14 x 14 = 196 patch tokens, plus CLS
+CLIP_MLP_RATIO = 4  # intermediate / hidden of ViT-B/16 (3072 / 768)
+CLIP_TEXT_MAX_POSITIONS = 77
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_START_TOKEN = "<|startoftext|>"
+CLIP_END_TOKEN = "<|endoftext|>"
+
+
+def clip_num_patches(image_size: int = CLIP_IMAGE_SIZE, patch_size: int = CLIP_PATCH_SIZE) -> int:
+    return (image_size // patch_size) ** 2
+
+
+def make_clip_text_tokenizer() -> CLIPTokenizer:
+    """Character-level CLIP tokenizer (CLIP's vocab layout without its merges).
+
+    Only there so the folder loads with CLIPProcessor.from_pretrained like a real CLIP checkout; the VLM
+    never feeds text to CLIP.
+    """
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: index for index, char in enumerate(byte_alphabet)}
+    # CLIP's BPE marks the last piece of a word with '</w>'.
+    vocab.update({char + "</w>": len(byte_alphabet) + index for index, char in enumerate(byte_alphabet)})
+    vocab[CLIP_START_TOKEN] = len(vocab)
+    vocab[CLIP_END_TOKEN] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_TEXT_MAX_POSITIONS)
+
+
+def make_clip_image_processor() -> CLIPImageProcessorPil:
+    """The openai CLIP preprocessing, on the PIL backend (transformers 5 without torchvision)."""
+    return CLIPImageProcessorPil(
+        do_convert_rgb=True,
+        do_resize=True, size={"shortest_edge": CLIP_IMAGE_SIZE}, resample=Image.Resampling.BICUBIC,
+        do_center_crop=True, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+        do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    )
+
+
+def build_tiny_clip(out_dir, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                    num_heads: int = 4) -> Path:
+    """Save a randomly initialised CLIPModel (vision and text towers) plus its processor into `out_dir`.
+
+    Vision geometry is ViT-B/16's (224 px, 16 px patches -> last_hidden_state [N, 197, hidden_size]); only the
+    widths and depths are small. Load it with CLIPVisionModel / CLIPModel / AutoImageProcessor /
+    CLIPProcessor.from_pretrained(out_dir).
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    out_dir = Path(out_dir)
+    text_tokenizer = make_clip_text_tokenizer()
+    tower_shape = dict(hidden_size=hidden_size, intermediate_size=CLIP_MLP_RATIO * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    config = CLIPConfig(
+        vision_config=dict(image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE, **tower_shape),
+        text_config=dict(vocab_size=len(text_tokenizer), max_position_embeddings=CLIP_TEXT_MAX_POSITIONS,
+                         bos_token_id=text_tokenizer.bos_token_id, eos_token_id=text_tokenizer.eos_token_id,
+                         pad_token_id=text_tokenizer.pad_token_id, **tower_shape),
+        projection_dim=hidden_size,
+    )
+    # fork_rng: seed the weight init without changing the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(out_dir)
+    image_processor = make_clip_image_processor()
+    # preprocessor_config.json is what openai's folder has and what older transformers look for;
+    # the processor adds processor_config.json and the text tokenizer files.
+    image_processor.save_pretrained(out_dir)
+    CLIPProcessor(image_processor=image_processor, tokenizer=text_tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Shapes dataset in upstream's file formats
+# ----------------------------------------------------------------------------------------------------------
+
+DATA_IMAGE_SIZE = 128  # upstream stores its images at 128 x 128; the CLIP processor upscales them
+SUPERSAMPLE = 4  # draw at 4x and downscale, for smooth edges
+JPEG_QUALITY = 90
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {  # name -> base RGB; each image jitters it a little
+    "red": (215, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 205, 30),
+    "purple": (135, 55, 185),
+}
+BACKGROUNDS = {"light": (185, 245), "dark": (15, 70)}  # tone -> range of the grey level
+COLOUR_JITTER = 20
+BACKGROUND_TINT = 10
+SHAPE_RADIUS_RANGE = (0.16, 0.36)  # circumradius as a fraction of the image side
+
+ATTRIBUTE_CHOICES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+
+CAPTION_REQUESTS = ("Describe the picture briefly.", "Give a short caption for this image.",
+                    "What does the image show?", "Briefly describe what you see.")
+QUESTIONS = {
+    "shape": ("What shape is in the picture?", "Which shape can you see?", "What is the shape in the image?"),
+    "colour": ("What colour is the shape?", "Which colour is the shape in the picture?",
+               "What is the colour of the shape?"),
+    "background": ("Is the background light or dark?", "Is the background of the picture light or dark?"),
+}
+FOLLOW_UP_QUESTIONS = {"shape": "And what shape is it?", "colour": "And what colour is it?",
+                       "background": "Is the background light or dark?"}
+COMPARE_QUESTIONS = {
+    "shape": ("Do the two pictures show the same shape?", "Is the shape the same in both pictures?"),
+    "colour": ("Do the two pictures show the same colour?", "Are the two shapes the same colour?"),
+}
+MULTI_TURN_FRACTION = 0.3  # share of single-image SFT records with a second question about the same image
+
+PRETRAIN_JSONL = "pretrain_vlm_data.jsonl"
+PRETRAIN_IMAGES = "pretrain_images"
+SFT_JSONL = "sft_vlm_data.jsonl"
+SFT_IMAGES = "sft_images"
+SFT_MULTI_JSONL = "sft_vlm_data_multi.jsonl"
+SFT_MULTI_IMAGES = "sft_multi_images"
+PRETRAIN_PARQUET = "pretrain_i2t.parquet"
+SFT_PARQUET = "sft_i2t.parquet"
+SFT_MULTI_PARQUET = "sft_multi_i2t.parquet"  # image_bytes is list<binary> here, so it cannot share sft_i2t's
+EVAL_JSONL = "eval_questions.jsonl"
+EVAL_IMAGES = "eval_images"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One picture: what it shows (shape, colour, background) and how it is drawn."""
+    shape: str
+    colour: str
+    background: str
+    fill_rgb: tuple
+    background_rgb: tuple
+    center: tuple  # (x, y) as fractions of the image side
+    radius: float  # fraction of the image side
+    rotation_deg: float
+
+    def attribute(self, kind: str) -> str:
+        return getattr(self, kind)
+
+
+def _jitter_rgb(rgb, amount: int, rng: random.Random) -> tuple:
+    return tuple(min(255, max(0, channel + rng.randint(-amount, amount))) for channel in rgb)
+
+
+def random_scene(rng: random.Random, shape=None, colour=None) -> Scene:
+    """Draw scene parameters; `shape` / `colour` pin those attributes (used for same/different pairs)."""
+    shape = shape or rng.choice(SHAPES)
+    colour = colour or rng.choice(tuple(COLOURS))
+    background = rng.choice(tuple(BACKGROUNDS))
+    grey = rng.randint(*BACKGROUNDS[background])
+    radius = rng.uniform(*SHAPE_RADIUS_RANGE)
+    if shape == "square":
+        rotation = rng.uniform(-15, 15)  # more would make it read as a diamond
+    elif shape == "circle":
+        rotation = 0.0
+    else:
+        rotation = rng.uniform(0, 360)
+    return Scene(
+        shape=shape, colour=colour, background=background,
+        fill_rgb=_jitter_rgb(COLOURS[colour], COLOUR_JITTER, rng),
+        background_rgb=_jitter_rgb((grey, grey, grey), BACKGROUND_TINT, rng),
+        center=(rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)),
+        radius=radius, rotation_deg=rotation,
+    )
+
+
+def _polygon(center, radii, rotation_deg: float) -> list:
+    """Vertices evenly spaced in angle, starting straight up; `radii` cycles (one value = regular polygon)."""
+    num_vertices = len(radii)
+    vertices = []
+    for index, radius in enumerate(radii):
+        angle = math.radians(rotation_deg + 90 + 360 * index / num_vertices)
+        vertices.append((center[0] + radius * math.cos(angle), center[1] - radius * math.sin(angle)))
+    return vertices
+
+
+def draw_scene(scene: Scene, image_size: int = DATA_IMAGE_SIZE) -> Image.Image:
+    canvas_size = image_size * SUPERSAMPLE
+    image = Image.new("RGB", (canvas_size, canvas_size), scene.background_rgb)
+    draw = ImageDraw.Draw(image)
+    center = (scene.center[0] * canvas_size, scene.center[1] * canvas_size)
+    radius = scene.radius * canvas_size
+    if scene.shape == "circle":
+        draw.ellipse([center[0] - radius, center[1] - radius, center[0] + radius, center[1] + radius],
+                     fill=scene.fill_rgb)
+    elif scene.shape == "square":
+        # rotation + 45 puts the corners on the diagonals, so rotation 0 is an upright square
+        draw.polygon(_polygon(center, [radius] * 4, scene.rotation_deg + 45), fill=scene.fill_rgb)
+    elif scene.shape == "triangle":
+        draw.polygon(_polygon(center, [radius] * 3, scene.rotation_deg), fill=scene.fill_rgb)
+    elif scene.shape == "star":
+        star_inner_ratio = 0.45
+        draw.polygon(_polygon(center, [radius, radius * star_inner_ratio] * 5, scene.rotation_deg),
+                     fill=scene.fill_rgb)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}")
+    return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def save_scene(scene: Scene, path: Path) -> None:
+    draw_scene(scene).save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+def caption_answer(scene: Scene) -> str:
+    return f"A {scene.colour} {scene.shape} on a {scene.background} background."
+
+
+def single_answer(kind: str, value: str) -> str:
+    templates = {"shape": "It is a {}.", "colour": "The shape is {}.", "background": "The background is {}."}
+    return templates[kind].format(value)
+
+
+def compare_answer(kind: str, first: str, second: str) -> str:
+    if kind == "shape":
+        if first == second:
+            return f"Yes, both pictures show a {first}."
+        return f"No, the first picture shows a {first} and the second shows a {second}."
+    if first == second:
+        return f"Yes, both shapes are {first}."
+    return f"No, the first shape is {first} and the second is {second}."
+
+
+def _with_image_marker(question: str, rng: random.Random) -> str:
+    """Upstream puts `<image>` after the question; put it before half of the time so both orders are seen."""
+    return f"{IMAGE_MARKER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_MARKER}"
+
+
+def _two_image_prompt(question: str, rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return f"{IMAGE_MARKER}\n{IMAGE_MARKER}\n{question}"
+    return f"First picture: {IMAGE_MARKER}\nSecond picture: {IMAGE_MARKER}\n{question}"
+
+
+def _turns(*contents: str) -> list:
+    """Alternating user/assistant turns, starting with the user."""
+    return [{"role": "user" if index % 2 == 0 else "assistant", "content": content}
+            for index, content in enumerate(contents)]
+
+
+def shape_dataset_texts() -> list[str]:
+    """Every question and answer text the dataset can contain, without image markers (tokenizer corpus)."""
+    texts = list(CAPTION_REQUESTS) + ["First picture:", "Second picture:"]
+    for kind, questions in QUESTIONS.items():
+        texts += list(questions) + [FOLLOW_UP_QUESTIONS[kind]]
+        texts += [single_answer(kind, value) for value in ATTRIBUTE_CHOICES[kind]]
+    for kind, questions in COMPARE_QUESTIONS.items():
+        texts += list(questions)
+        texts += [compare_answer(kind, first, second)
+                  for first in ATTRIBUTE_CHOICES[kind] for second in ATTRIBUTE_CHOICES[kind]]
+    texts += [f"A {colour} {shape} on a {background} background."
+              for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS]
+    return texts
+
+
+def tokenizer_corpus(seed: int = 0, n_english_lines: int = 400) -> list[str]:
+    """The dataset's texts, the chat role words and generated English: what the tokenizer is trained on."""
+    # Role names (each right after a turn-start token, so without a leading space) and the default system
+    # line appear in every rendered conversation; weight them like one dataset text each so they get merges.
+    dataset_texts = shape_dataset_texts()
+    chat_words = [f"system\n{DEFAULT_SYSTEM_PROMPT}\nuser\nassistant\n"] * len(dataset_texts)
+    return dataset_texts + chat_words + simple_english_lines(n_english_lines, seed)
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: bool) -> None:
+    """Parquet form of JSONL records: conversations as a JSON string, the image files' bytes inline."""
+    conversations, image_bytes = [], []
+    for record in records:
+        conversations.append(json.dumps(record["conversations"], ensure_ascii=False))
+        blobs = [(images_dir / name.strip()).read_bytes() for name in record["image"].split(",")]
+        image_bytes.append(blobs if multi_image else blobs[0])
+    bytes_type = pa.list_(pa.binary()) if multi_image else pa.binary()
+    table = pa.table({"conversations": pa.array(conversations, pa.string()),
+                      "image_bytes": pa.array(image_bytes, bytes_type)})
+    pq.write_table(table, path)
+
+
+def _pretrain_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    records = []
+    for index in range(n_records):
+        scene = random_scene(rng)
+        name = f"{index:06d}.jpg"
+        save_scene(scene, images_dir / name)
+        prompt = f"{rng.choice(CAPTION_REQUESTS)}\n{IMAGE_MARKER}"
+        records.append({"conversations": _turns(prompt, caption_answer(scene)), "image": name})
+    return records
+
+
+def _sft_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    records = []
+    kinds = tuple(QUESTIONS)
+    for index in range(n_records):
+        scene = random_scene(rng)
+        name = f"{index:06d}.jpg"
+        save_scene(scene, images_dir / name)
+        kind = rng.choice(kinds)
+        contents = [_with_image_marker(rng.choice(QUESTIONS[kind]), rng),
+                    single_answer(kind, scene.attribute(kind))]
+        if rng.random() < MULTI_TURN_FRACTION:
+            second_kind = rng.choice([other for other in kinds if other != kind])
+            contents += [FOLLOW_UP_QUESTIONS[second_kind], single_answer(second_kind, scene.attribute(second_kind))]
+        records.append({"conversations": _turns(*contents), "image": name})
+    return records
+
+
+def _sft_multi_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    records = []
+    kinds = tuple(COMPARE_QUESTIONS)
+    for index in range(n_records):
+        kind = rng.choice(kinds)
+        first = random_scene(rng)
+        # Half "same" pairs; otherwise a random draw, which is mostly "different".
+        pinned = {kind: first.attribute(kind)} if rng.random() < 0.5 else {}
+        second = random_scene(rng, **pinned)
+        names = [f"{index:06d}_a.jpg", f"{index:06d}_b.jpg"]
+        for scene, name in zip((first, second), names):
+            save_scene(scene, images_dir / name)
+        prompt = _two_image_prompt(rng.choice(COMPARE_QUESTIONS[kind]), rng)
+        answer = compare_answer(kind, first.attribute(kind), second.attribute(kind))
+        records.append({"conversations": _turns(prompt, answer), "image": ", ".join(names)})
+    return records
+
+
+def _eval_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    records = []
+    kinds = tuple(QUESTIONS)
+    for index in range(n_records):
+        scene = random_scene(rng)
+        name = f"{index:06d}.jpg"
+        save_scene(scene, images_dir / name)
+        kind = kinds[index % len(kinds)]  # cycle, so every kind is scored even on a small set
+        records.append({"image": name, "question": QUESTIONS[kind][0], "answer": scene.attribute(kind),
+                        "choices": list(ATTRIBUTE_CHOICES[kind]), "kind": kind})
+    return records
+
+
+def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed: int = 0,
+                         n_sft_multi=None) -> dict:
+    """Write the synthetic shapes dataset (JSONL + image folders, parquet, eval set) under `out_dir`.
+
+    `n_sft_multi` two-image SFT records (default: a quarter of n_sft, at least 1). Each split draws from its
+    own seeded stream, so changing one split's size leaves the others unchanged. Returns name -> path.
+    """
+    out_dir = Path(out_dir)
+    if n_sft_multi is None:
+        n_sft_multi = max(1, n_sft // 4)
+    paths = {
+        "data_dir": out_dir,
+        "pretrain_jsonl": out_dir / PRETRAIN_JSONL, "pretrain_images": out_dir / PRETRAIN_IMAGES,
+        "sft_jsonl": out_dir / SFT_JSONL, "sft_images": out_dir / SFT_IMAGES,
+        "sft_multi_jsonl": out_dir / SFT_MULTI_JSONL, "sft_multi_images": out_dir / SFT_MULTI_IMAGES,
+        "pretrain_parquet": out_dir / PRETRAIN_PARQUET, "sft_parquet": out_dir / SFT_PARQUET,
+        "sft_multi_parquet": out_dir / SFT_MULTI_PARQUET,
+        "eval_jsonl": out_dir / EVAL_JSONL, "eval_images": out_dir / EVAL_IMAGES,
+    }
+    for key, path in paths.items():
+        if key.endswith("_images"):
+            path.mkdir(parents=True, exist_ok=True)
+
+    splits = (  # jsonl key, images key, parquet key (None: no parquet form), record maker, size, multi-image
+        ("pretrain_jsonl", "pretrain_images", "pretrain_parquet", _pretrain_records, n_pretrain, False),
+        ("sft_jsonl", "sft_images", "sft_parquet", _sft_records, n_sft, False),
+        ("sft_multi_jsonl", "sft_multi_images", "sft_multi_parquet", _sft_multi_records, n_sft_multi, True),
+        ("eval_jsonl", "eval_images", None, _eval_records, n_eval, False),
+    )
+    for jsonl_key, images_key, parquet_key, make_records, n_records, multi_image in splits:
+        rng = random.Random(f"{jsonl_key}:{seed}")
+        records = make_records(n_records, paths[images_key], rng)
+        _write_jsonl(paths[jsonl_key], records)
+        if parquet_key is not None:
+            _write_parquet(paths[parquet_key], records, paths[images_key], multi_image)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Everything at once, and the CLI
+# ----------------------------------------------------------------------------------------------------------
+
+def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, seed: int = 0,
+              n_sft_multi=None, vocab_size: int = DEFAULT_VOCAB_SIZE, clip_hidden_size: int = 64,
+              clip_num_layers: int = 2, parts=ASSET_PARTS) -> dict:
+    """Build the requested `parts` under out_dir/{tokenizer,clip,data}; returns name -> path."""
+    out_dir = Path(out_dir)
+    unknown = set(parts) - set(ASSET_PARTS)
+    if unknown:
+        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from {ASSET_PARTS}")
+    paths = {}
+    if "tokenizer" in parts:
+        paths["tokenizer"] = build_tokenizer(out_dir / "tokenizer", tokenizer_corpus(seed), vocab_size)
+    if "clip" in parts:
+        paths["clip"] = build_tiny_clip(out_dir / "clip", clip_hidden_size, clip_num_layers, seed)
+    if "data" in parts:
+        paths.update(build_shapes_dataset(out_dir / "data", n_pretrain, n_sft, n_eval, seed, n_sft_multi))
+    return paths
+
+
+def describe_path(path: Path) -> str:
+    if path.is_dir():
+        files = [child for child in path.rglob("*") if child.is_file()]
+        return f"{len(files)} files, {sum(child.stat().st_size for child in files) / 1e6:.2f} MB"
+    return f"{path.stat().st_size / 1e6:.3f} MB"

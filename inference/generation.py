@@ -1,0 +1,301 @@
+"""Generation: sampling settings, streaming `generate` in a thread, and the multi-turn `ChatSession`.
+
+Prompts come from the shared `build_prompt`, pixels from the shared `load_pixel_values`; the oldest turns are
+left out when the prompt would not fit `max_seq_len`; answers stream piece by piece, can be stopped half-way,
+and report tokens/s.
+"""
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from dataset.processing import IMAGE_MARKER, build_prompt, count_image_markers, load_pixel_values, user_content
+
+from .loading import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEQ_LEN, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, InferenceError,
+                      LoadedModel)
+
+# How often the consumer of a stream wakes up to notice Ctrl-C or a finished generation thread.
+POLL_SECONDS = 0.1
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE  # 0: greedy
+    top_p: float = DEFAULT_TOP_P
+
+    @classmethod
+    def from_flags(cls, args):
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+        return cls(max_new_tokens, args.temperature, args.top_p)
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return dict(max_new_tokens=self.max_new_tokens, do_sample=False)
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+                    top_p=self.top_p)
+
+
+@dataclass
+class AnswerStats:
+    tokens: int  # generated, the end-of-turn token included
+    seconds: float  # prefill (CLIP included) plus decoding
+    stopped: bool  # cut short by stop()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (from another thread)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class DecodableIdsOnly(LogitsProcessor):
+    """Never sample ids the tokenizer cannot decode (the tiny test tokenizer is smaller than the embedding).
+
+    A no-op for the MiniMind2 tokenizer, whose 6400 entries fill the whole vocabulary.
+    """
+
+    def __init__(self, tokenizer_size: int):
+        self.tokenizer_size = tokenizer_size
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.tokenizer_size:
+            scores[:, self.tokenizer_size:] = float("-inf")
+        return scores
+
+
+class QueueStreamer(BaseStreamer):
+    """Puts the answer's text into a queue token by token, holding back only an unfinished UTF-8 character.
+
+    (transformers' TextStreamer waits for a space or a newline, so a long answer without one would not stream.)
+    Byte-level BPE decodes piece by piece: once the decoded text ends cleanly it is final and the ids go.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pieces = queue.Queue()
+        self.answer_tokens = 0
+        self.prompt_seen = False
+        self.undecoded_ids = []
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        ids = value.flatten().tolist()
+        self.answer_tokens += len(ids)
+        self.undecoded_ids.extend(ids)
+        text = self.tokenizer.decode(self.undecoded_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # U+FFFD: the bytes of a character are not all there yet
+            self._emit(text)
+
+    def end(self):
+        self._emit(self.tokenizer.decode(self.undecoded_ids, skip_special_tokens=True))
+
+    def _emit(self, text: str):
+        self.undecoded_ids = []
+        if text:
+            self.pieces.put(text)
+
+
+class GenerationDone:
+    """Queue item the generation thread leaves last: the answer ids, or the exception that ended it."""
+
+    def __init__(self, answer_ids=None, error=None):
+        self.answer_ids, self.error = answer_ids, error
+
+
+def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
+                      stop_event: threading.Event, on_done):
+    """Yield the answer's text pieces while `generate` runs in a thread; `on_done(text, stats)` gets the whole answer.
+
+    input_ids [1, T]; pixel_values [1, N, 3, 224, 224] or None. Leaving the loop early (an exception in the
+    consumer, a browser rerun, `break`) stops generation; `on_done` still gets what was generated. An error
+    inside `generate` is raised here, in the consumer's thread, and `on_done` is not called.
+    """
+    streamer = QueueStreamer(loaded.tokenizer)
+    prompt_length = input_ids.shape[1]
+    kwargs = dict(input_ids=input_ids.to(loaded.device), attention_mask=torch.ones_like(input_ids).to(loaded.device),
+                  pixel_values=None if pixel_values is None else pixel_values.to(loaded.device), streamer=streamer,
+                  pad_token_id=loaded.tokenizer.pad_token_id, eos_token_id=loaded.tokenizer.eos_token_id,
+                  stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
+                  logits_processor=LogitsProcessorList([DecodableIdsOnly(len(loaded.tokenizer))]),
+                  **settings.generate_kwargs())
+
+    def run():
+        try:
+            with loaded.lock:
+                output = loaded.model.generate(**kwargs)
+            streamer.pieces.put(GenerationDone(answer_ids=output[0, prompt_length:].tolist()))
+        except BaseException as error:  # handed to the consumer thread, which re-raises it
+            streamer.pieces.put(GenerationDone(error=error))
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=run, name="minimind-generate", daemon=True)
+    thread.start()
+    done = None
+    try:
+        while done is None:
+            try:
+                item = streamer.pieces.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if isinstance(item, GenerationDone):
+                done = item
+            else:
+                yield item
+    finally:
+        if done is None:  # the consumer left early: stop the thread and collect its result
+            stop_event.set()
+            while done is None:
+                item = streamer.pieces.get()
+                done = item if isinstance(item, GenerationDone) else None
+        thread.join()
+        if done.error is None:
+            stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
+                                stopped=stop_event.is_set())
+            on_done(loaded.tokenizer.decode(done.answer_ids, skip_special_tokens=True), stats)
+    if done.error is not None:
+        raise done.error
+
+
+# -------------------------------------------------------------------------------------------------- chat
+
+def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens: int):
+    """Leave out the oldest turns (a question with its answer and images) until the prompt fits.
+
+    `messages` alternate user/assistant and end with a user message. Whole messages are dropped, so an image's
+    placeholder run is never cut. Returns (prompt ids [1, T], number of messages left out, images left out).
+    """
+    first = 0
+    while True:
+        kept = messages[first:]
+        prompt = build_prompt(tokenizer, kept, image_special_token, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        if ids.shape[1] <= max_prompt_tokens:
+            return ids, first, count_image_markers(messages[:first])
+        if len(kept) <= 1:
+            raise InferenceError(f"the question alone is {ids.shape[1]} tokens (images count "
+                                 f"{len(image_special_token)} each), over the {max_prompt_tokens} left for the "
+                                 f"prompt: raise --max_seq_len or lower --max_new_tokens")
+        first += 2
+
+
+class ChatSession:
+    """One conversation: its messages (with `<image>` markers), its images in marker order, pending images.
+
+        session = ChatSession(loaded, max_seq_len=8192)
+        session.attach_images(["cat.jpg"])          # for the next question; ImageError if unusable
+        for piece in session.ask("What is this?", settings):
+            print(piece, end="")
+        session.last_stats.tokens_per_s
+    """
+
+    def __init__(self, loaded: LoadedModel, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+        if max_seq_len > loaded.max_positions:
+            raise InferenceError(f"--max_seq_len {max_seq_len} is over the model's {loaded.max_positions} positions")
+        self.loaded = loaded
+        self.max_seq_len = max_seq_len
+        # {"role", "content"}: user contents carry one `<image>` per image, user messages also "images" (the
+        # sources, for display) and answers "stats".
+        self.messages = []
+        self.images = []  # [3, 224, 224] per image, in the order of the markers in `messages`
+        self.pending_images = []  # attached, waiting for the next question
+        self.pending_sources = []
+        self.stop_event = threading.Event()
+        self.last_stats = None
+        self.history_dropped = 0  # messages left out of the last prompt to fit max_seq_len
+
+    def attach_images(self, sources):
+        """Decode and preprocess images (paths, bytes, file objects) for the next question; all or none."""
+        sources = list(sources)
+        pixels = load_pixel_values(sources)  # [N, 3, 224, 224]; raises ImageError, attaching nothing
+        self.pending_images.extend(pixels)
+        self.pending_sources.extend(sources)
+        return len(self.pending_images)
+
+    def discard_pending(self):
+        self.pending_images, self.pending_sources = [], []
+
+    def clear(self):
+        self.messages, self.images, self.last_stats = [], [], None
+        self.discard_pending()
+
+    def stop(self):
+        """Stop the answer being generated (safe from any thread)."""
+        self.stop_event.set()
+
+    def ask(self, text: str, settings: GenerationSettings = None):
+        """Add a question (with the pending images) and return an iterator over the answer's text pieces.
+
+        Images go before the question unless `text` has its own `<image>` markers, one per attached image.
+        Errors about the question raise here, before anything is generated; the answer joins the history once
+        streamed (also when stopped).
+        """
+        settings = settings or GenerationSettings()
+        images = self.pending_images
+        if IMAGE_MARKER in text:
+            if text.count(IMAGE_MARKER) != len(images):
+                raise InferenceError(f"the question has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
+                                     f"{len(images)} image(s) are attached")
+            content = text
+        else:
+            content = user_content(text, len(images))
+        messages = self.messages + [{"role": "user", "content": content, "images": self.pending_sources}]
+        all_images = self.images + images
+        max_prompt_tokens = self.max_seq_len - settings.max_new_tokens
+        if max_prompt_tokens <= 0:
+            raise InferenceError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in "
+                                 f"max_seq_len {self.max_seq_len}")
+        config = self.loaded.model.config
+        input_ids, self.history_dropped, images_dropped = fit_prompt(
+            self.loaded.tokenizer, messages, config.image_special_token, max_prompt_tokens)
+        kept_images = all_images[images_dropped:]
+        pixel_values = torch.stack(kept_images).unsqueeze(0) if kept_images else None  # [1, N, 3, 224, 224]
+
+        self.messages, self.images = messages, all_images
+        self.discard_pending()
+        self.stop_event.clear()
+        self.last_stats = None
+
+        def record_answer(answer: str, stats: AnswerStats):
+            self.messages.append({"role": "assistant", "content": answer, "stats": stats})
+            self.last_stats = stats
+
+        return self._stream(input_ids, pixel_values, settings, record_answer)
+
+    def _stream(self, input_ids, pixel_values, settings, record_answer):
+        try:
+            yield from stream_generation(self.loaded, input_ids, pixel_values, settings, self.stop_event,
+                                         record_answer)
+        except BaseException:
+            if self.messages and self.messages[-1]["role"] == "user":
+                self._forget_question()  # no answer came: the question goes too, so turns still alternate
+            raise
+
+    def _forget_question(self):
+        question = self.messages.pop()
+        if question["content"].count(IMAGE_MARKER):
+            del self.images[len(self.images) - question["content"].count(IMAGE_MARKER):]
+
+
+def answer_once(loaded: LoadedModel, question: str, image_sources, settings: GenerationSettings,
+                max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+    """The whole answer to one question about some images, and its stats."""
+    session = ChatSession(loaded, max_seq_len)
+    if image_sources:
+        session.attach_images(image_sources)
+    answer = "".join(session.ask(question, settings))
+    return answer, session.last_stats

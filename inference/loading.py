@@ -1,0 +1,197 @@
+"""Loading a model for inference: from a native `.pth` (`--load 0`) or a transformers folder written by
+scripts/convert_vlm.py (`--load 1`), with its tokenizer, on one device; the flags that choose it.
+
+Shared by the terminal chat (eval_vlm.py), the web demo, the API server and the benchmark harness.
+"""
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, REPO_ROOT, UserError,
+                    count_parameters, quiet_transformers)
+from dataset.processing import check_tokenizer_matches, load_tokenizer
+from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
+from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from model.weights import WeightsMismatchError, describe_state_dict, load_weights, read_state_dict, weight_path
+
+MODEL_MODES = ("pretrain_vlm", "sft_vlm", "sft_vlm_multi")  # --model_mode 0, 1, 2: which stage's weights
+# Upstream's inference defaults (eval_vlm.py / web demo); temperature 0 means greedy decoding here.
+DEFAULT_TEMPERATURE = 0.65
+DEFAULT_TOP_P = 0.85
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_SEED = 2026  # upstream reseeds with this before every eval image
+
+
+class InferenceError(UserError):
+    """A request the model cannot serve as asked (the prompt does not fit, images and markers disagree)."""
+
+
+def add_model_flags(parser):
+    """The flags that say which model to load and how to sample from it (shared by both front ends)."""
+    files = parser.add_argument_group("model files")
+    files.add_argument("--load", type=int, default=0, choices=[0, 1],
+                       help="0: native .pth weights; 1: a transformers folder (scripts/convert_vlm.py)")
+    files.add_argument("--save_dir", default=str(DEFAULT_SAVE_DIR), help="folder of .pth weights")
+    files.add_argument("--model_mode", type=int, default=1, choices=range(len(MODEL_MODES)),
+                       help="weights {save_dir}/{mode}_{hidden}.pth: 0 pretrain_vlm, 1 sft_vlm, 2 sft_vlm_multi")
+    files.add_argument("--weight", default=None, metavar="PATH", help="a .pth file instead of the --model_mode name")
+    files.add_argument("--transformers_dir", default=str(DEFAULT_TRANSFORMERS_DIR),
+                       help="the transformers folder read with --load 1")
+    files.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH), help="CLIP ViT-B/16 folder")
+    files.add_argument("--tokenizer_path", default=None,
+                       help=f"folder with tokenizer.json (default: {DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, "
+                            f"or the transformers folder with --load 1)")
+    shape = parser.add_argument_group("model shape (--load 0)")
+    shape.add_argument("--hidden_size", type=int, default=512)
+    shape.add_argument("--num_hidden_layers", type=int, default=8)
+    shape.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    sampling = parser.add_argument_group("generation")
+    sampling.add_argument("--max_new_tokens", type=int, default=None,
+                          help=f"answer length, at most (default {DEFAULT_MAX_NEW_TOKENS})")
+    sampling.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                          help="prompt + answer tokens, at most; the oldest turns are left out to fit")
+    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0: greedy decoding")
+    sampling.add_argument("--top_p", type=float, default=DEFAULT_TOP_P)
+    sampling.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    sampling.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def check_flags(parser, args):
+    """Refuse generation flags that cannot work, through the parser (usage line plus one error line)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max_new_tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0 (0: greedy)")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top_p must be in (0, 1]")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    if args.max_seq_len <= max_new_tokens:
+        parser.error(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt before {max_new_tokens} new tokens")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, its tokenizer, and a lock: one generation at a time per model."""
+    model: MiniMindVLM
+    tokenizer: object
+    device: torch.device
+    source: str  # the file or folder the weights came from
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+def weight_file_from_flags(save_dir, weight, model_mode: int, hidden_size: int, use_moe: bool) -> Path:
+    """`--weight` if given, else `{save_dir}/{pretrain_vlm|sft_vlm|sft_vlm_multi}_{hidden}{_moe}.pth`."""
+    if weight is not None:
+        return Path(weight)
+    return weight_path(save_dir, MODEL_MODES[model_mode], hidden_size, use_moe)
+
+
+def read_checkpoint(weight_file) -> dict:
+    """The tensors of a .pth file (legacy keys converted), with a hint on how to get a missing one."""
+    weight_file = Path(weight_file)
+    if not weight_file.is_file():
+        raise FileNotFoundError(f"weights not found: {weight_file} (download them with `python -m scripts.download "
+                                f"--what vlm`, train them, or pass --weight PATH / --save_dir DIR)")
+    state_dict = read_state_dict(weight_file)
+    if is_legacy_state_dict(state_dict):
+        state_dict = convert_legacy_state_dict(state_dict, VLMConfig())
+    return state_dict
+
+
+def load_native_model(weight_file, vision_model_path, device, hidden_size=None, num_hidden_layers=None,
+                      use_moe=None, log=print) -> MiniMindVLM:
+    """MiniMindVLM with CLIP from a .pth file; a shape left as None is read off the file itself."""
+    state_dict = read_checkpoint(weight_file)
+    found = describe_state_dict(state_dict)
+    if found["hidden_size"] is None:
+        raise WeightsMismatchError(f"{weight_file}: no MiniMind weights in this file")
+    if not found["has_vision_proj"]:  # its projection would be random: the images would mean nothing
+        raise WeightsMismatchError(f"{weight_file} has no vision_proj (a language-model-only file?): use "
+                                   f"pretrain_vlm_* or sft_vlm_* weights")
+    config = VLMConfig(hidden_size=found["hidden_size"] if hidden_size is None else hidden_size,
+                       num_hidden_layers=found["num_hidden_layers"] if num_hidden_layers is None else num_hidden_layers,
+                       use_moe=found["use_moe"] if use_moe is None else bool(use_moe))
+    with quiet_transformers():
+        model = MiniMindVLM(config, vision_model_path=vision_model_path)
+    try:
+        load_weights(model, state_dict, log=None)
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(str(error).replace("state_dict", str(weight_file), 1)) from None
+    if log is not None:
+        log(f"loaded {weight_file}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without CLIP)")
+    return model.eval().to(device)
+
+
+def load_transformers_model(folder, vision_model_path, device, log=print) -> MiniMindVLM:
+    """A folder written by scripts/convert_vlm.py, read with this repo's class (no remote code runs), plus CLIP."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no transformers model in {folder} (write one with `python -m scripts.convert_vlm "
+                                f"--to transformers`, or pass --transformers_dir DIR)")
+    with quiet_transformers():
+        model = MiniMindVLM.from_pretrained(str(folder), dtype=torch.float32)
+        try:
+            model.attach_vision_encoder(vision_model_path)
+        except ValueError as error:  # a CLIP of another width than the folder's vision_proj
+            raise WeightsMismatchError(str(error)) from None
+    if log is not None:
+        log(f"loaded {folder}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without CLIP)")
+    return model.eval().to(device)
+
+
+def load_model(source, load_transformers: bool, tokenizer_path, vision_model_path, device, hidden_size=None,
+               num_hidden_layers=None, use_moe=None, log=print) -> LoadedModel:
+    """Tokenizer first (a quick failure), then the model; checks the two agree on the image placeholder."""
+    source = Path(source)
+    if tokenizer_path is None:
+        tokenizer_path = source if load_transformers and (source / "tokenizer.json").is_file() else \
+            DEFAULT_TOKENIZER_PATH
+    tokenizer = load_tokenizer(tokenizer_path)
+    device = torch.device(device)
+    if load_transformers:
+        model = load_transformers_model(source, vision_model_path, device, log=log)
+    else:
+        model = load_native_model(source, vision_model_path, device, hidden_size, num_hidden_layers, use_moe, log=log)
+    try:
+        check_tokenizer_matches(tokenizer, model.config)
+    except ValueError as error:
+        raise WeightsMismatchError(f"{tokenizer_path}: {error}") from None
+    return LoadedModel(model, tokenizer, device, str(source))
+
+
+def load_model_from_flags(args, log=print) -> LoadedModel:
+    """`load_model` for the flags of `add_model_flags`: the shape flags apply to native weights only."""
+    if args.load == 1:
+        return load_model(args.transformers_dir, True, args.tokenizer_path, args.vision_model_path, args.device,
+                          log=log)
+    weight_file = weight_file_from_flags(args.save_dir, args.weight, args.model_mode, args.hidden_size,
+                                         bool(args.use_moe))
+    return load_model(weight_file, False, args.tokenizer_path, args.vision_model_path, args.device,
+                      args.hidden_size, args.num_hidden_layers, bool(args.use_moe), log=log)
+
+
+def is_transformers_folder(path: Path) -> bool:
+    """A folder written by scripts/convert_vlm.py (a CLIP folder has a config.json too)."""
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == VLMConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
+def find_checkpoints(save_dir) -> list:
+    """Loadable weights in a folder: its .pth files (resume checkpoints too) and transformers subfolders."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    files = sorted(p for p in save_dir.glob("*.pth") if p.is_file())
+    folders = sorted(p for p in save_dir.iterdir() if p.is_dir() and is_transformers_folder(p))
+    return files + folders
