@@ -1,28 +1,24 @@
 """The one image preprocessing function and the one prompt builder, shared by training, CLI chat and web demo.
 
 Keeping a single path is the point: a model answers well only on inputs prepared exactly as in training.
+`preprocess_image` and `expand_image_markers` live in model/processing_minimind_v.py, which exported transformers
+folders ship as their processor: the folder prepares inputs with the very same code.
 """
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from common import UserError
+from model import processing_minimind_v
+from model.processing_minimind_v import (CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, IMAGE_MARKER,  # noqa: F401 (re-exported)
+                                         MAX_IMAGE_PIXELS, expand_image_markers)
 
-IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
-CLIP_IMAGE_SIZE = 224
-# openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-# Decompression-bomb guard: refuse images with more pixels than this before decoding them.
-MAX_IMAGE_PIXELS = 50_000_000
 ROLES_BY_PARITY = ("user", "assistant")
-FULLWIDTH_TWIN = {"@": "\uff20"}  # '@' -> '＠' (U+FF20), which the tokenizer keeps apart from id 34
 
 
-class ImageError(UserError):
+class ImageError(UserError, processing_minimind_v.ImageError):
     """An image that cannot be used: unreadable, not an image, or too large."""
 
 
@@ -47,62 +43,18 @@ def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> 
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB. High-bit-depth greyscale is scaled down rather than clipped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        if image.mode == "I" and array.max() <= 255:
-            peak = 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
-        image = image.convert("LA")
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise ImageError(f"{image.mode} image: {error}") from None
-
-
 def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
-    """PIL image (any mode) -> CLIP input [3, size, size] float32.
-
-    Same steps as CLIPImageProcessor: RGB; shortest side to `size` (bicubic, long side truncated); centre
-    crop; scale to [0, 1]; normalise with the CLIP mean/std.
-    """
-    image = to_rgb(image)
-    width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
-    if new_width * new_height > MAX_IMAGE_PIXELS:  # a 1 x 100000 strip would be resized to 224 x 22 million
-        raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
-    image = image.resize((new_width, new_height), resample=Image.BICUBIC)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size]  # [size, size, 3]
-    pixels = (pixels * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, size, size]
+    """PIL image (any mode) -> CLIP input [3, size, size] float32 (model/processing_minimind_v.py), with the
+    project's ImageError (a UserError: one line at the command line) for an unusable image."""
+    try:
+        return processing_minimind_v.preprocess_image(image, size)
+    except processing_minimind_v.ImageError as error:
+        raise ImageError(str(error)) from None
 
 
 def load_pixel_values(sources, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Paths/bytes of images -> [N, 3, 224, 224]."""
     return torch.stack([preprocess_image(open_image(s, max_pixels)) for s in sources])
-
-
-def expand_image_markers(text: str, image_special_token: str) -> str:
-    """Replace each `<image>` with the placeholder run (196 '@') the model overwrites with image features.
-
-    A literal placeholder character in the text (an e-mail address, say) would merge into or mimic an image
-    run, so it is written as its full-width twin first.
-    """
-    for char in set(image_special_token):
-        text = text.replace(char, FULLWIDTH_TWIN.get(char, char))
-    # Two markers side by side would make one run of twice the length; a newline keeps the images apart.
-    text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)
-    text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)  # chains of 3 or more
-    return text.replace(IMAGE_MARKER, image_special_token)
 
 
 def roles_by_parity(turns):

@@ -41,7 +41,8 @@ def add_model_flags(parser):
     files.add_argument("--weight", default=None, metavar="PATH", help="a .pth file instead of the --model_mode name")
     files.add_argument("--transformers_dir", default=str(DEFAULT_TRANSFORMERS_DIR),
                        help="the transformers folder read with --load 1")
-    files.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH), help="CLIP ViT-B/16 folder")
+    files.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH),
+                       help="CLIP ViT-B/16 folder (with --load 1, only for a folder without its own vision_model/)")
     files.add_argument("--tokenizer_path", default=None,
                        help=f"folder with tokenizer.json (default: {DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, "
                             f"or the transformers folder with --load 1)")
@@ -132,7 +133,8 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
 
 
 def load_transformers_model(folder, vision_model_path, device, log=print) -> MiniMindVLM:
-    """A folder written by scripts/convert_vlm.py, read with this repo's class (no remote code runs), plus CLIP."""
+    """A folder written by scripts/convert_vlm.py, read with this repo's class (no remote code runs), with the
+    folder's own CLIP (vision_model/) or, for a folder without one, CLIP from `vision_model_path`."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model in {folder} (write one with `python -m scripts.convert_vlm "
@@ -140,7 +142,8 @@ def load_transformers_model(folder, vision_model_path, device, log=print) -> Min
     with quiet_transformers():
         model = MiniMindVLM.from_pretrained(str(folder), dtype=torch.float32)
         try:
-            model.attach_vision_encoder(vision_model_path)
+            if model.vision_encoder is None:
+                model.attach_vision_encoder(vision_model_path)
         except ValueError as error:  # a CLIP of another width than the folder's vision_proj
             raise WeightsMismatchError(str(error)) from None
     if log is not None:

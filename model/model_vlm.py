@@ -25,11 +25,14 @@ class VLMConfig(MiniMindConfig):
     model_type = "minimind-v"
 
     def __init__(self, image_special_token: str = IMAGE_PLACEHOLDER_CHAR * IMAGE_TOKENS_PER_IMAGE,
-                 image_ids: list = None, ve_hidden_size: int = CLIP_HIDDEN_SIZE, **kwargs):
+                 image_ids: list = None, ve_hidden_size: int = CLIP_HIDDEN_SIZE, vision_model_subfolder: str = None,
+                 **kwargs):
         self.image_special_token = image_special_token
         self.image_ids = list(image_ids) if image_ids is not None else [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
         # Width of the vision features; set from the loaded encoder, 768 for CLIP ViT-B/16.
         self.ve_hidden_size = ve_hidden_size
+        # A saved folder's own copy of the CLIP vision tower (scripts/convert_vlm.py writes one); None: not in it.
+        self.vision_model_subfolder = vision_model_subfolder
         super().__init__(**kwargs)
 
 
@@ -44,16 +47,22 @@ class VisionProj(nn.Module):
         return self.vision_proj(image_features)
 
 
-def load_vision_encoder(vision_model_path):
-    """Frozen CLIP vision tower (eval mode) from a CLIP folder; a missing folder says how to get one."""
+def load_vision_encoder(vision_model_path, subfolder: str = ""):
+    """Frozen CLIP vision tower (eval mode) from a CLIP folder, or from `subfolder` of a local folder or hub repo
+    (a saved MiniMind-V folder's own copy); a missing local folder says how to get one."""
+    from transformers import CLIPVisionModel
+
     path = Path(vision_model_path)
+    if subfolder and not path.is_dir():  # a hub repo id: transformers fetches the subfolder
+        encoder = CLIPVisionModel.from_pretrained(str(vision_model_path), subfolder=subfolder)
+        encoder.requires_grad_(False)
+        return encoder.eval()
+    path = path / subfolder
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"CLIP vision encoder not found at {path}: run `python -m scripts.download --what clip` "
             f"(or `git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}`), "
             f"or pass --vision_model_path")
-    from transformers import CLIPVisionModel
-
     encoder = CLIPVisionModel.from_pretrained(str(path))  # callers silence the "unused text tower" report
     encoder.requires_grad_(False)
     return encoder.eval()
@@ -106,15 +115,19 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
-        """Load a saved folder (CLIP is not in it); `vision_model_path` attaches a CLIP encoder afterwards."""
+        """Load a saved folder with a CLIP encoder from `vision_model_path` if given, else the folder's own copy if
+        it has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
+        `vision_model_subfolder=None` skips the folder's copy."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
         if vision_model_path is not None:
             model.attach_vision_encoder(vision_model_path)
+        elif model.config.vision_model_subfolder:
+            model.attach_vision_encoder(pretrained_model_name_or_path, model.config.vision_model_subfolder)
         return model
 
-    def attach_vision_encoder(self, vision_model_path):
+    def attach_vision_encoder(self, vision_model_path, subfolder: str = ""):
         """Load a frozen CLIP encoder onto this model's device and dtype; its width must fit vision_proj."""
-        encoder = load_vision_encoder(vision_model_path)
+        encoder = load_vision_encoder(vision_model_path, subfolder)
         if encoder.config.hidden_size != self.config.ve_hidden_size:
             raise ValueError(f"{vision_model_path}: vision width {encoder.config.hidden_size}, but this model's "
                              f"vision_proj expects {self.config.ve_hidden_size}")

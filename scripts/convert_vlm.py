@@ -6,19 +6,18 @@ folder -> .pth:   python -m scripts.convert_vlm --to torch --transformers_dir Mi
                       --torch_path out/sft_vlm_512.pth
 Bit-exact copy:   add --dtype float32 (default: bfloat16 in a folder, as upstream; float16 in a .pth, as released)
 
-The model's shape (hidden size, layers, MoE) is read off the .pth file. The folder holds config.json (with
-`auto_map`), the model code (model_vlm.py, model_minimind.py), model.safetensors, the tokenizer, and CLIP's
-preprocessor_config.json with a processor_config.json naming CLIPProcessor, so that
+The model's shape (hidden size, layers, MoE) is read off the .pth file. The folder is self-contained: config.json
+(with `auto_map`), the model and processor code (model_vlm.py, model_minimind.py, processing_minimind_v.py),
+model.safetensors, the CLIP vision tower in vision_model/, the tokenizer, and the processor's settings and chat
+template, so that
 
-    model = AutoModelForCausalLM.from_pretrained("MiniMind2-V", trust_remote_code=True,
-                                                 vision_model_path="model/vision_model/clip-vit-base-patch16")
-    tokenizer = AutoTokenizer.from_pretrained("MiniMind2-V", trust_remote_code=True)
-    image_processor = AutoImageProcessor.from_pretrained("MiniMind2-V")
-    processor = AutoProcessor.from_pretrained("MiniMind2-V", trust_remote_code=True)  # CLIP images + tokenizer
+    model = AutoModelForImageTextToText.from_pretrained("MiniMind2-V", trust_remote_code=True)  # CLIP included
+    processor = AutoProcessor.from_pretrained("MiniMind2-V", trust_remote_code=True)
+    pipe = pipeline("image-text-to-text", model="MiniMind2-V", trust_remote_code=True)
 
-work. CLIP itself is not copied into the folder: without `vision_model_path` the model has no vision encoder
-(text only, or precomputed `image_features`). `python eval_vlm.py --load 1 --transformers_dir MiniMind2-V` chats
-with the folder.
+work (AutoModelForCausalLM, AutoTokenizer and AutoImageProcessor too). Without a CLIP folder at
+--vision_model_path the folder has no vision tower, and loading it needs `vision_model_path=`.
+`python eval_vlm.py --load 1 --transformers_dir MiniMind2-V` chats with the folder.
 """
 import argparse
 import json
@@ -29,18 +28,27 @@ import torch
 
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPES, REPO_ROOT, atomic_save,
                     quiet_transformers, run_cli)
-from dataset.processing import CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD
 from inference.loading import read_checkpoint
 from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.weights import VISION_PROJ_PREFIX, describe_state_dict, load_weights
+from model.processing_minimind_v import CHAT_TEMPLATE, CLIP_IMAGE_SIZE
+from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_state_dict, load_weights
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
 MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py")  # model_vlm imports model_minimind relatively
+PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # imports model_vlm relatively
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
-BICUBIC = 3  # PIL's resample code, as in openai/clip-vit-base-patch16's preprocessor_config.json
+# The processor's chat template. The legacy JSON name, which both transformers majors read for processors only, so
+# the tokenizer keeps its own template (chat_template.jinja or tokenizer_config.json).
+PROCESSOR_CHAT_TEMPLATE = "chat_template.json"
+VISION_SUBFOLDER = "vision_model"
+MODEL_AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
+                  "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_minimind_v.MiniMindVProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "processing_minimind_v.MiniMindVImageProcessor",
+                            **PROCESSOR_AUTO_MAP}
 
 
 def parse_args(argv=None):
@@ -52,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH),
                         help="tokenizer copied into the folder (--to transformers)")
     parser.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH),
-                        help="CLIP folder whose preprocessor_config.json is copied (openai's settings if absent)")
+                        help=f"CLIP folder whose vision tower is copied into the folder's {VISION_SUBFOLDER}/ "
+                             f"(--to transformers; if absent, the folder has no vision encoder)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="dtype written (default: bfloat16 for --to transformers, float16 for --to torch)")
     return parser.parse_args(argv)
@@ -68,22 +77,21 @@ def config_for(state_dict) -> VLMConfig:
                      ve_hidden_size=projection.shape[1] if projection is not None else CLIP_HIDDEN_SIZE)
 
 
-def write_image_processing(out_dir: Path, vision_model_path: Path):
-    """CLIP's image preprocessing, so that AutoImageProcessor loads from the folder, and AutoProcessor gives a
-    CLIPProcessor made of it and the MiniMind tokenizer (upstream issue #110: the processor was not saved)."""
-    (out_dir / PROCESSOR_CONFIG).write_text(json.dumps({"processor_class": "CLIPProcessor"}) + "\n", encoding="utf-8")
-    source = Path(vision_model_path) / PREPROCESSOR_CONFIG
-    if source.is_file():
-        shutil.copyfile(source, out_dir / PREPROCESSOR_CONFIG)
-        return
-    settings = {  # the same steps as dataset/processing.py's preprocess_image
-        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": CLIP_IMAGE_SIZE}, "resample": BICUBIC,
-        "do_center_crop": True, "crop_size": {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": CLIP_MEAN.tolist(), "image_std": CLIP_STD.tolist(),
-    }
-    (out_dir / PREPROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, settings: dict):
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_processor_files(out_dir: Path, config: VLMConfig):
+    """MiniMindVProcessor's settings, its image processor's and its chat template, so that AutoProcessor and
+    AutoImageProcessor (trust_remote_code=True) build them from processing_minimind_v.py (upstream issue #110:
+    the processor was not saved)."""
+    write_json(out_dir / PROCESSOR_CONFIG, {
+        "processor_class": "MiniMindVProcessor", "auto_map": PROCESSOR_AUTO_MAP,
+        "image_placeholder": config.image_special_token[0], "image_seq_length": len(config.image_ids)})
+    write_json(out_dir / PREPROCESSOR_CONFIG, {
+        "image_processor_type": "MiniMindVImageProcessor", "processor_class": "MiniMindVProcessor",
+        "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": CLIP_IMAGE_SIZE})
+    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATE})
 
 
 def copy_tokenizer(tokenizer_path: Path, out_dir: Path):
@@ -96,27 +104,42 @@ def copy_tokenizer(tokenizer_path: Path, out_dir: Path):
             shutil.copyfile(tokenizer_path / name, out_dir / name)
 
 
+def attach_clip(model: MiniMindVLM, vision_model_path, log) -> bool:
+    """Give the model the CLIP encoder to ship; False (with a note) when there is no CLIP folder."""
+    if not (Path(vision_model_path) / "config.json").is_file():
+        log(f"note: no CLIP at {vision_model_path}: the folder gets no vision encoder, so loading it needs "
+            f"vision_model_path= (pass --vision_model_path to include one)")
+        return False
+    with quiet_transformers():
+        try:
+            model.attach_vision_encoder(vision_model_path)
+        except ValueError as error:  # a CLIP of another width than the checkpoint's vision_proj
+            raise WeightsMismatchError(str(error)) from None
+    return True
+
+
 def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path, dtype: torch.dtype, log=print):
-    """Write the folder: config.json with auto_map, model code, weights, tokenizer, CLIP preprocessing."""
+    """Write the folder: config.json with auto_map, code, weights, CLIP vision tower, tokenizer, processor."""
     state_dict = read_checkpoint(torch_path)
     model = MiniMindVLM(config_for(state_dict), vision_model_path=None)
     load_weights(model, state_dict, log=None)
-    model = model.to(dtype)
+    with_clip = attach_clip(model, vision_model_path, log)
+    model = model.to(dtype)  # the CLIP encoder too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # config.json gets auto_map {AutoConfig: model_vlm.VLMConfig, AutoModelForCausalLM: model_vlm.MiniMindVLM}
-    # and save_pretrained copies the classes' source files beside it.
-    VLMConfig.register_for_auto_class()
-    MiniMindVLM.register_for_auto_class("AutoModelForCausalLM")
+    config = model.config
+    config.vision_model_subfolder = VISION_SUBFOLDER if with_clip else None
+    config.auto_map = dict(MODEL_AUTO_MAP)  # the code files are copied below, from this repo's model/
     with quiet_transformers():
-        model.save_pretrained(out_dir)
-    for name in MODEL_CODE_FILES:  # save_pretrained's copies, made sure of
+        model.save_pretrained(out_dir)  # the LM and vision_proj: CLIP is outside the module tree
+        if with_clip:
+            model.vision_encoder.save_pretrained(out_dir / VISION_SUBFOLDER)
+    for name in MODEL_CODE_FILES + PROCESSOR_CODE_FILES:
         shutil.copyfile(REPO_ROOT / "model" / name, out_dir / name)
     copy_tokenizer(tokenizer_path, out_dir)
-    write_image_processing(out_dir, vision_model_path)
-    config = model.config
+    write_processor_files(out_dir, config)
     log(f"wrote {out_dir} ({config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
-        f"{str(dtype).removeprefix('torch.')}) from {torch_path}")
+        f"{str(dtype).removeprefix('torch.')}{', with CLIP' if with_clip else ''}) from {torch_path}")
 
 
 def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
@@ -124,8 +147,8 @@ def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model in {folder} (config.json missing)")
-    with quiet_transformers():  # this repo's class: nothing from the folder is executed
-        model = MiniMindVLM.from_pretrained(str(folder), dtype=dtype)
+    with quiet_transformers():  # this repo's class: nothing from the folder is executed; CLIP is not needed
+        model = MiniMindVLM.from_pretrained(str(folder), dtype=dtype, vision_model_subfolder=None)
     state_dict = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save(state_dict, torch_path)
     log(f"wrote {torch_path} ({len(state_dict)} tensors, {str(dtype).removeprefix('torch.')}) from {folder}")

@@ -59,13 +59,17 @@ def test_round_trip_is_bit_exact_in_fp32(fp32_pth, fp32_folder, tmp_path):
 
 def test_folder_layout(fp32_folder):
     names = {p.name for p in fp32_folder.iterdir()}
-    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "tokenizer.json",
-            "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"} <= names
+    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "processing_minimind_v.py",
+            "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+            "chat_template.json", "vision_model"} <= names
     config = json.loads((fp32_folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM"}
+    assert config["auto_map"] == {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
+                                  "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
     assert config["model_type"] == "minimind-v" and config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["num_hidden_layers"], config["ve_hidden_size"]) == (64, 2, 64)
-    for name in ("model_vlm.py", "model_minimind.py"):
+    assert config["vision_model_subfolder"] == "vision_model"
+    assert json.loads((fp32_folder / "vision_model" / "config.json").read_text())["hidden_size"] == 64
+    for name in ("model_vlm.py", "model_minimind.py", "processing_minimind_v.py"):
         assert (fp32_folder / name).read_text() == (REPO_ROOT / "model" / name).read_text()
 
 
@@ -78,8 +82,11 @@ def test_auto_model_gives_the_same_logits(fp32_pth, fp32_folder, tiny_clip_dir):
     pixels = torch.randn(1, 1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(converted(ids, pixel_values=pixels).logits, native(ids, pixel_values=pixels).logits)
-    text_only = AutoModelForCausalLM.from_pretrained(fp32_folder, trust_remote_code=True)
-    assert text_only.vision_encoder is None  # CLIP is not part of the folder
+    with_own_clip = AutoModelForCausalLM.from_pretrained(fp32_folder, trust_remote_code=True)
+    with torch.no_grad():  # the folder's copy of CLIP is the one it was exported with
+        assert torch.equal(with_own_clip(ids, pixel_values=pixels).logits, native(ids, pixel_values=pixels).logits)
+    text_only = AutoModelForCausalLM.from_pretrained(fp32_folder, trust_remote_code=True, vision_model_subfolder=None)
+    assert text_only.vision_encoder is None
     assert text_only.lm_head.weight is text_only.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(text_only(ids[:, :3]).logits, native(ids[:, :3]).logits)
@@ -90,12 +97,12 @@ def test_tokenizer_and_image_processing_load_from_the_folder(fp32_folder, shapes
     assert tokenizer("@" * IMAGE_TOKENS_PER_IMAGE).input_ids == [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
     image_path = shapes_data["eval_images"] / "000000.jpg"
     ours = load_pixel_values([image_path])
-    image_processor = AutoImageProcessor.from_pretrained(fp32_folder)
+    image_processor = AutoImageProcessor.from_pretrained(fp32_folder, trust_remote_code=True)
     theirs = image_processor(images=[open_image(image_path)], return_tensors="pt").pixel_values
-    assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-2)
+    assert torch.equal(theirs, ours)  # the same function (model/processing_minimind_v.py), not a look-alike
     processor = AutoProcessor.from_pretrained(fp32_folder, trust_remote_code=True)
-    both = processor(text=["What is it?"], images=[open_image(image_path)], return_tensors="pt")
-    assert both.input_ids.shape[0] == 1 and both.pixel_values.shape == (1, 3, 224, 224)
+    both = processor(text=["<image>\nWhat is it?"], images=[open_image(image_path)], return_tensors="pt")
+    assert both.input_ids.shape[0] == 1 and torch.equal(both.pixel_values, ours)
 
 
 def test_chat_plumbing_reads_the_folder(fp32_pth, fp32_folder, tiny_tokenizer_dir, tiny_clip_dir, shapes_data):
@@ -120,8 +127,10 @@ def test_script_defaults_bfloat16_folder_and_float16_pth(fp32_pth, tiny_tokenize
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert all(weights.get_tensor(k).dtype == torch.bfloat16 for k in weights.keys())
-    # without a CLIP folder the preprocessing is written from the constants dataset/processing.py uses
-    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 224}
+    # without a CLIP folder the folder has no vision tower, and says so; the processor is written all the same
+    assert "no CLIP at" in result.stdout and not (folder / "vision_model").exists()
+    assert json.loads((folder / "config.json").read_text())["vision_model_subfolder"] is None
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_size"] == 224
     back = tmp_path / "back.pth"
     convert_vlm.main(["--to", "torch", "--transformers_dir", str(folder), "--torch_path", str(back)])
     restored, original = torch.load(back, weights_only=True), torch.load(fp32_pth, weights_only=True)
