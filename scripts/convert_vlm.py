@@ -36,13 +36,13 @@ from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_sta
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
 MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py")  # model_vlm imports model_minimind relatively
-PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # imports model_vlm relatively
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 # The processor's chat template. The legacy JSON name, which both transformers majors read for processors only, so
 # the tokenizer keeps its own template (chat_template.jinja or tokenizer_config.json).
 PROCESSOR_CHAT_TEMPLATE = "chat_template.json"
+PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # imports model_vlm relatively
 VISION_SUBFOLDER = "vision_model"
 MODEL_AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}

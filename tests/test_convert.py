@@ -59,9 +59,9 @@ def test_round_trip_is_bit_exact_in_fp32(fp32_pth, fp32_folder, tmp_path):
 
 def test_folder_layout(fp32_folder):
     names = {p.name for p in fp32_folder.iterdir()}
-    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "processing_minimind_v.py",
-            "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-            "chat_template.json", "vision_model"} <= names
+    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "tokenizer.json",
+            "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"} <= names
+    assert {"processing_minimind_v.py", "chat_template.json", "vision_model"} <= names  # processor and CLIP
     config = json.loads((fp32_folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
                                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
@@ -69,8 +69,10 @@ def test_folder_layout(fp32_folder):
     assert (config["hidden_size"], config["num_hidden_layers"], config["ve_hidden_size"]) == (64, 2, 64)
     assert config["vision_model_subfolder"] == "vision_model"
     assert json.loads((fp32_folder / "vision_model" / "config.json").read_text())["hidden_size"] == 64
-    for name in ("model_vlm.py", "model_minimind.py", "processing_minimind_v.py"):
+    for name in ("model_vlm.py", "model_minimind.py"):
         assert (fp32_folder / name).read_text() == (REPO_ROOT / "model" / name).read_text()
+    processing = "processing_minimind_v.py"
+    assert (fp32_folder / processing).read_text() == (REPO_ROOT / "model" / processing).read_text()
 
 
 def test_auto_model_gives_the_same_logits(fp32_pth, fp32_folder, tiny_clip_dir):
