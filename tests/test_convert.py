@@ -67,12 +67,12 @@ def test_folder_layout(fp32_folder):
                                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
     assert config["model_type"] == "minimind-v" and config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["num_hidden_layers"], config["ve_hidden_size"]) == (64, 2, 64)
-    assert config["vision_model_subfolder"] == "vision_model"
-    assert json.loads((fp32_folder / "vision_model" / "config.json").read_text())["hidden_size"] == 64
     for name in ("model_vlm.py", "model_minimind.py"):
         assert (fp32_folder / name).read_text() == (REPO_ROOT / "model" / name).read_text()
     processing = "processing_minimind_v.py"
     assert (fp32_folder / processing).read_text() == (REPO_ROOT / "model" / processing).read_text()
+    assert config["vision_model_subfolder"] == "vision_model"
+    assert json.loads((fp32_folder / "vision_model" / "config.json").read_text())["hidden_size"] == 64
 
 
 def test_auto_model_gives_the_same_logits(fp32_pth, fp32_folder, tiny_clip_dir):
