@@ -3,8 +3,9 @@
 The one home of `preprocess_image` and `expand_image_markers`: dataset/processing.py imports them for training,
 chat, web demo and API, and scripts/convert_vlm.py ships this file in exported folders, where
 `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
-prepares images and prompts with the same code as training. Shipped files are loaded without this repo: this
-one imports only torch, numpy, PIL, transformers and model_vlm (shipped beside it).
+prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
+transformers 4.x copies only a remote module's direct relative imports: this one imports only torch, numpy, PIL
+and transformers.
 """
 import os
 
@@ -14,8 +15,6 @@ from PIL import Image
 from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
-
-from .model_vlm import IMAGE_PLACEHOLDER_CHAR, IMAGE_TOKENS_PER_IMAGE
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
 CLIP_IMAGE_SIZE = 224
@@ -164,16 +163,20 @@ class MiniMindVImageProcessor(BaseImageProcessor):
 
 class MiniMindVProcessor(ProcessorMixin):
     """Tokenizer + MiniMindVImageProcessor. Text carries one `<image>` per image (the chat template writes one per
-    {"type": "image"} part); each becomes the run of `image_seq_length` placeholder tokens the model fills with
-    that image's features. Returns input_ids, attention_mask and (with images) pixel_values [M, 3, 224, 224]."""
+    {"type": "image"} part); each becomes the run of `image_seq_length` `image_placeholder` characters the model
+    fills with that image's features (both from the model's config: scripts/convert_vlm.py writes them into
+    processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, 224, 224]."""
 
     attributes = ["image_processor", "tokenizer"]
     if TRANSFORMERS_MAJOR < 5:  # 4.x finds sub-processors through these names; 5.x reads __init__'s signature
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
-                 image_placeholder=IMAGE_PLACEHOLDER_CHAR, image_seq_length=IMAGE_TOKENS_PER_IMAGE):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_placeholder=None,
+                 image_seq_length=None):
+        if image_placeholder is None or image_seq_length is None:
+            raise ValueError("MiniMindVProcessor needs image_placeholder and image_seq_length (the model config's "
+                             "image_special_token): processor_config.json is missing them")
         self.image_placeholder = image_placeholder
         self.image_seq_length = image_seq_length
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)

@@ -85,7 +85,8 @@ def test_chat_template_writes_the_projects_prompt(processor, tiny_tokenizer_dir)
 
 def test_chat_template_matches_the_real_minimind2_template(real_tokenizer_dir, tiny_clip_dir):
     tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
-    processor = MiniMindVProcessor(MiniMindVImageProcessor(), tokenizer)
+    processor = MiniMindVProcessor(MiniMindVImageProcessor(), tokenizer, image_placeholder="@",
+                                   image_seq_length=IMAGE_TOKENS_PER_IMAGE)
     for hf_messages, project_messages in CONVERSATIONS:
         markers_as_text = [{"role": m["role"], "content": m["content"]} for m in project_messages]
         for add_generation_prompt in (False, True):
