@@ -150,13 +150,14 @@ def test_pipeline_answers_as_the_native_model_does(folder, processor, random_pth
     # The random model's tokenizer is smaller than its vocabulary: never pick an id it cannot decode, as the
     # native generation does.
     undecodable = list(range(len(native.tokenizer), native.model.config.vocab_size))
-    generate_kwargs = {"do_sample": False, "suppress_tokens": undecodable}
+    def generate_kwargs():  # a fresh dict per call: transformers 4.57's pipeline writes max_new_tokens into it
+        return {"do_sample": False, "suppress_tokens": undecodable}
     messages = [{"role": "user", "content": [{"type": "image", "path": str(image_paths[1])},
                                              {"type": "text", "text": QUESTION}]}]
-    answer = pipe(text=messages, max_new_tokens=ANSWER_TOKENS, generate_kwargs=generate_kwargs)
+    answer = pipe(text=messages, max_new_tokens=ANSWER_TOKENS, generate_kwargs=generate_kwargs())
     assert answer[0]["generated_text"][-1] == {"role": "assistant", "content": expected}
     # Plain text input: the prompt written out, the image a PIL image.
     prompt = processor.apply_chat_template(chat(IMAGE_MARKER, QUESTION)[0], add_generation_prompt=True)
     answer = pipe(images=open_image(image_paths[1]), text=prompt, max_new_tokens=ANSWER_TOKENS,
-                  generate_kwargs=generate_kwargs, return_full_text=False)
+                  generate_kwargs=generate_kwargs(), return_full_text=False)
     assert answer[0]["generated_text"] == expected
