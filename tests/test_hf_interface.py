@@ -66,8 +66,10 @@ CONVERSATIONS = [
 ]
 
 
-def test_chat_template_writes_the_projects_prompt(processor, tiny_tokenizer_dir):
+def test_chat_template_writes_the_projects_prompt(folder, processor, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    # The processor's template (chat_template.json) leaves the folder's tokenizer with its own.
+    assert AutoTokenizer.from_pretrained(folder).chat_template == tokenizer.chat_template != processor.chat_template
     special = "@" * IMAGE_TOKENS_PER_IMAGE
     for hf_messages, project_messages in CONVERSATIONS:
         expected = build_prompt(tokenizer, project_messages, special, add_generation_prompt=True)
