@@ -300,18 +300,6 @@ class UpstreamPixelsDataset:
         return torch.cat(pixels) if pixels else torch.zeros(0, 3, 224, 224)
 
 
-class AllLogits(torch.nn.Module):
-    """Upstream's forward for the upstream mode: logits at every position (the loop's loss_only is dropped).
-    Named `module` like DDP's wrapper, so trainer.training.unwrap finds the model when saving."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = model
-
-    def forward(self, *args, loss_only=False, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 def machine_busy_seconds():
     """CPU seconds every program on the machine has used since boot (Linux /proc/stat), or None."""
     try:
@@ -324,9 +312,7 @@ def machine_busy_seconds():
 
 
 class StepClock:
-    """The run's logger (log_interval 1): times each optimizer step and hands the turn back to the parent."""
-
-    run_id = None
+    """The loop's `on_step` hook: times each optimizer step and hands the turn back to the parent."""
 
     def __init__(self, conn, total_steps):
         self.conn, self.total_steps = conn, total_steps
@@ -339,20 +325,17 @@ class StepClock:
             raise RuntimeError(f"unexpected message {message!r}")
         self.started = (time.perf_counter(), time.process_time(), machine_busy_seconds())
 
-    def log(self, metrics, step):
+    def __call__(self, state, result):
         wall, cpu, busy = self.started
         now_busy = machine_busy_seconds()
         self.steps += 1
         self.conn.send(("step", {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                                  "machine_busy_s": None if busy is None else now_busy - busy,
-                                 "loss": metrics["loss"]}))
+                                 "loss": result.loss}))
         if self.steps < self.total_steps:
             self.wait_for_turn()
         else:
             self.conn.recv()  # "finish": every mode is done, so saving now disturbs no timing
-
-    def finish(self):
-        pass
 
 
 def batch_facts(dataset, batches, pad_to):
@@ -410,13 +393,12 @@ def _train_worker(conn, spec):
     pad_to = args.max_seq_len if mode == "upstream" else None
     if mode == "upstream":
         setup.loader, setup.sampler = build_loader(dataset, args, ctx, pad_to=pad_to)
-        setup.model = AllLogits(setup.model)
+        setup.loss_only = False  # upstream's forward: logits at every position
     clock = StepClock(conn, args.max_steps)
-    setup.logger = clock
     setup_s = time.perf_counter() - started
     conn.send(("ready", {"samples": len(dataset), "steps_per_epoch": setup.sampler.steps_per_epoch()}))
     clock.wait_for_turn()
-    train(setup, args, state, log=quiet)
+    train(setup, args, state, log=quiet, on_step=clock)
 
     batches = [list(b) for epoch in (0, 1) for b in setup.sampler.global_batches(epoch)][:args.max_steps]
     return {"facts": batch_facts(dataset, batches, pad_to), "peak_memory_mb": peak_memory_mb(ctx.device),
