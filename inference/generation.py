@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dataset.processing import IMAGE_MARKER, build_prompt, count_image_markers, load_pixel_values, user_content
@@ -59,21 +59,6 @@ class StopOnEvent(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class DecodableIdsOnly(LogitsProcessor):
-    """Never sample ids the tokenizer cannot decode (the tiny test tokenizer is smaller than the embedding).
-
-    A no-op for the MiniMind2 tokenizer, whose 6400 entries fill the whole vocabulary.
-    """
-
-    def __init__(self, tokenizer_size: int):
-        self.tokenizer_size = tokenizer_size
-
-    def __call__(self, input_ids, scores):
-        if scores.shape[-1] > self.tokenizer_size:
-            scores[:, self.tokenizer_size:] = float("-inf")
-        return scores
 
 
 class QueueStreamer(BaseStreamer):
@@ -131,7 +116,6 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
                   pixel_values=None if pixel_values is None else pixel_values.to(loaded.device), streamer=streamer,
                   pad_token_id=loaded.tokenizer.pad_token_id, eos_token_id=loaded.tokenizer.eos_token_id,
                   stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
-                  logits_processor=LogitsProcessorList([DecodableIdsOnly(len(loaded.tokenizer))]),
                   **settings.generate_kwargs())
 
     def run():

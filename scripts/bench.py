@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DEFAULT_SAVE_DIR
+from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
 STAGES = ("pretrain", "sft")
@@ -628,20 +628,20 @@ def parse_args(argv=None):
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--no_generation", action="store_true", help="skip the generation benchmark")
-    p.add_argument("--samples", type=int, default=None, help="samples per synthetic set (both stages)")
-    p.add_argument("--pretrain_batch_size", type=int, default=None)
-    p.add_argument("--sft_batch_size", type=int, default=None)
-    p.add_argument("--upstream_steps", type=int, default=None, help="timed upstream steps per stage")
-    p.add_argument("--hidden_size", type=int, default=None)
-    p.add_argument("--num_hidden_layers", type=int, default=None)
-    p.add_argument("--num_workers", type=int, default=None,
+    p.add_argument("--samples", type=bounded(int, 1), default=None, help="samples per synthetic set (both stages)")
+    p.add_argument("--pretrain_batch_size", type=bounded(int, 1), default=None)
+    p.add_argument("--sft_batch_size", type=bounded(int, 1), default=None)
+    p.add_argument("--upstream_steps", type=bounded(int, 1), default=None, help="timed upstream steps per stage")
+    p.add_argument("--hidden_size", type=bounded(int, 1), default=None)
+    p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=None)
+    p.add_argument("--num_workers", type=bounded(int, 0), default=None,
                    help="DataLoader workers, every mode alike (default: 0 on CPU, where workers would only "
                         "take cores from the step being timed; 4 on CUDA)")
     p.add_argument("--use_compile", action="store_true", help="torch.compile the model in the ours modes")
     p.add_argument("--work_dir", type=Path, default=None, help="keep the synthetic assets here (default: temp)")
     p.add_argument("--tokenizer_path", type=Path, default=None,
                    help="a tokenizer folder to use (default: a small one built locally)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0)
     return p.parse_args(argv)
 
 
