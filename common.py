@@ -44,7 +44,8 @@ class SaveError(OSError):
 def run_cli(main, argv=None):
     """Run an entry point's `main(argv)`: a user mistake ends in one line on stderr (exit 2), not a traceback.
 
-    UserError, SaveError and FileNotFoundError describe bad input or a full disk; anything else is a bug and keeps its traceback.
+    UserError, SaveError and FileNotFoundError describe bad input or a full disk; anything else is a bug and
+    keeps its traceback.
     """
     try:
         result = main(argv)
@@ -149,4 +150,5 @@ def bounded(kind, low=None, high=None, low_open=False):
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in some messages
+    parse.kind, parse.low, parse.high, parse.low_open = kind, low, high, low_open  # for tests and --help tools
     return parse

@@ -39,7 +39,8 @@ def build_parser():
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=bounded(int, 1, MAX_PORT), default=DEFAULT_PORT)
-    server.add_argument("--max_upload_mb", type=bounded(int, 1), default=DEFAULT_MAX_UPLOAD_MB, help="largest image accepted")
+    server.add_argument("--max_upload_mb", type=bounded(int, 1), default=DEFAULT_MAX_UPLOAD_MB,
+                        help="largest image accepted")
     add_model_flags(parser)
     return parser
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from common import UserError
+from model.model_vlm import CLIP_IMAGE_SIZE
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
-CLIP_IMAGE_SIZE = 224
 # openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

@@ -40,7 +40,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer,
                           PreTrainedTokenizerFast)
 
+from dataset.processing import CLIP_MEAN, CLIP_STD, IMAGE_MARKER
 from model.model_minimind import MiniMindConfig
+from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
 
 ASSET_PARTS = ("tokenizer", "clip", "data")
 
@@ -57,8 +59,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # no final period, like M
 # The VLM replaces each `<image>` by 196 copies of this character and finds the image slots by its id. With
 # the byte alphabet placed right after the three special tokens '@' gets id 34, as in MiniMind2, and it stays
 # a single-byte token only if no merge contains it, hence a corpus without it.
-IMAGE_PLACEHOLDER_CHAR = "@"
-IMAGE_MARKER = "<image>"
 # MiniMind2 has 6400 entries; the small local corpus supports only about 600 merges (the trainer stops when no
 # pair is left to merge), so BPE trains this many entries and unused fillers pad the vocabulary up to the
 # model's size: every id a model can produce decodes, as with the real tokenizer.
@@ -210,12 +210,8 @@ def simple_english_lines(n_lines: int, seed: int) -> list[str]:
 # 2. Tiny CLIP: the openai/clip-vit-base-patch16 folder layout and geometry, with small random weights
 # ----------------------------------------------------------------------------------------------------------
 
-CLIP_IMAGE_SIZE = 224
-CLIP_PATCH_SIZE = 16  # 224 / 16 = 14 -> 14 x 14 = 196 patch tokens, plus CLS
 CLIP_MLP_RATIO = 4  # intermediate / hidden of ViT-B/16 (3072 / 768)
 CLIP_TEXT_MAX_POSITIONS = 77
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_START_TOKEN = "<|startoftext|>"
 CLIP_END_TOKEN = "<|endoftext|>"
 
@@ -246,7 +242,7 @@ def make_clip_image_processor() -> CLIPImageProcessorPil:
         do_resize=True, size={"shortest_edge": CLIP_IMAGE_SIZE}, resample=Image.Resampling.BICUBIC,
         do_center_crop=True, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
         do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+        do_normalize=True, image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist(),
     )
 
 

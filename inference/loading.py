@@ -54,7 +54,8 @@ def add_model_flags(parser):
                           help=f"answer length, at most (default {DEFAULT_MAX_NEW_TOKENS})")
     sampling.add_argument("--max_seq_len", type=bounded(int, 2), default=DEFAULT_MAX_SEQ_LEN,
                           help="prompt + answer tokens, at most; the oldest turns are left out to fit")
-    sampling.add_argument("--temperature", type=bounded(float, 0), default=DEFAULT_TEMPERATURE, help="0: greedy decoding")
+    sampling.add_argument("--temperature", type=bounded(float, 0), default=DEFAULT_TEMPERATURE,
+                          help="0: greedy decoding")
     sampling.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), default=DEFAULT_TOP_P)
     sampling.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=DEFAULT_SEED)
     sampling.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -53,13 +53,12 @@ import numpy as np
 import torch
 
 from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
+from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_TOKENS_PER_IMAGE
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
 STAGES = ("pretrain", "sft")
 MODES = ("upstream", "ours", "ours_cache")
 CLIP_TOKENS = 197  # 196 patches + CLS
-CLIP_PATCH = 16
-IMAGE_TOKENS = 196
 GEN_PROMPT = "Describe the picture briefly."
 # Attention backward in matmuls of the forward's size: flash kernels recompute the scores (1), then dV, dP,
 # dQ, dK (4), against the forward's 2.
@@ -139,7 +138,7 @@ def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None) -
     width = preset["clip_hidden_size"]
     config = CLIPVisionConfig(hidden_size=width, intermediate_size=make_assets.CLIP_MLP_RATIO * width,
                               num_hidden_layers=preset["clip_layers"], num_attention_heads=preset["clip_heads"],
-                              image_size=make_assets.CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH, hidden_act="quick_gelu")
+                              image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE, hidden_act="quick_gelu")
     hf_logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -193,7 +192,7 @@ def train_step_flops(shape: dict, policy: str, lengths, pad_len: int, targets: i
         layer_bwd, head_bwd = (layers - 1) + 2.0, 1.0
     else:
         layer_bwd, head_bwd = float(layers), 1.0
-    proj = 2 * shape["ve_hidden_size"] * h * IMAGE_TOKENS * images * 2  # forward + dW
+    proj = 2 * shape["ve_hidden_size"] * h * IMAGE_TOKENS_PER_IMAGE * images * 2  # forward + dW
 
     def lm(tokens, pairs, logit_positions):
         fwd_linear = 2 * layer_params * tokens
@@ -218,7 +217,7 @@ def train_step_flops(shape: dict, policy: str, lengths, pad_len: int, targets: i
 def clip_forward_flops(shape: dict) -> float:
     """ViT forward of one 224 px image: patch embedding, then per layer q/k/v/o + MLP and attention."""
     d, layers = shape["clip_hidden_size"], shape["clip_layers"]
-    patch = 2 * 3 * CLIP_PATCH * CLIP_PATCH * d * IMAGE_TOKENS
+    patch = 2 * 3 * CLIP_PATCH_SIZE * CLIP_PATCH_SIZE * d * IMAGE_TOKENS_PER_IMAGE
     per_layer = 2 * CLIP_TOKENS * (4 * d * d + 2 * d * 4 * d) + 4 * d * CLIP_TOKENS * CLIP_TOKENS
     return patch + layers * per_layer
 

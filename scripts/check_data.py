@@ -48,10 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--stage", default="pretrain", choices=list(STAGE_MAX_SEQ_LEN),
                    help="whose default --max_seq_len to use ("
                         + ", ".join(f"{stage} {n}" for stage, n in STAGE_MAX_SEQ_LEN.items()) + ")")
-    p.add_argument("--max_seq_len", type=bounded(int, 2), default=None, help="tokens per sample, as given to the trainer")
+    p.add_argument("--max_seq_len", type=bounded(int, 2), default=None,
+                   help="tokens per sample, as given to the trainer")
     p.add_argument("--workers", type=bounded(int, 1), default=os.cpu_count() or 1,
                    help="threads decoding images (PIL releases the GIL while decoding and resizing)")
-    p.add_argument("--show", type=bounded(int, 0), default=100, help="problems listed per kind before summarising (0: all)")
+    p.add_argument("--show", type=bounded(int, 0), default=100,
+                   help="problems listed per kind before summarising (0: all)")
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]

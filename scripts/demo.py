@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def install_requirements():
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (only: is it installed?)
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "torch"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REPO_ROOT / "requirements.txt")],

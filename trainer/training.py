@@ -23,8 +23,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DTYPES,
-                    MAX_SEED, RunStopped, bounded, SaveError, atomic_save, count_parameters, format_duration, quiet_transformers,
-                    unwrap)
+                    MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters, format_duration,
+                    quiet_transformers, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
@@ -90,16 +90,19 @@ def build_parser(description, **stage_defaults):
     model.add_argument("--hidden_size", type=bounded(int, 1), default=512)
     model.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
     model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
-    model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"], help="tokens per sample, at most")
+    model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
+                       help="tokens per sample, at most")
     model.add_argument("--trainable", default=d["trainable"], choices=TRAINABLE_CHOICES,
                        help="parameters that train: projector, projector + last LM layer, or projector + LM")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=bounded(int, 1), default=d["epochs"])
-    opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"], help="samples per process per micro-step")
+    opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"],
+                     help="samples per process per micro-step")
     opt.add_argument("--learning_rate", type=bounded(float, 0, low_open=True), default=d["learning_rate"])
     opt.add_argument("--accumulation_steps", type=bounded(int, 1), default=1, help="micro-batches per optimizer step")
     opt.add_argument("--grad_clip", type=bounded(float, 0), default=1.0)
-    opt.add_argument("--max_steps", type=bounded(int, 0), default=0, help="stop after this many optimizer steps (0: no limit)")
+    opt.add_argument("--max_steps", type=bounded(int, 0), default=0,
+                     help="stop after this many optimizer steps (0: no limit)")
     opt.add_argument("--max_bad_steps", type=bounded(int, 1), default=10,
                      help="stop after this many optimizer steps in a row with a non-finite loss")
     opt.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=42)
@@ -113,8 +116,10 @@ def build_parser(description, **stage_defaults):
     run.add_argument("--cache_vision_features", default=None, metavar="DIR",
                      help="compute each image's CLIP features once and reuse them (fp16, memory-mapped)")
     log = p.add_argument_group("logging and saving")
-    log.add_argument("--log_interval", type=bounded(int, 1), default=d["log_interval"], help="optimizer steps between logs")
-    log.add_argument("--save_interval", type=bounded(int, 1), default=d["save_interval"], help="optimizer steps between saves")
+    log.add_argument("--log_interval", type=bounded(int, 1), default=d["log_interval"],
+                     help="optimizer steps between logs")
+    log.add_argument("--save_interval", type=bounded(int, 1), default=d["save_interval"],
+                     help="optimizer steps between saves")
     log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     log.add_argument("--wandb_project", default=d["wandb_project"])
     return p
