@@ -500,25 +500,30 @@ def _generation_worker(spec):
         assert out.shape[1] == input_ids.shape[1] + new_tokens
         return clock.times[1] - start, clock.times[-1] - start  # times[0]: the prompt, handed over first
 
-    n = spec["gen_new_tokens"]
     modes = {"upstream": upstream, "ours": ours}
+    return time_generation_modes(generate, modes, blobs, spec["gen_new_tokens"], spec["gen_repeats"],
+                                 prompt_tokens=input_ids.shape[1])
+
+
+def time_generation_modes(generate, modes: dict, blobs, new_tokens: int, repeats: int, prompt_tokens: int) -> dict:
+    """Alternate the modes over `repeats` images (no mode always first); medians per mode, and the share of the
+    machine that other programs took meanwhile."""
     for prepare in modes.values():
         generate(prepare, blobs[0], 2)  # warm-up
     times = {name: [] for name in modes}
     busy, started, cpu_at_start = machine_busy_seconds(), time.perf_counter(), time.process_time()
-    for repeat in range(spec["gen_repeats"]):
-        blob = blobs[repeat % len(blobs)]
-        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))  # no mode always goes first
+    for repeat in range(repeats):
+        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
         for name in order:
-            times[name].append(generate(modes[name], blob, n))
+            times[name].append(generate(modes[name], blobs[repeat % len(blobs)], new_tokens))
     seconds = time.perf_counter() - started
     result = {}
     for name, runs in times.items():
         first, total = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        decode = statistics.median((n - 1) / (r[1] - r[0]) for r in runs)
-        result[name] = {"prompt_tokens": input_ids.shape[1], "new_tokens": n, "time_to_first_token_s": first,
-                        "total_s": total, "tokens_per_s": n / total, "decode_tokens_per_s": decode}
-    if busy is not None:  # CPU time other programs took while the modes were timed, as a share of the machine
+        decode = statistics.median((new_tokens - 1) / (r[1] - r[0]) for r in runs)
+        result[name] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "time_to_first_token_s": first,
+                        "total_s": total, "tokens_per_s": new_tokens / total, "decode_tokens_per_s": decode}
+    if busy is not None:
         other = machine_busy_seconds() - busy - (time.process_time() - cpu_at_start)
         for name in result:
             result[name]["other_load"] = max(other, 0.0) / (seconds * (os.cpu_count() or 1))
@@ -703,66 +708,31 @@ def time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed):
     return modes, cache
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    log = print
-    started = time.perf_counter()
-
-    def elapsed():
-        return f"{time.perf_counter() - started:.0f}s"
-
+def settings_from_flags(args) -> dict:
+    """The preset, with the flags that override it; fills in the device-dependent defaults of `args`."""
     preset = dict(PRESETS["quick" if args.quick else "full"])
     for key in ("pretrain_batch_size", "sft_batch_size", "upstream_steps", "hidden_size", "num_hidden_layers"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.samples is not None:
         preset["pretrain_samples"] = preset["sft_samples"] = args.samples
-    device = torch.device(args.device)
     if args.num_workers is None:
-        args.num_workers = 4 if device.type == "cuda" else 0
-    args.dtype_name = args.dtype if device.type == "cuda" else "float32"
+        args.num_workers = 4 if torch.device(args.device).type == "cuda" else 0
+    args.dtype_name = args.dtype if torch.device(args.device).type == "cuda" else "float32"
+    return preset
 
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="minimind-bench-")) if temporary else args.work_dir
-    try:
-        log(f"building synthetic assets in {work_dir}")
-        paths = build_assets(work_dir, preset, args.seed, args.tokenizer_path)
-        peak_flops = measure_matmul_peak(device, getattr(torch, args.dtype_name), seconds=1.0 if args.quick else 4.0)
-        log(f"[{elapsed()}] matmul peak on {device}: {peak_flops / 1e12:.3f} TFLOP/s ({args.dtype_name})")
-        shape = model_shape(preset)
-        report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "dtype": args.dtype_name, "preset": "quick" if args.quick else "full",
-                  "model": shape, "settings": preset, "num_workers": args.num_workers,
-                  "use_compile": args.use_compile, "matmul_peak_tflops": peak_flops / 1e12,
-                  "train": {}, "cache": {}, "speedup": {}}
-        for stage in args.stages:
-            modes, cache = time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed)
-            report["train"][stage] = modes
-            if cache is not None:
-                report["cache"][stage] = cache
-            if "upstream" in modes:
-                report["speedup"][stage] = {m: r["samples_per_s"] / modes["upstream"]["samples_per_s"]
-                                            for m, r in modes.items() if m != "upstream"}
-        if not args.no_generation:
-            log(f"[{elapsed()}] generation: timing prefill + decode")
-            report["generation"] = run_alone("generation", generation_worker, dict(
-                device=args.device, dtype=args.dtype_name, seed=args.seed, hidden_size=preset["hidden_size"],
-                num_hidden_layers=preset["num_hidden_layers"], clip_path=str(paths["clip"]),
-                tokenizer_path=str(paths["tokenizer"]), data_path=str(paths["pretrain"]),
-                gen_new_tokens=preset["gen_new_tokens"], gen_repeats=preset["gen_repeats"]))
-            gen = report["generation"]
-            report["speedup"]["generation"] = gen["ours"]["tokens_per_s"] / gen["upstream"]["tokens_per_s"]
-        # The peak again now that nothing else of ours runs: the better of the two is the yardstick.
-        peak_flops = max(peak_flops, measure_matmul_peak(device, getattr(torch, args.dtype_name),
-                                                         seconds=1.0 if args.quick else 4.0))
-        report["matmul_peak_tflops"] = peak_flops / 1e12
-        for modes in report["train"].values():
-            for r in modes.values():
-                r["mfu"] = r["model_flop"] / r["seconds"] / peak_flops
-                r["mfu_incl_padding"] = r["executed_flop"] / r["seconds"] / peak_flops
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
+
+def add_mfu(report, peak_flops: float):
+    """Model FLOP utilisation of each timed mode against the measured matmul peak."""
+    report["matmul_peak_tflops"] = peak_flops / 1e12
+    for modes in report["train"].values():
+        for r in modes.values():
+            r["mfu"] = r["model_flop"] / r["seconds"] / peak_flops
+            r["mfu_incl_padding"] = r["executed_flop"] / r["seconds"] / peak_flops
+
+
+def finish_report(report, args, started: float, log):
+    """Other programs' load, wall time; write the JSON and print the table."""
     loads = [r["other_load"] for modes in report["train"].values() for r in modes.values()
              if r.get("other_load") is not None]
     loads += [r["other_load"] for r in report.get("generation", {}).values() if r.get("other_load") is not None]
@@ -775,6 +745,58 @@ def main(argv=None):
         log(f"note: other programs used up to {report['max_other_load']:.0%} of the CPU while modes were timed; "
             f"the modes took turns, so ratios are fairer than absolute figures")
     log(f"written {args.out} ({report['wall_s']:.0f} s)")
+
+
+def time_generation(args, preset, paths) -> dict:
+    return run_alone("generation", generation_worker, dict(
+        device=args.device, dtype=args.dtype_name, seed=args.seed, hidden_size=preset["hidden_size"],
+        num_hidden_layers=preset["num_hidden_layers"], clip_path=str(paths["clip"]),
+        tokenizer_path=str(paths["tokenizer"]), data_path=str(paths["pretrain"]),
+        gen_new_tokens=preset["gen_new_tokens"], gen_repeats=preset["gen_repeats"]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = print
+    started = time.perf_counter()
+
+    def elapsed():
+        return f"{time.perf_counter() - started:.0f}s"
+
+    preset = settings_from_flags(args)
+    device = torch.device(args.device)
+    peak_seconds = 1.0 if args.quick else 4.0
+    temporary = args.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="minimind-bench-")) if temporary else args.work_dir
+    try:
+        log(f"building synthetic assets in {work_dir}")
+        paths = build_assets(work_dir, preset, args.seed, args.tokenizer_path)
+        peak_flops = measure_matmul_peak(device, getattr(torch, args.dtype_name), seconds=peak_seconds)
+        log(f"[{elapsed()}] matmul peak on {device}: {peak_flops / 1e12:.3f} TFLOP/s ({args.dtype_name})")
+        shape = model_shape(preset)
+        report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "dtype": args.dtype_name, "preset": "quick" if args.quick else "full",
+                  "model": shape, "settings": preset, "num_workers": args.num_workers,
+                  "use_compile": args.use_compile, "train": {}, "cache": {}, "speedup": {}}
+        for stage in args.stages:
+            modes, cache = time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed)
+            report["train"][stage] = modes
+            if cache is not None:
+                report["cache"][stage] = cache
+            if "upstream" in modes:
+                report["speedup"][stage] = {m: r["samples_per_s"] / modes["upstream"]["samples_per_s"]
+                                            for m, r in modes.items() if m != "upstream"}
+        if not args.no_generation:
+            log(f"[{elapsed()}] generation: timing prefill + decode")
+            gen = report["generation"] = time_generation(args, preset, paths)
+            report["speedup"]["generation"] = gen["ours"]["tokens_per_s"] / gen["upstream"]["tokens_per_s"]
+        # The peak again now that nothing else of ours runs: the better of the two is the yardstick.
+        add_mfu(report, max(peak_flops, measure_matmul_peak(device, getattr(torch, args.dtype_name),
+                                                            seconds=peak_seconds)))
+    finally:
+        if temporary:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    finish_report(report, args, started, log)
     return report
 
 
