@@ -351,14 +351,16 @@ def batch_facts(dataset, batches, pad_to):
     return facts
 
 
-def train_worker(conn, spec):
+def worker_main(conn, body, spec):
+    """In the worker process: `body(conn, spec)`'s result, or its traceback, always goes back on the pipe (the
+    parent waits on it)."""
     try:
-        conn.send(("result", _train_worker(conn, spec)))
-    except BaseException:  # the parent waits on this pipe: always answer
+        conn.send(("result", body(conn, spec)))
+    except BaseException:
         conn.send(("error", traceback.format_exc()))
 
 
-def _train_worker(conn, spec):
+def train_worker(conn, spec):
     from dataset.lm_dataset import VLMDataset
     from dataset.processing import load_tokenizer
     from trainer.training import (RunContext, build_dataset, build_loader, build_model,
@@ -406,13 +408,6 @@ def _train_worker(conn, spec):
 
 
 def cache_worker(conn, spec):
-    try:
-        conn.send(("result", _cache_worker(spec)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-
-
-def _cache_worker(spec):
     """Build (or find) the feature cache as training would, timed; the training process then only opens it."""
     from dataset.feature_cache import attach_feature_cache
     from dataset.processing import load_tokenizer
@@ -449,13 +444,6 @@ def _token_clock_class():
 
 
 def generation_worker(conn, spec):
-    try:
-        conn.send(("result", _generation_worker(spec)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-
-
-def _generation_worker(spec):
     """Prefill of a one-image prompt + greedy decode, in both modes, alternating; medians over repeats."""
     import pyarrow.parquet as pq
     from PIL import Image
@@ -548,7 +536,7 @@ class Worker:
         context = worker_context()
         self.conn, child_conn = context.Pipe()
         self.name, self.planned_steps = name, planned_steps
-        self.process = context.Process(target=target, args=(child_conn, spec))
+        self.process = context.Process(target=worker_main, args=(child_conn, target, spec))
         self.process.start()
         self.steps = []
         self.info = None

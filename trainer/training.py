@@ -27,12 +27,14 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, 
                     quiet_transformers, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from dataset.processing import load_tokenizer
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
 TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
+STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
 STAGE_DEFAULTS = {
     "pretrain": dict(
@@ -672,6 +674,28 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
     weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
     return LoopSetup(wrapped, optimizer, scaler, autocast, loader, sampler, ctx, logger, weights_out,
                      resume_out), state
+
+
+def run_stage(stage: str, description: str, argv=None):
+    """A training stage from the command line to its last checkpoint (train_pretrain_vlm.py, train_sft_vlm.py)."""
+    args = build_parser(description, **STAGE_DEFAULTS[stage]).parse_args(argv)
+    # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
+    ctx = init_distributed(args.device)
+    seed_everything(args.seed + ctx.rank)
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    # 2. Tokenizer; model with CLIP frozen, start weights loaded strictly; what trains
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    model = build_model(args, log=log)
+    set_trainable(model, args.trainable)
+    # 3. Data: every record checked and tokenised
+    dataset = build_dataset(args, tokenizer, model.config, ctx, log=log)
+    # 4. Optimizer, resume state, DDP, loader, logger
+    setup, state = prepare_run(model, dataset, args, ctx, stage=STAGE_NAMES[stage], log=log)
+    # 5. Train
+    try:
+        train(setup, args, state, log=log)
+    finally:
+        finish_run(setup)
 
 
 def finish_run(setup: LoopSetup):
