@@ -26,8 +26,8 @@ pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
-from dataset.processing import build_prompt  # noqa: E402
-from inference.generation import GenerationSettings, answer_once  # noqa: E402
+from dataset.processing import build_prompt, load_pixel_values  # noqa: E402
+from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
 from inference.server import APIError, ServerSettings, StopCutter, read_image_bytes  # noqa: E402
 
@@ -182,25 +182,30 @@ def test_answer_about_an_image_streamed_and_whole(client, loaded, images):
 
 
 def test_history_system_prompt_and_several_images_reach_the_prompt(client, loaded, images):
-    messages = [{"role": "system", "content": "You answer in one word."},
-                *question_about(images[0]),
-                {"role": "assistant", "content": "A circle."},
-                {"role": "user", "content": [{"type": "text", "text": "Compare it with"}, image_part(data_url(images[1])),
-                                             {"type": "text", "text": "and"}, image_part(data_url(images[2]))]}]
+    second_question = [{"type": "text", "text": "Compare it with"}, image_part(data_url(images[1])),
+                       {"type": "text", "text": "and"}, image_part(data_url(images[2]))]
+    messages = [{"role": "system", "content": "You answer in one word."}, *question_about(images[0]),
+                {"role": "assistant", "content": "A circle."}, {"role": "user", "content": second_question}]
     as_markers = [{"role": "system", "content": "You answer in one word."},
                   {"role": "user", "content": f"<image>\n{QUESTION}"},
                   {"role": "assistant", "content": "A circle."},
                   {"role": "user", "content": "Compare it with\n<image>\nand\n<image>"}]
+    # The answer this process gets from the same prompt and the three images in their order.
     prompt = build_prompt(loaded.tokenizer, as_markers, loaded.model.config.image_special_token, True)
-    reply = ask(client, messages, temperature=0, max_tokens=2)
-    assert reply.usage.prompt_tokens == len(loaded.tokenizer(prompt, add_special_tokens=False).input_ids)
-    without_system = ask(client, messages[1:], temperature=0, max_tokens=2)
+    input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    pixel_values = load_pixel_values(images[:3]).unsqueeze(0)  # [1, 3, 3, 224, 224]
+    expected = "".join(stream_generation(loaded, input_ids, pixel_values, GenerationSettings(8, 0.0, 1.0),
+                                         threading.Event(), lambda text, stats: None))
+    reply = ask(client, messages, temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == input_ids.shape[1]
+    without_system = ask(client, messages[1:], temperature=0, max_tokens=8)
     assert without_system.usage.prompt_tokens != reply.usage.prompt_tokens
 
 
 def test_local_file_under_image_root(client, images):
-    by_name = ask(client, [{"role": "user", "content": [image_part(images[0].name), {"type": "text", "text": QUESTION}]}],
-                  temperature=0)
+    question = [image_part(images[0].name), {"type": "text", "text": QUESTION}]
+    by_name = ask(client, [{"role": "user", "content": question}], temperature=0)
     assert by_name.choices[0].message.content == ask(client, question_about(images[0]),
                                                      temperature=0).choices[0].message.content
 
