@@ -586,7 +586,7 @@ async def read_json_body(request: Request, max_bytes: int):
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply to parse
         raise bad_request(f"the request body is not valid JSON ({error})", None, "invalid_json") from None
 
 
@@ -643,8 +643,9 @@ async def whole_answer(request: Request, job: Job, reply_id: str, model_id: str)
         await asyncio.wait([collect, left], return_when=asyncio.FIRST_COMPLETED)
     finally:
         left.cancel()
-        if not collect.done():
+        if not collect.done():  # the client left (or this handler was cancelled): stop generating
             collect.cancel()
+            await asyncio.gather(collect, return_exceptions=True)
     if collect.cancelled():
         return JSONResponse({}, status_code=499)  # nobody reads it
     text = collect.result()

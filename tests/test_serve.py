@@ -7,8 +7,10 @@ import base64
 import functools
 import http.server
 import io
+import json
 import random
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +67,7 @@ def server(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tm
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()  # every test's requests, handled
 
 
 def wait_for_start(process, log_path: Path) -> str:
@@ -280,8 +283,27 @@ def test_client_leaving_mid_answer_frees_its_slot(server, client, images):
     assert answer.choices[0].finish_reason == "length" and health(server)["running"] == 1  # `second` still runs
     close_stream(second)
     wait_until(lambda: health(server)["running"] == 0, 30, "the second slot to be freed")
-    stopped = [int(n) for n in re.findall(r"generation stopped after (\d+) of", server[1].read_text())]
+    stopped = stopped_generations(server[1])
     assert len(stopped) >= 2 and max(stopped[-2:]) < LONG_ANSWER_TOKENS
+
+
+def stopped_generations(log_path: Path) -> list:
+    return [int(n) for n in re.findall(r"generation stopped after (\d+) of", log_path.read_text())]
+
+
+def test_client_leaving_before_a_whole_answer_stops_it(server):
+    before = len(stopped_generations(server[1]))
+    body = json.dumps(chat_body([{"role": "user", "content": QUESTION}], max_tokens=LONG_ANSWER_TOKENS,
+                                temperature=0)).encode()
+    host, port = server[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:  # a client that gives up waiting
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " +
+                    API_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: " +
+                    str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_until(lambda: health(server)["running"] == 1, 30, "the answer to start")
+    wait_until(lambda: len(stopped_generations(server[1])) > before, 30, "the generation to stop")
+    assert stopped_generations(server[1])[-1] < LONG_ANSWER_TOKENS
+    wait_until(lambda: health(server)["running"] == 0, 30, "the slot to be freed")
 
 
 def test_full_queue_is_429_and_leaving_the_queue_frees_places(server, client, images):
@@ -385,3 +407,16 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path, images):
     with pytest.raises(APIError) as refused:
         read_image_bytes(url, "image", ServerSettings(MODEL_ID, GenerationSettings(), MAX_SEQ_LEN))
     assert "--allow_remote_images" in refused.value.message
+
+
+def test_flag_errors_and_a_taken_port(capsys):
+    from scripts import serve_openai_api
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_openai_api.parse_args(["--max_queue", "-1"])
+    assert exit_info.value.code == 2 and "--max_queue must be at least 0" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="pick another --port"):
+            serve_openai_api.bind("127.0.0.1", taken.getsockname()[1])
