@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -319,8 +320,11 @@ def load_request_images(images: list, settings: ServerSettings):
 def prepare_inputs(request: ChatRequest, loaded: LoadedModel, settings: ServerSettings):
     """(input_ids [1, T], pixel_values or None, generation settings fitted to the context); 400 if it cannot fit."""
     pixel_values = load_request_images(request.images, settings)
-    prompt = build_prompt(loaded.tokenizer, request.messages, loaded.model.config.image_special_token,
-                          add_generation_prompt=True)
+    try:
+        prompt = build_prompt(loaded.tokenizer, request.messages, loaded.model.config.image_special_token,
+                              add_generation_prompt=True)
+    except TemplateError as error:  # a template that raises on what it cannot render (a system message, say)
+        raise bad_request(f"the model's chat template refused these messages: {error}", "messages") from None
     input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     room = settings.max_seq_len - input_ids.shape[1]
     generation = request.settings
