@@ -455,7 +455,7 @@ class StopCutter:
         if cuts:
             self.hit, self.held = True, ""
             return text[:min(cuts)]
-        keep = max((len(stop) - 1 for stop in self.stops), default=0)
+        keep = min(len(text), max((len(stop) - 1 for stop in self.stops), default=0))
         while keep and not any(stop.startswith(text[len(text) - keep:]) for stop in self.stops):
             keep -= 1  # the tail cannot begin any stop string: it is safe to send
         self.held = text[len(text) - keep:] if keep else ""

@@ -230,7 +230,7 @@ def test_seed_reproduces_a_sampled_answer_and_stop_cuts_it(client, images):
 @given(text=st.text(alphabet="ab@", max_size=30), stops=st.lists(st.text(alphabet="ab@", min_size=1, max_size=4),
                                                                  min_size=1, max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=6))
-@hypothesis_settings(max_examples=200, deadline=None)
+@hypothesis_settings(max_examples=500, deadline=None)
 def test_stop_cutter_matches_cutting_the_whole_text(text, stops, cuts):
     positions = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     cutter = StopCutter(stops)
