@@ -439,7 +439,7 @@ class GenerationRun:
 
 
 class StopCutter:
-    """Cuts a streamed answer before the first stop string, holding back text that may begin one."""
+    """Cuts a streamed answer before the first stop string to be completed, holding back text that may begin one."""
 
     def __init__(self, stops: list):
         self.stops = stops
@@ -451,10 +451,12 @@ class StopCutter:
         if self.hit:
             return ""
         text = self.held + piece
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
-        if cuts:
+        # (end, start) of each stop string's first occurrence: the one completed first wins, as it would if the
+        # text came a character at a time.
+        found = [(text.find(stop) + len(stop), text.find(stop)) for stop in self.stops if stop in text]
+        if found:
             self.hit, self.held = True, ""
-            return text[:min(cuts)]
+            return text[:min(found)[1]]
         keep = min(len(text), max((len(stop) - 1 for stop in self.stops), default=0))
         while keep and not any(stop.startswith(text[len(text) - keep:]) for stop in self.stops):
             keep -= 1  # the tail cannot begin any stop string: it is safe to send
