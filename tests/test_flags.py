@@ -18,6 +18,8 @@ ENTRY_POINTS = [
     ("scripts.demo", "parse_args"),
     ("scripts.download", "parse_args"),
     ("scripts.make_assets", "parse_args"),
+    ("scripts.serve_openai_api", "parse_args"),
+    ("scripts.bench_serve", "parse_args"),
 ]
 
 
