@@ -1,11 +1,7 @@
 """Stage 1, pretraining: teach vision_proj (and the last LM layer) to turn CLIP features into LM inputs.
 
-One GPU:            python train_pretrain_vlm.py
-Several GPUs:       torchrun --nproc_per_node 8 train_pretrain_vlm.py
-Several machines:   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \
-                        train_pretrain_vlm.py        (and --node_rank 1 on the second machine)
-CPU smoke run:      python train_pretrain_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 \
-                        --from_weight none --batch_size 2 --max_steps 5 --num_workers 0
+`python train_pretrain_vlm.py --help` shows every flag and how to launch on one GPU, several GPUs (torchrun) or
+several machines.
 
 Needs out/llm_512.pth, model/tokenizer.json, model/vision_model/clip-vit-base-patch16 and the pretrain data
 (`python -m scripts.download`). Writes out/pretrain_vlm_512.pth (fp16, loadable by upstream's code) and

@@ -35,6 +35,7 @@ MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
 TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
 STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
+STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
 STAGE_DEFAULTS = {
     "pretrain": dict(
@@ -70,10 +71,21 @@ STAGE_DEFAULTS = {
 
 # ----------------------------------------------------------------------------------------------------- flags
 
-def build_parser(description, **stage_defaults):
-    """All training flags; each stage script passes its own defaults (shown in --help)."""
+LAUNCH_RECIPES = """launching:
+  one GPU:           python SCRIPT
+  several GPUs:      torchrun --nproc_per_node 8 SCRIPT
+  several machines:  torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+                         SCRIPT   (and --node_rank 1 on the second machine)
+  CPU smoke run:     python SCRIPT --device cpu --hidden_size 64 --num_hidden_layers 2 --from_weight none \\
+                         --batch_size 2 --max_steps 5 --num_workers 0
+"""
+
+
+def build_parser(description, script: str = "SCRIPT", **stage_defaults):
+    """All training flags; each stage script passes its own defaults (shown in --help, with launch commands)."""
     d = stage_defaults
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=LAUNCH_RECIPES.replace("SCRIPT", script))
     io = p.add_argument_group("files")
     io.add_argument("--save_dir", default=str(DEFAULT_SAVE_DIR), help="where .pth weights are read and written")
     io.add_argument("--save_weight", default=d["save_weight"], help="output name: {save_weight}_{hidden}.pth")
@@ -678,7 +690,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
 
 def run_stage(stage: str, description: str, argv=None):
     """A training stage from the command line to its last checkpoint (train_pretrain_vlm.py, train_sft_vlm.py)."""
-    args = build_parser(description, **STAGE_DEFAULTS[stage]).parse_args(argv)
+    args = build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv)
     # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
     ctx = init_distributed(args.device)
     seed_everything(args.seed + ctx.rank)
