@@ -25,6 +25,7 @@ def quick_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_figure(quick_report):
     report = quick_report
     assert report["device"] == "cpu" and report["matmul_peak_tflops"] > 0
