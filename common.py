@@ -2,6 +2,7 @@
 
 One home for each: nothing here knows about the model, the data or training.
 """
+import argparse
 import os
 import sys
 from contextlib import contextmanager
@@ -16,6 +17,10 @@ DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 DEFAULT_TOKENIZER_PATH = REPO_ROOT / "model"
 DEFAULT_DATA_DIR = REPO_ROOT / "dataset"
 DEFAULT_TRANSFORMERS_DIR = REPO_ROOT / "MiniMind2-V"
+
+# numpy seeds are 32-bit; TCP ports 16-bit (flag ranges).
+MAX_SEED = 2 ** 32 - 1
+MAX_PORT = 2 ** 16 - 1
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -39,7 +44,8 @@ class SaveError(OSError):
 def run_cli(main, argv=None):
     """Run an entry point's `main(argv)`: a user mistake ends in one line on stderr (exit 2), not a traceback.
 
-    UserError, SaveError and FileNotFoundError describe bad input or a full disk; anything else is a bug and keeps its traceback.
+    UserError, SaveError and FileNotFoundError describe bad input or a full disk; anything else is a bug and
+    keeps its traceback.
     """
     try:
         result = main(argv)
@@ -117,3 +123,32 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def bounded(kind, low=None, high=None, low_open=False):
+    """An argparse `type=` that parses `kind` (int or float) and refuses values outside [low, high].
+
+    `low_open=True` makes the lower bound exclusive (a rate that must be > 0). The error is argparse's usual
+    one line: `argument --batch_size: must be an integer >= 1, got 0`.
+    """
+    noun = "an integer" if kind is int else "a number"
+    limits = []
+    if low is not None:
+        limits.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        limits.append(f"<= {high}")
+    wanted = f"{noun} {' and '.join(limits)}".strip()
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    parse.kind, parse.low, parse.high, parse.low_open = kind, low, high, low_open  # for tests and --help tools
+    return parse

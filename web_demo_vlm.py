@@ -19,6 +19,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from common import MAX_PORT, bounded
 from dataset.processing import IMAGE_MARKER, ImageError
 from model.weights import WeightsMismatchError
 from inference.generation import ChatSession, GenerationSettings
@@ -37,8 +38,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=int, default=DEFAULT_PORT)
-    server.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, help="largest image accepted")
+    server.add_argument("--port", type=bounded(int, 1, MAX_PORT), default=DEFAULT_PORT)
+    server.add_argument("--max_upload_mb", type=bounded(int, 1), default=DEFAULT_MAX_UPLOAD_MB,
+                        help="largest image accepted")
     add_model_flags(parser)
     return parser
 

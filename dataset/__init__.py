@@ -1,0 +1,1 @@
+"""Records to tensors: image preprocessing and the prompt builder, dataset readers, the CLIP feature cache."""

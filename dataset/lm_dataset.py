@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from common import UserError
 from model.model_minimind import IGNORE_INDEX
 
-from .processing import (IMAGE_MARKER, ImageError, build_prompt, count_image_markers, open_image,
+from .processing import (CLIP_IMAGE_SIZE, IMAGE_MARKER, ImageError, build_prompt, count_image_markers, open_image,
                          preprocess_image, roles_by_parity)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -405,7 +405,7 @@ class VLMDataset(Dataset):
     def load_pixels(self, index):
         """[N, 3, 224, 224] for the record's images (N may be 0)."""
         images = [load_image(self.source, ref) for ref in self.records[index].images]
-        return torch.stack(images) if images else torch.zeros(0, 3, 224, 224)
+        return torch.stack(images) if images else torch.zeros(0, 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)
 
     def __getitem__(self, index):
         # An image that fails to decode is reported once and replaced by the next good sample.

@@ -24,9 +24,11 @@ above chance on eval_questions.jsonl has learnt to use its vision input. An eval
 {"image", "question", "answer", "choices", "kind"}; the question carries no `<image>` marker (the caller puts
 the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
 """
+import itertools
 import json
 import math
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,10 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer,
                           PreTrainedTokenizerFast)
+
+from dataset.processing import CLIP_MEAN, CLIP_STD, IMAGE_MARKER
+from model.model_minimind import MiniMindConfig
+from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
 
 ASSET_PARTS = ("tokenizer", "clip", "data")
 
@@ -53,11 +59,14 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # no final period, like M
 # The VLM replaces each `<image>` by 196 copies of this character and finds the image slots by its id. With
 # the byte alphabet placed right after the three special tokens '@' gets id 34, as in MiniMind2, and it stays
 # a single-byte token only if no merge contains it, hence a corpus without it.
-IMAGE_PLACEHOLDER_CHAR = "@"
-IMAGE_MARKER = "<image>"
-# MiniMind2 has 6400 entries; the small local corpus supports only about 600 (the trainer stops when no pair
-# is left to merge), so the default stays just below that and the built vocab has exactly this size.
+# MiniMind2 has 6400 entries; the small local corpus supports only about 600 merges (the trainer stops when no
+# pair is left to merge), so BPE trains this many entries and unused fillers pad the vocabulary up to the
+# model's size: every id a model can produce decodes, as with the real tokenizer.
 DEFAULT_VOCAB_SIZE = 600
+MODEL_VOCAB_SIZE = MiniMindConfig().vocab_size
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())  # specials + the byte alphabet
+FILLER_LETTERS = string.ascii_lowercase
+FILLER_LENGTH = 3  # 26^3 = 17,576 three-letter fillers: enough for any padding up to MODEL_VOCAB_SIZE
 
 
 def make_chat_template(turn_start: str, turn_end: str, default_system_prompt: str) -> str:
@@ -110,10 +119,8 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE)
     if with_placeholder:
         raise ValueError(f"corpus must not contain {IMAGE_PLACEHOLDER_CHAR!r} (a merge would swallow image "
                          f"placeholders); first offending text: {with_placeholder[0]!r}")
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-    smallest_vocab = len(SPECIAL_TOKENS) + len(byte_alphabet)
-    if vocab_size < smallest_vocab:
-        raise ValueError(f"vocab_size {vocab_size} is below the {smallest_vocab} specials + bytes")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is below the {MIN_VOCAB_SIZE} specials + bytes")
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -121,8 +128,9 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE)
     # The trainer puts the special tokens first and the alphabet after them in code-point order, which is the
     # id layout of MiniMind2's ids 0..258.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=byte_alphabet, show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer=trainer)
+    bpe = pad_vocabulary(bpe, MODEL_VOCAB_SIZE)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -135,6 +143,21 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     _restore_minimind2_file_layout(out_dir, bpe)
     return out_dir
+
+
+def pad_vocabulary(bpe: Tokenizer, size: int) -> Tokenizer:
+    """Append unreachable entries (no merge produces them) until the vocabulary has `size` entries.
+
+    Fillers are three-letter lowercase strings, so an id a random model samples decodes to plain text.
+    """
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]
+    fillers = ("".join(letters) for letters in itertools.product(FILLER_LETTERS, repeat=FILLER_LENGTH))
+    for filler in fillers:
+        if len(vocab) >= size:
+            break
+        vocab.setdefault(filler, len(vocab))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _restore_minimind2_file_layout(tokenizer_dir: Path, bpe: Tokenizer) -> None:
@@ -187,12 +210,8 @@ def simple_english_lines(n_lines: int, seed: int) -> list[str]:
 # 2. Tiny CLIP: the openai/clip-vit-base-patch16 folder layout and geometry, with small random weights
 # ----------------------------------------------------------------------------------------------------------
 
-CLIP_IMAGE_SIZE = 224
-CLIP_PATCH_SIZE = 16  # 224 / 16 = 14 -> 14 x 14 = 196 patch tokens, plus CLS
 CLIP_MLP_RATIO = 4  # intermediate / hidden of ViT-B/16 (3072 / 768)
 CLIP_TEXT_MAX_POSITIONS = 77
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_START_TOKEN = "<|startoftext|>"
 CLIP_END_TOKEN = "<|endoftext|>"
 
@@ -223,7 +242,7 @@ def make_clip_image_processor() -> CLIPImageProcessorPil:
         do_resize=True, size={"shortest_edge": CLIP_IMAGE_SIZE}, resample=Image.Resampling.BICUBIC,
         do_center_crop=True, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
         do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+        do_normalize=True, image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist(),
     )
 
 

@@ -1,0 +1,1 @@
+"""Using a trained model: loading, chat and streaming, scoring, the API server, benchmarks."""

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.generation.streamers import BaseStreamer
 
 from dataset.processing import IMAGE_MARKER, build_prompt, count_image_markers, load_pixel_values, user_content
@@ -27,6 +28,9 @@ class GenerationSettings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = DEFAULT_TEMPERATURE  # 0: greedy
     top_p: float = DEFAULT_TOP_P
+    # None: sampling draws from torch's global generator. An int: this answer samples with its own generator
+    # seeded with it, reproducible whatever else the process samples meanwhile (the API server's `seed`).
+    seed: int = None
 
     @classmethod
     def from_flags(cls, args):
@@ -34,10 +38,15 @@ class GenerationSettings:
         return cls(max_new_tokens, args.temperature, args.top_p)
 
     def generate_kwargs(self) -> dict:
-        if self.temperature <= 0:
+        if self.temperature <= 0 or self.seed is not None:  # seeded: SeededSampling picks, greedy search takes it
             return dict(max_new_tokens=self.max_new_tokens, do_sample=False)
         return dict(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
                     top_p=self.top_p)
+
+    def logits_processors(self) -> list:
+        if self.temperature > 0 and self.seed is not None:
+            return [SeededSampling(self.seed, self.temperature, self.top_p)]
+        return []
 
 
 @dataclass
@@ -45,6 +54,7 @@ class AnswerStats:
     tokens: int  # generated, the end-of-turn token included
     seconds: float  # prefill (CLIP included) plus decoding
     stopped: bool  # cut short by stop()
+    ended_by_eos: bool = False  # the model ended its turn (else it ran out of tokens or was stopped)
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,19 +71,24 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class DecodableIdsOnly(LogitsProcessor):
-    """Never sample ids the tokenizer cannot decode (the tiny test tokenizer is smaller than the embedding).
+class SeededSampling(LogitsProcessor):
+    """Samples the next token with its own seeded generator and leaves only that token for greedy search.
 
-    A no-op for the MiniMind2 tokenizer, whose 6400 entries fill the whole vocabulary.
+    Temperature and top-p are transformers' own warpers; only the draw is private, so concurrent answers in one
+    process do not consume each other's random numbers.
     """
 
-    def __init__(self, tokenizer_size: int):
-        self.tokenizer_size = tokenizer_size
+    def __init__(self, seed: int, temperature: float, top_p: float):
+        self.seed = seed
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+        self.generator = None  # made on the first call, on the device of the scores
 
     def __call__(self, input_ids, scores):
-        if scores.shape[-1] > self.tokenizer_size:
-            scores[:, self.tokenizer_size:] = float("-inf")
-        return scores
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)  # [B, V]
+        chosen = torch.multinomial(probs, 1, generator=self.generator)  # [B, 1]
+        return torch.full_like(scores, float("-inf")).scatter(1, chosen, 0.0)
 
 
 class QueueStreamer(BaseStreamer):
@@ -131,7 +146,7 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
                   pixel_values=None if pixel_values is None else pixel_values.to(loaded.device), streamer=streamer,
                   pad_token_id=loaded.tokenizer.pad_token_id, eos_token_id=loaded.tokenizer.eos_token_id,
                   stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
-                  logits_processor=LogitsProcessorList([DecodableIdsOnly(len(loaded.tokenizer))]),
+                  logits_processor=LogitsProcessorList(settings.logits_processors()),
                   **settings.generate_kwargs())
 
     def run():
@@ -165,7 +180,8 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
         thread.join()
         if done.error is None:
             stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
-                                stopped=stop_event.is_set())
+                                stopped=stop_event.is_set(),
+                                ended_by_eos=done.answer_ids[-1:] == [loaded.tokenizer.eos_token_id])
             on_done(loaded.tokenizer.decode(done.answer_ids, skip_special_tokens=True), stats)
     if done.error is not None:
         raise done.error

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, REPO_ROOT, UserError,
-                    count_parameters, quiet_transformers)
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, MAX_SEED, REPO_ROOT,
+                    UserError, bounded, count_parameters, quiet_transformers)
 from dataset.processing import check_tokenizer_matches, load_tokenizer
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
@@ -47,17 +47,18 @@ def add_model_flags(parser):
                        help=f"folder with tokenizer.json (default: {DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, "
                             f"or the transformers folder with --load 1)")
     shape = parser.add_argument_group("model shape (--load 0)")
-    shape.add_argument("--hidden_size", type=int, default=512)
-    shape.add_argument("--num_hidden_layers", type=int, default=8)
+    shape.add_argument("--hidden_size", type=bounded(int, 1), default=512)
+    shape.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
     shape.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     sampling = parser.add_argument_group("generation")
-    sampling.add_argument("--max_new_tokens", type=int, default=None,
+    sampling.add_argument("--max_new_tokens", type=bounded(int, 1), default=None,
                           help=f"answer length, at most (default {DEFAULT_MAX_NEW_TOKENS})")
-    sampling.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+    sampling.add_argument("--max_seq_len", type=bounded(int, 2), default=DEFAULT_MAX_SEQ_LEN,
                           help="prompt + answer tokens, at most; the oldest turns are left out to fit")
-    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0: greedy decoding")
-    sampling.add_argument("--top_p", type=float, default=DEFAULT_TOP_P)
-    sampling.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    sampling.add_argument("--temperature", type=bounded(float, 0), default=DEFAULT_TEMPERATURE,
+                          help="0: greedy decoding")
+    sampling.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), default=DEFAULT_TOP_P)
+    sampling.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=DEFAULT_SEED)
     sampling.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 

@@ -17,8 +17,11 @@ from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
 DEFAULT_VISION_MODEL_PATH = Path(__file__).resolve().parent / "vision_model" / "clip-vit-base-patch16"
 IMAGE_PLACEHOLDER_CHAR = "@"
 IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
-IMAGE_TOKENS_PER_IMAGE = (224 // 16) ** 2  # CLIP ViT-B/16 at 224 px: a 14x14 grid of patches
-CLIP_HIDDEN_SIZE = 768  # ViT-B width
+# openai/clip-vit-base-patch16: 224 px input, 16 px patches, width 768.
+CLIP_IMAGE_SIZE = 224
+CLIP_PATCH_SIZE = 16
+CLIP_HIDDEN_SIZE = 768
+IMAGE_TOKENS_PER_IMAGE = (CLIP_IMAGE_SIZE // CLIP_PATCH_SIZE) ** 2  # a 14x14 grid of patches: 196
 
 
 class VLMConfig(MiniMindConfig):

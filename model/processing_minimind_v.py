@@ -5,7 +5,8 @@ chat, web demo and API, and scripts/convert_vlm.py ships this file in exported f
 `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
 prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
 transformers 4.x copies only a remote module's direct relative imports: this one imports only torch, numpy, PIL
-and transformers.
+and transformers. The model's facts (image size, placeholder, run length) stay in model_vlm.py and reach the
+folder's processor through processor_config.json and preprocessor_config.json.
 """
 import os
 
@@ -17,7 +18,6 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
-CLIP_IMAGE_SIZE = 224
 # openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -77,7 +77,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"{image.mode} image: {error}") from None
 
 
-def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image (any mode) -> CLIP input [3, size, size] float32.
 
     Same steps as CLIPImageProcessor: RGB; shortest side to `size` (bicubic, long side truncated); centre
@@ -149,7 +149,10 @@ class MiniMindVImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, image_size: int = CLIP_IMAGE_SIZE, **kwargs):
+    def __init__(self, image_size: int = None, **kwargs):
+        if image_size is None:
+            raise ValueError("MiniMindVImageProcessor needs image_size (the vision encoder's input size): "
+                             "preprocessor_config.json is missing it")
         super().__init__(**kwargs)
         self.image_size = image_size
 

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import DEFAULT_TOKENIZER_PATH, format_duration, run_cli
+from common import DEFAULT_TOKENIZER_PATH, bounded, format_duration, run_cli
 from dataset.lm_dataset import CUT_IMAGE, DataError, DataProblem, SampleEncoder, load_image, open_source
 from dataset.processing import ImageError, check_tokenizer_matches, load_tokenizer
 from model.model_vlm import VLMConfig
@@ -48,10 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--stage", default="pretrain", choices=list(STAGE_MAX_SEQ_LEN),
                    help="whose default --max_seq_len to use ("
                         + ", ".join(f"{stage} {n}" for stage, n in STAGE_MAX_SEQ_LEN.items()) + ")")
-    p.add_argument("--max_seq_len", type=int, default=None, help="tokens per sample, as given to the trainer")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--max_seq_len", type=bounded(int, 2), default=None,
+                   help="tokens per sample, as given to the trainer")
+    p.add_argument("--workers", type=bounded(int, 1), default=os.cpu_count() or 1,
                    help="threads decoding images (PIL releases the GIL while decoding and resizing)")
-    p.add_argument("--show", type=int, default=100, help="problems listed per kind before summarising (0: all)")
+    p.add_argument("--show", type=bounded(int, 0), default=100,
+                   help="problems listed per kind before summarising (0: all)")
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]

@@ -29,8 +29,8 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPES, REPO_ROOT, atomic_save,
                     quiet_transformers, run_cli)
 from inference.loading import read_checkpoint
-from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.processing_minimind_v import CHAT_TEMPLATE, CLIP_IMAGE_SIZE
+from model.model_vlm import CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from model.processing_minimind_v import CHAT_TEMPLATE
 from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_state_dict, load_weights
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}

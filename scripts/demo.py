@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SAVE_DIR, REPO_ROOT
+from common import DEFAULT_SAVE_DIR, MAX_SEED, REPO_ROOT, bounded
 
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
 BLANK_GREY = (128, 128, 128)
@@ -27,16 +27,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"))
     p.add_argument("--install", action="store_true", help="pip install -r requirements.txt first")
-    p.add_argument("--n_train", type=int, default=1500, help="records per training stage")
-    p.add_argument("--n_eval", type=int, default=120, help="held-out questions")
-    p.add_argument("--hidden_size", type=int, default=128)
-    p.add_argument("--num_hidden_layers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--pretrain_lr", type=float, default=1e-3)
-    p.add_argument("--sft_lr", type=float, default=5e-4)
-    p.add_argument("--num_workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_train", type=bounded(int, 1), default=1500, help="records per training stage")
+    p.add_argument("--n_eval", type=bounded(int, 1), default=120, help="held-out questions")
+    p.add_argument("--hidden_size", type=bounded(int, 1), default=128)
+    p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=2)
+    p.add_argument("--epochs", type=bounded(int, 1), default=2)
+    p.add_argument("--batch_size", type=bounded(int, 1), default=16)
+    p.add_argument("--pretrain_lr", type=bounded(float, 0, low_open=True), default=1e-3)
+    p.add_argument("--sft_lr", type=bounded(float, 0, low_open=True), default=5e-4)
+    p.add_argument("--num_workers", type=bounded(int, 0), default=1)
+    p.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0)
     p.add_argument("--blank_control", action="store_true",
                    help="repeat the run with every training image blank (the image path must carry the answer)")
     return p.parse_args(argv)
@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def install_requirements():
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (only: is it installed?)
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "torch"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REPO_ROOT / "requirements.txt")],

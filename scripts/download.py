@@ -61,6 +61,10 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from common import REPO_ROOT
+from model.model_minimind import MiniMindConfig
+from model.model_vlm import (CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR,
+                             IMAGE_PLACEHOLDER_ID)
+from model.weights import VISION_PROJ_PREFIX
 
 SOURCES = ("hf", "modelscope")
 DEFAULT_REVISION = {"hf": "main", "modelscope": "master"}
@@ -75,17 +79,16 @@ STAGING_PREFIX = ".download-"
 PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError)
 
 # The MiniMind2 tokenizer; the Feb-2025 one had the same vocab but spelled ids 0-2 <unk>, <s>, </s>.
-VOCAB_SIZE = 6400
+VOCAB_SIZE = MiniMindConfig().vocab_size
 BOS_TOKEN, EOS_TOKEN = "<|im_start|>", "<|im_end|>"
 BOS_ID, EOS_ID = 1, 2
 LEGACY_BOS_TOKEN = "<s>"
-IMAGE_TOKEN, IMAGE_TOKEN_ID = "@", 34
+IMAGE_TOKEN, IMAGE_TOKEN_ID = IMAGE_PLACEHOLDER_CHAR, IMAGE_PLACEHOLDER_ID
 TOKENIZER_MANUAL_URL = (
     "https://github.com/jingyaogong/minimind-v/tree/56ab6ebd1344d165bca69f54afc7401567093447/model"
 )
 
-# CLIP ViT-B/16 as the VLM uses it: 224x224 input, 16x16 patches, width 768.
-CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, CLIP_WIDTH = 224, 16, 768
+CLIP_WIDTH = CLIP_HIDDEN_SIZE
 CLIP_CONFIG_DEFAULTS = {"image_size": 224, "patch_size": 32}  # transformers' CLIPVisionConfig, for omitted keys
 CLIP_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
 CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -93,7 +96,6 @@ CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
 
 NEW_EMBED_KEY = "model.embed_tokens.weight"
 LEGACY_EMBED_KEY = "tok_embeddings.weight"
-VISION_PROJ_PREFIX = "vision_proj."
 PARQUET_COLUMNS = ("conversations", "image_bytes")
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")

@@ -8,8 +8,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import DEFAULT_SAVE_DIR
-from dataset.synthetic import ASSET_PARTS, DEFAULT_VOCAB_SIZE, build_all, describe_path
+from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
+from dataset.synthetic import ASSET_PARTS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, build_all, describe_path
 
 DEFAULT_OUT_DIR = DEFAULT_SAVE_DIR / "tiny_assets"
 
@@ -19,16 +19,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the assets")
     parser.add_argument("--only", nargs="+", choices=ASSET_PARTS, default=list(ASSET_PARTS),
                         help="build only these parts (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, CLIP weights and English corpus")
-    parser.add_argument("--n_pretrain", type=int, default=64, help="pretrain image-caption records")
-    parser.add_argument("--n_sft", type=int, default=64, help="single-image SFT records")
-    parser.add_argument("--n_sft_multi", type=int, default=None,
+    parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0,
+                        help="seed for data, CLIP weights and English corpus")
+    parser.add_argument("--n_pretrain", type=bounded(int, 1), default=64, help="pretrain image-caption records")
+    parser.add_argument("--n_sft", type=bounded(int, 1), default=64, help="single-image SFT records")
+    parser.add_argument("--n_sft_multi", type=bounded(int, 0), default=None,
                         help="two-image SFT records (default: a quarter of --n_sft)")
-    parser.add_argument("--n_eval", type=int, default=30, help="held-out eval questions")
-    parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--n_eval", type=bounded(int, 1), default=30, help="held-out eval questions")
+    parser.add_argument("--vocab_size", type=bounded(int, MIN_VOCAB_SIZE), default=DEFAULT_VOCAB_SIZE,
                         help="upper bound on the tokenizer vocab (the small corpus may stop it earlier)")
-    parser.add_argument("--clip_hidden_size", type=int, default=64, help="width of both CLIP towers")
-    parser.add_argument("--clip_num_layers", type=int, default=2, help="depth of both CLIP towers")
+    parser.add_argument("--clip_hidden_size", type=bounded(int, 1), default=64, help="width of both CLIP towers")
+    parser.add_argument("--clip_num_layers", type=bounded(int, 1), default=2, help="depth of both CLIP towers")
     return parser.parse_args(argv)
 
 

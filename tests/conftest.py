@@ -66,3 +66,8 @@ def tiny_vlm_save_dir(tmp_path_factory, tiny_clip_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_vlm_out")
     torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or launches several processes (tens of seconds or more); "
+                                       "`-m 'not slow'` gives a quick run")

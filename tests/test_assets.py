@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPProcessor, CLIPVisionModel
 
 from dataset import synthetic as make_assets
+from model.model_minimind import MiniMindConfig
 from scripts import make_assets as make_assets_script
 
 IMAGE_TOKENS = make_assets.clip_num_patches()  # 196 placeholders per image
@@ -62,7 +63,11 @@ def test_special_tokens_and_settings(tiny_tokenizer):
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 0, 1, 2)
     assert tok.model_max_length == make_assets.MODEL_MAX_LENGTH == 32768
     assert tok.padding_side == tok.truncation_side == "right"
-    assert len(tok) == make_assets.DEFAULT_VOCAB_SIZE
+    # As many entries as the model's embedding (MiniMind2's 6400): every id a model samples decodes.
+    assert len(tok) == MiniMindConfig().vocab_size == 6400
+    assert all(tok.decode([token_id]) for token_id in range(len(tok) - 10, len(tok)))
+    # The fillers after the trained entries are unreachable: text is encoded with the trained merges only.
+    assert max(tok("abc xyz the cat sees a red ball today")["input_ids"]) < make_assets.DEFAULT_VOCAB_SIZE
     # nothing is added automatically
     assert tok("hello")["input_ids"] == tok.convert_tokens_to_ids(tok.tokenize("hello"))
     assert tok("<|im_start|>assistant\n")["input_ids"][0] == 1

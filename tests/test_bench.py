@@ -25,6 +25,7 @@ def quick_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_figure(quick_report):
     report = quick_report
     assert report["device"] == "cpu" and report["matmul_peak_tflops"] > 0
@@ -95,8 +96,10 @@ def test_step_flops_match_torch_flop_counter(policy):
         counted = counted_flops(lambda: step(loss_only))
         if not loss_only:
             assert counted == executed
-        else:  # the last layer also skips its query-side work before the first target: an upper bound
-            assert counted < executed
+        else:
+            # The last layer also skips its query-side work before the first target: less than the formula,
+            # but by less than that one layer's whole share (the other layers run in full).
+            assert executed - executed / shape["num_hidden_layers"] < counted < executed
 
 
 def test_clip_flops_match_torch_flop_counter(tiny_clip_dir):

@@ -35,6 +35,16 @@ CLIP_DIR = Path("model/vision_model/clip-vit-base-patch16")
 TOKENIZER_REPOS = ("jingyaogong/MiniMind2-V", "jingyaogong/MiniMind2")
 PYTORCH_REPO = "jingyaogong/MiniMind2-V-PyTorch"
 DATASET_REPO = "jingyaogong/minimind-v_dataset"
+# Facts of the released files (../shared/spec/upstream-minimind2-v.md), written out here rather than read from
+# download.py, so that a wrong constant there fails these tests.
+VOCAB_SIZE = 6400
+IMAGE_TOKEN, IMAGE_TOKEN_ID = "@", 34
+CLIP_WIDTH, CLIP_PATCH_SIZE = 768, 16
+CLIP_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
+NEW_EMBED_KEY, LEGACY_EMBED_KEY = "model.embed_tokens.weight", "tok_embeddings.weight"
+CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                        "special_tokens_map.json")
+MODELSCOPE_ENDPOINT_ENV = "MODELSCOPE_ENDPOINT"  # documented in the README
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -47,25 +57,25 @@ def torch_bytes(state):
 
 
 def lm_state(hidden_size, legacy=False, vision_proj=False):
-    embed_key = download.LEGACY_EMBED_KEY if legacy else download.NEW_EMBED_KEY
-    state = {embed_key: torch.zeros(download.VOCAB_SIZE, hidden_size, dtype=torch.float16)}
+    embed_key = LEGACY_EMBED_KEY if legacy else NEW_EMBED_KEY
+    state = {embed_key: torch.zeros(VOCAB_SIZE, hidden_size, dtype=torch.float16)}
     if vision_proj:
-        state["vision_proj.vision_proj.0.weight"] = torch.zeros(hidden_size, download.CLIP_WIDTH, dtype=torch.float16)
+        state["vision_proj.vision_proj.0.weight"] = torch.zeros(hidden_size, CLIP_WIDTH, dtype=torch.float16)
         state["vision_proj.vision_proj.0.bias"] = torch.zeros(hidden_size, dtype=torch.float16)
     return torch_bytes(state)
 
 
 def clip_patch_state():
-    patch = torch.zeros(download.CLIP_WIDTH, 3, download.CLIP_PATCH_SIZE, download.CLIP_PATCH_SIZE, dtype=torch.float16)
-    return {download.CLIP_PATCH_KEY: patch}
+    patch = torch.zeros(CLIP_WIDTH, 3, CLIP_PATCH_SIZE, CLIP_PATCH_SIZE, dtype=torch.float16)
+    return {CLIP_PATCH_KEY: patch}
 
 
 def tokenizer_files(specials):
     """A word-level stand-in with MiniMind2's layout: specials at ids 0-2, '@' at 34, 6400 tokens in all."""
-    vocab = {f"tok{i}": i for i in range(download.VOCAB_SIZE)}
-    vocab = {token: i for token, i in vocab.items() if i >= len(specials) and i != download.IMAGE_TOKEN_ID}
+    vocab = {f"tok{i}": i for i in range(VOCAB_SIZE)}
+    vocab = {token: i for token, i in vocab.items() if i >= len(specials) and i != IMAGE_TOKEN_ID}
     vocab.update({token: i for i, token in enumerate(specials)})
-    vocab[download.IMAGE_TOKEN] = download.IMAGE_TOKEN_ID
+    vocab[IMAGE_TOKEN] = IMAGE_TOKEN_ID
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(list(specials))
@@ -185,7 +195,7 @@ def hf_hub(monkeypatch):
 @pytest.fixture
 def modelscope_hub(monkeypatch):
     hub = FakeHub("modelscope")
-    monkeypatch.setenv(download.MODELSCOPE_ENDPOINT_ENV, hub.url)
+    monkeypatch.setenv(MODELSCOPE_ENDPOINT_ENV, hub.url)
     yield hub
     hub.close()
 
@@ -216,7 +226,7 @@ def add_clip(hub, repo_id, weights_name, optional_files):
 # Tests
 
 def test_hf_places_files_then_second_run_skips_them(hf_hub, tmp_path, capsys):
-    add_clip(hf_hub, "openai/clip-vit-base-patch16", "model.safetensors", download.CLIP_TOKENIZER_FILES)
+    add_clip(hf_hub, "openai/clip-vit-base-patch16", "model.safetensors", CLIP_TOKENIZER_FILES)
     tokenizer = tokenizer_files(NEW_SPECIALS)
     for name, data in tokenizer.items():
         hf_hub.add(TOKENIZER_REPOS[0], name, data)
@@ -231,7 +241,7 @@ def test_hf_places_files_then_second_run_skips_them(hf_hub, tmp_path, capsys):
 
     clip = tmp_path / CLIP_DIR
     assert sorted(p.name for p in clip.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "preprocessor_config.json", *download.CLIP_TOKENIZER_FILES])
+        ["config.json", "model.safetensors", "preprocessor_config.json", *CLIP_TOKENIZER_FILES])
     assert (tmp_path / "model/tokenizer.json").read_bytes() == tokenizer["tokenizer.json"]
     assert (tmp_path / "model/tokenizer_config.json").read_bytes() == tokenizer["tokenizer_config.json"]
     assert (tmp_path / "out/llm_512.pth").read_bytes() == llm
@@ -248,7 +258,7 @@ def test_hf_places_files_then_second_run_skips_them(hf_hub, tmp_path, capsys):
     assert download.main(argv) == 0
     out = capsys.readouterr().out
     assert hf_hub.requests == []  # everything present and verified: no network at all
-    assert out.count("present, verified") == 3 + len(download.CLIP_TOKENIZER_FILES) + 2 + 1 + 2
+    assert out.count("present, verified") == 3 + len(CLIP_TOKENIZER_FILES) + 2 + 1 + 2
 
 
 def test_modelscope_uses_pytorch_bin_old_names_and_unpacks_zips(modelscope_hub, tmp_path, capsys):
@@ -288,7 +298,7 @@ def test_modelscope_uses_pytorch_bin_old_names_and_unpacks_zips(modelscope_hub, 
     assert download.main(argv) == 0
     assert "present (2 files), skipped" in capsys.readouterr().out
     # only the optional files the repo lacks are asked for again
-    absent = set(download.CLIP_TOKENIZER_FILES) - {"vocab.json"}
+    absent = set(CLIP_TOKENIZER_FILES) - {"vocab.json"}
     assert sorted(path.rsplit("/", 1)[1] for _, path in modelscope_hub.requests) == sorted(absent)
 
 
@@ -364,7 +374,7 @@ def test_missing_file_names_the_repo(hf_hub, tmp_path, capsys):
 @pytest.mark.parametrize("source", ["hf", "modelscope"])
 def test_unreachable_source_gives_one_line_and_nonzero_exit(monkeypatch, tmp_path, capsys, source):
     endpoint = closed_port_url()
-    monkeypatch.setenv("HF_ENDPOINT" if source == "hf" else download.MODELSCOPE_ENDPOINT_ENV, endpoint)
+    monkeypatch.setenv("HF_ENDPOINT" if source == "hf" else MODELSCOPE_ENDPOINT_ENV, endpoint)
     assert download.main(["--source", source, "--what", "tokenizer", "--dest_root", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

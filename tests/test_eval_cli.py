@@ -13,7 +13,7 @@ import pytest
 
 import eval_vlm
 from dataset.processing import IMAGE_MARKER, build_prompt
-from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
+from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE
 from model.weights import weight_path
 from common import run_cli
 from inference.generation import ChatSession, GenerationSettings, fit_prompt
@@ -210,7 +210,16 @@ def test_scoring_rule_and_score(loaded, shapes_data):
     assert is_correct("It is a star.", "star", choices)
     assert not is_correct("A star or a circle", "star", choices)
     assert not is_correct("starry night", "star", choices) and is_correct("STAR!", "star", choices)
-    score = score_questions(loaded, shapes_data["eval_jsonl"], max_new_tokens=4)
-    assert isinstance(score, QuestionScore) and score.total == 9 and 0 <= score.accuracy <= 1
+    seen = []
+    score = score_questions(loaded, shapes_data["eval_jsonl"], max_new_tokens=4,
+                            log=lambda record, answer, correct: seen.append((record, answer, correct)))
+    assert isinstance(score, QuestionScore) and score.total == len(seen) == 9
+    # The score is the scoring rule applied to each answer, counted overall and per kind.
+    judged = [is_correct(answer, record["answer"], record["choices"]) for record, answer, _ in seen]
+    assert [correct for _, _, correct in seen] == judged
+    assert score.correct == sum(judged) and score.accuracy == sum(judged) / 9
+    for kind, (correct, total) in score.by_kind.items():
+        assert (correct, total) == (sum(j for (r, _, _), j in zip(seen, judged) if r["kind"] == kind),
+                                    sum(r["kind"] == kind for r, _, _ in seen))
     assert set(score.by_kind) == {"shape", "colour", "background"}
     assert 0.25 < score.chance < 0.5

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 from dataset.processing import IMAGE_MARKER, build_prompt, load_pixel_values, open_image, preprocess_image
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
-from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
+from model.model_vlm import CLIP_IMAGE_SIZE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import MiniMindVImageProcessor, MiniMindVProcessor
 from scripts import convert_vlm
 
@@ -87,7 +87,7 @@ def test_chat_template_writes_the_projects_prompt(folder, processor, tiny_tokeni
 
 def test_chat_template_matches_the_real_minimind2_template(real_tokenizer_dir, tiny_clip_dir):
     tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
-    processor = MiniMindVProcessor(MiniMindVImageProcessor(), tokenizer, image_placeholder="@",
+    processor = MiniMindVProcessor(MiniMindVImageProcessor(CLIP_IMAGE_SIZE), tokenizer, image_placeholder="@",
                                    image_seq_length=IMAGE_TOKENS_PER_IMAGE)
     for hf_messages, project_messages in CONVERSATIONS:
         markers_as_text = [{"role": m["role"], "content": m["content"]} for m in project_messages]

@@ -1,0 +1,1 @@
+"""Training: flags and stage defaults, distributed setup, the loop, checkpoints."""

@@ -20,18 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DTYPES,
-                    RunStopped, SaveError, atomic_save, count_parameters, format_duration, quiet_transformers,
-                    unwrap)
+                    MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters, format_duration,
+                    quiet_transformers, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from dataset.processing import load_tokenizer
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
 TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
+STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
+STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
 STAGE_DEFAULTS = {
     "pretrain": dict(
@@ -67,10 +71,21 @@ STAGE_DEFAULTS = {
 
 # ----------------------------------------------------------------------------------------------------- flags
 
-def build_parser(description, **stage_defaults):
-    """All training flags; each stage script passes its own defaults (shown in --help)."""
+LAUNCH_RECIPES = """launching:
+  one GPU:           python SCRIPT
+  several GPUs:      torchrun --nproc_per_node 8 SCRIPT
+  several machines:  torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+                         SCRIPT   (and --node_rank 1 on the second machine)
+  CPU smoke run:     python SCRIPT --device cpu --hidden_size 64 --num_hidden_layers 2 --from_weight none \\
+                         --batch_size 2 --max_steps 5 --num_workers 0
+"""
+
+
+def build_parser(description, script: str = "SCRIPT", **stage_defaults):
+    """All training flags; each stage script passes its own defaults (shown in --help, with launch commands)."""
     d = stage_defaults
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=LAUNCH_RECIPES.replace("SCRIPT", script))
     io = p.add_argument_group("files")
     io.add_argument("--save_dir", default=str(DEFAULT_SAVE_DIR), help="where .pth weights are read and written")
     io.add_argument("--save_weight", default=d["save_weight"], help="output name: {save_weight}_{hidden}.pth")
@@ -86,34 +101,39 @@ def build_parser(description, **stage_defaults):
     io.add_argument("--skip_bad_samples", action="store_true",
                     help="leave malformed records out (counted) instead of refusing to start")
     model = p.add_argument_group("model")
-    model.add_argument("--hidden_size", type=int, default=512)
-    model.add_argument("--num_hidden_layers", type=int, default=8)
+    model.add_argument("--hidden_size", type=bounded(int, 1), default=512)
+    model.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
     model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
-    model.add_argument("--max_seq_len", type=int, default=d["max_seq_len"], help="tokens per sample, at most")
+    model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
+                       help="tokens per sample, at most")
     model.add_argument("--trainable", default=d["trainable"], choices=TRAINABLE_CHOICES,
                        help="parameters that train: projector, projector + last LM layer, or projector + LM")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d["epochs"])
-    opt.add_argument("--batch_size", type=int, default=d["batch_size"], help="samples per process per micro-step")
-    opt.add_argument("--learning_rate", type=float, default=d["learning_rate"])
-    opt.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    opt.add_argument("--grad_clip", type=float, default=1.0)
-    opt.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
-    opt.add_argument("--max_bad_steps", type=int, default=10,
+    opt.add_argument("--epochs", type=bounded(int, 1), default=d["epochs"])
+    opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"],
+                     help="samples per process per micro-step")
+    opt.add_argument("--learning_rate", type=bounded(float, 0, low_open=True), default=d["learning_rate"])
+    opt.add_argument("--accumulation_steps", type=bounded(int, 1), default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--grad_clip", type=bounded(float, 0), default=1.0)
+    opt.add_argument("--max_steps", type=bounded(int, 0), default=0,
+                     help="stop after this many optimizer steps (0: no limit)")
+    opt.add_argument("--max_bad_steps", type=bounded(int, 1), default=10,
                      help="stop after this many optimizer steps in a row with a non-finite loss")
-    opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=42)
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="autocast dtype on CUDA")
-    run.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes")
+    run.add_argument("--num_workers", type=bounded(int, 0), default=8, help="DataLoader worker processes")
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     run.add_argument("--no_length_grouping", action="store_true",
                      help="plain random batches instead of grouping samples of similar length")
     run.add_argument("--cache_vision_features", default=None, metavar="DIR",
                      help="compute each image's CLIP features once and reuse them (fp16, memory-mapped)")
     log = p.add_argument_group("logging and saving")
-    log.add_argument("--log_interval", type=int, default=d["log_interval"], help="optimizer steps between logs")
-    log.add_argument("--save_interval", type=int, default=d["save_interval"], help="optimizer steps between saves")
+    log.add_argument("--log_interval", type=bounded(int, 1), default=d["log_interval"],
+                     help="optimizer steps between logs")
+    log.add_argument("--save_interval", type=bounded(int, 1), default=d["save_interval"],
+                     help="optimizer steps between saves")
     log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     log.add_argument("--wandb_project", default=d["wandb_project"])
     return p
@@ -172,6 +192,11 @@ def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_dict(values: dict, ctx: RunContext) -> dict:
+    """Sum each named number over all ranks (one all-reduce); plain floats back."""
+    return dict(zip(values, all_reduce_sum(list(values.values()), ctx).tolist()))
 
 
 # ------------------------------------------------------------------------------------------------ model setup
@@ -401,120 +426,197 @@ class LoopSetup:
     logger: object
     weights_out: Path
     resume_out: Path
+    # False: logits at every position, as upstream computes them (scripts/bench.py times that baseline).
+    loss_only: bool = True
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did, summed over its micro-batches and over all ranks."""
+    loss: float  # mean cross-entropy over the global batch's supervised tokens
+    aux_loss: float  # MoE balance loss, mean over micro-batches (0 for dense models)
+    lr: float
+    finite: bool  # False: the step was skipped (a non-finite loss on some rank)
+    samples: int
+    tokens: int  # non-padding tokens
+    replaced_samples: int  # samples whose image failed to decode and were replaced by the next good one
+    stop_requested: bool  # a rank received SIGINT/SIGTERM during the step
+
+
+def supervised_targets(batch) -> int:
+    """Positions whose next token is a target (counted on the CPU, before the batch moves to the device)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def backward_micro_batches(setup: LoopSetup, batches, target_counts, global_targets: float):
+    """Forward and backward over the micro-batches; returns (summed CE, summed aux loss) of this rank.
+
+    The loss of each micro-batch is scaled so that the gradients add up to the mean over all supervised
+    tokens of the global batch: mean CE x local tokens = summed CE, and DDP averages over ranks, hence the
+    world size factor.
+    """
+    model, ctx = setup.model, setup.ctx
+    loss_sum, aux_sum = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        batch = move_batch(batch, ctx.device)
+        # Gradient all-reduce only on the last micro-batch of the step.
+        sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
+        with sync, setup.autocast():
+            # loss_only: no logits where there is no target (same loss, less work and memory)
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch.get("pixel_values"),
+                        image_features=batch.get("image_features"), loss_only=setup.loss_only)
+            ce_sum = out.loss * target_counts[i]
+            loss = ce_sum * ctx.world_size / max(global_targets, 1.0) + out.aux_loss / len(batches)
+        setup.scaler.scale(loss).backward()
+        loss_sum += float(ce_sum.detach())
+        aux_sum += float(out.aux_loss.detach())
+    return loss_sum, aux_sum
+
+
+def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requested: bool) -> StepResult:
+    """One optimizer step over `batches` (the micro-batches of this rank); skipped if any rank's loss is not
+    finite. Ranks agree on everything in the result (one all-reduce)."""
+    target_counts = [supervised_targets(b) for b in batches]
+    global_targets = float(all_reduce_sum([sum(target_counts)], setup.ctx)[0])
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, aux_sum = backward_micro_batches(setup, batches, target_counts, global_targets)
+    pad_id = setup.loader.collate_fn.pad_token_id
+    totals = all_reduce_dict({
+        "loss": loss_sum, "finite_ranks": float(math.isfinite(loss_sum + aux_sum)),
+        "stop": float(stop_requested), "samples": sum(len(b["input_ids"]) for b in batches),
+        "tokens": sum(int((b["input_ids"] != pad_id).sum()) for b in batches),
+        "replaced": sum(b["replaced"] for b in batches)}, setup.ctx)
+    finite = int(totals["finite_ranks"]) == setup.ctx.world_size
+    if finite:
+        if grad_clip > 0:
+            setup.scaler.unscale_(setup.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in setup.model.parameters() if p.requires_grad], grad_clip)
+        setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=totals["loss"] / max(global_targets, 1.0), aux_loss=aux_sum / len(batches), lr=lr,
+                      finite=finite, samples=int(totals["samples"]), tokens=int(totals["tokens"]),
+                      replaced_samples=int(totals["replaced"]), stop_requested=bool(totals["stop"]))
+
+
+def record_step(state: TrainState, result: StepResult, max_bad_steps: int, log):
+    """Count the step in `state`; a skipped step is reported, and too many in a row end the run."""
+    state.global_step += 1
+    state.step_in_epoch += 1
+    state.replaced_samples += result.replaced_samples
+    if result.finite:
+        state.bad_steps_in_row = 0
+        return
+    state.skipped_steps += 1
+    state.bad_steps_in_row += 1
+    log(f"warning: non-finite loss at step {state.global_step}; step skipped "
+        f"({state.bad_steps_in_row} in a row, {state.skipped_steps} in total)")
+    if state.bad_steps_in_row >= max_bad_steps:
+        raise RunStopped(f"stopped: {state.bad_steps_in_row} optimizer steps in a row had a non-finite loss; the "
+                         f"last saved checkpoint is intact. Lower --learning_rate or check the data.", 1)
+
+
+class ThroughputWindow:
+    """Samples and tokens per second since the last log line."""
+
+    def __init__(self):
+        self.start, self.samples, self.tokens = time.time(), 0, 0
+
+    def add(self, result: StepResult):
+        self.samples += result.samples
+        self.tokens += result.tokens
+
+    def rates(self) -> dict:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
 
 
 def optimizer_steps_per_epoch(sampler: GlobalBatchSampler, accumulation_steps: int) -> int:
     return math.ceil(sampler.steps_per_epoch() / accumulation_steps)
 
 
-def train(setup: LoopSetup, args, state: TrainState, log=print):
-    """Epochs of optimizer steps; logs, saves, stops on signals / bad steps / --max_steps."""
-    model, optimizer, ctx = setup.model, setup.optimizer, setup.ctx
-    steps_per_epoch = optimizer_steps_per_epoch(setup.sampler, args.accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    is_tty = sys.stdout.isatty() and ctx.is_main
-    window = {"start": time.time(), "samples": 0.0, "tokens": 0.0}
-    run_start, run_start_step = time.time(), state.global_step
-    model.train()
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int  # over all epochs: the cosine schedule's length
+    last_step: int  # where this run stops (--max_steps may end it early)
 
-    with StopSignal() as stop:
-        for epoch in range(state.epoch, args.epochs):
-            start_step = state.step_in_epoch if epoch == state.epoch else 0
-            setup.sampler.set_epoch(epoch, start_step * args.accumulation_steps)
-            state.epoch, state.step_in_epoch = epoch, start_step
+
+def make_schedule(sampler: GlobalBatchSampler, args) -> Schedule:
+    steps_per_epoch = optimizer_steps_per_epoch(sampler, args.accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    return Schedule(steps_per_epoch, total_steps, min(total_steps, args.max_steps) if args.max_steps else total_steps)
+
+
+def log_step(setup: LoopSetup, args, state: TrainState, result: StepResult, window: ThroughputWindow, eta: float,
+             schedule: Schedule, log):
+    """One log line and the logger's metrics (rank 0 only)."""
+    metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": result.lr, **window.rates()}
+    log(f"epoch {state.epoch + 1}/{args.epochs} step {state.step_in_epoch}/{schedule.steps_per_epoch} | "
+        f"loss {result.loss:.4f} | lr {result.lr:.3e} | {metrics['samples_per_s']:.1f} samples/s | "
+        f"{metrics['tokens_per_s']:.0f} tokens/s | ETA {format_duration(eta)}")
+    setup.logger.log(metrics, step=state.global_step)
+
+
+def stop_for_signal(setup: LoopSetup, args, state: TrainState, received, log):
+    """Save, then end the run with the exit code of the signal that asked for it."""
+    save_all(setup, args, state, log)
+    signal_name = signal.Signals(received or signal.SIGTERM).name
+    raise RunStopped(f"stopped by {signal_name} at step {state.global_step}; resume with the same command plus "
+                     f"--from_resume 1", 130 if signal_name == "SIGINT" else 143)
+
+
+def train(setup: LoopSetup, args, state: TrainState, log=print, on_step=None):
+    """Epochs of optimizer steps: log (a tqdm bar on a terminal, a line every --log_interval steps), save every
+    --save_interval steps and at the end, stop on signals / repeated non-finite losses / --max_steps.
+
+    `on_step(state, result)`, if given, runs after every optimizer step (scripts/bench.py times steps with it).
+    """
+    schedule = make_schedule(setup.sampler, args)
+    is_main = setup.ctx.is_main
+    progress = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", dynamic_ncols=True,
+                    disable=not (is_main and sys.stderr.isatty()))
+    if not progress.disable:
+        log = progress.write  # log lines above the bar, not through it
+    window, run_start, run_start_step = ThroughputWindow(), time.time(), state.global_step
+    setup.model.train()
+    with StopSignal() as stop, progress:
+        while state.epoch < args.epochs and state.global_step < schedule.last_step:
+            setup.sampler.set_epoch(state.epoch, state.step_in_epoch * args.accumulation_steps)
             loader_iter = iter(setup.loader)
-            while state.global_step < last_step:
+            while state.global_step < schedule.last_step and state.step_in_epoch < schedule.steps_per_epoch:
                 batches = micro_batches(loader_iter, args.accumulation_steps)
                 if not batches:
                     break
-                # ---- one optimizer step over len(batches) micro-batches ----
-                # Supervised targets per micro-batch, counted once on the CPU (no device sync in the loop).
-                target_counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
-                global_tokens = float(all_reduce_sum([sum(target_counts)], ctx)[0])
-                lr = lr_at(state.global_step, total_steps, args.learning_rate)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum, aux_sum = 0.0, 0.0
-                for i, batch in enumerate(batches):
-                    batch = move_batch(batch, ctx.device)
-                    n_tokens = target_counts[i]
-                    # Gradient all-reduce only on the last micro-batch of the step.
-                    sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
-                    with sync, setup.autocast():
-                        # loss_only: no logits where there is no target (same loss, less work and memory)
-                        out = model(batch["input_ids"], labels=batch["labels"],
-                                    pixel_values=batch.get("pixel_values"),
-                                    image_features=batch.get("image_features"), loss_only=True)
-                        # mean CE x local tokens = summed CE; DDP averages over ranks, so x world size.
-                        ce_sum = out.loss * n_tokens
-                        loss = ce_sum * ctx.world_size / max(global_tokens, 1.0) + out.aux_loss / len(batches)
-                    setup.scaler.scale(loss).backward()
-                    loss_sum += float(ce_sum.detach())
-                    aux_sum += float(out.aux_loss.detach())
-                totals = all_reduce_sum([loss_sum, float(math.isfinite(loss_sum + aux_sum)), float(stop.received is not None),
-                                         sum(len(b["input_ids"]) for b in batches),
-                                         sum(int((b["input_ids"] != setup.loader.collate_fn.pad_token_id).sum())
-                                             for b in batches), sum(b["replaced"] for b in batches)], ctx)
-                finite = int(totals[1]) == ctx.world_size
-                if finite:
-                    if args.grad_clip > 0:
-                        setup.scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                    setup.scaler.step(optimizer)
-                    setup.scaler.update()
-                    state.bad_steps_in_row = 0
-                else:
-                    state.skipped_steps += 1
-                    state.bad_steps_in_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.replaced_samples += int(totals[5])
-                window["samples"] += float(totals[3])
-                window["tokens"] += float(totals[4])
-                # ---- end of the optimizer step ----
-
-                if not finite:
-                    log(f"warning: non-finite loss at step {state.global_step}; step skipped "
-                        f"({state.bad_steps_in_row} in a row, {state.skipped_steps} in total)")
-                    if state.bad_steps_in_row >= args.max_bad_steps:
-                        raise RunStopped(
-                            f"stopped: {state.bad_steps_in_row} optimizer steps in a row had a non-finite loss; "
-                            f"the last saved checkpoint is intact. Lower --learning_rate or check the data.", 1)
-                    continue
-                mean_loss = float(totals[0]) / max(global_tokens, 1.0)
-                done = state.global_step >= last_step or state.step_in_epoch >= steps_per_epoch
-                if state.global_step % args.log_interval == 0 or done:
-                    elapsed = time.time() - window["start"]
-                    rate = (state.global_step - run_start_step) / max(time.time() - run_start, 1e-9)
-                    eta = (last_step - state.global_step) / max(rate, 1e-9)
-                    metrics = {"loss": mean_loss, "aux_loss": aux_sum / len(batches), "lr": lr,
-                               "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
-                    if ctx.is_main:
-                        log(f"{chr(13) if is_tty else ''}epoch {epoch + 1}/{args.epochs} step "
-                            f"{state.step_in_epoch}/{steps_per_epoch} | loss {mean_loss:.4f} | lr {lr:.3e} | "
-                            f"{metrics['samples_per_s']:.1f} samples/s | {metrics['tokens_per_s']:.0f} tokens/s | "
-                            f"ETA {format_duration(eta)}")
-                        setup.logger.log(metrics, step=state.global_step)
-                    window = {"start": time.time(), "samples": 0.0, "tokens": 0.0}
-                elif is_tty:
-                    print(f"\r  step {state.global_step}/{last_step} loss {mean_loss:.4f}", end="", flush=True)
-                if state.global_step % args.save_interval == 0 and not done:
+                lr = lr_at(state.global_step, schedule.total_steps, args.learning_rate)
+                result = train_step(setup, batches, lr, args.grad_clip, stop.received is not None)
+                record_step(state, result, args.max_bad_steps, log)
+                progress.update(1)
+                if on_step is not None:
+                    on_step(state, result)
+                epoch_done = state.step_in_epoch >= schedule.steps_per_epoch
+                if result.finite:
+                    window.add(result)
+                    progress.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+                if result.finite and is_main and (state.global_step % args.log_interval == 0 or epoch_done
+                                                  or state.global_step >= schedule.last_step):
+                    steps_per_s = (state.global_step - run_start_step) / max(time.time() - run_start, 1e-9)
+                    eta = (schedule.last_step - state.global_step) / max(steps_per_s, 1e-9)
+                    log_step(setup, args, state, result, window, eta, schedule, log)
+                    window = ThroughputWindow()
+                # No save right after a skipped step: the last checkpoint stays the last good one.
+                if (result.finite and state.global_step % args.save_interval == 0
+                        and state.global_step < schedule.last_step):
                     save_all(setup, args, state, log)
-                if int(totals[2]):
-                    save_all(setup, args, state, log)
-                    signal_name = signal.Signals(stop.received or signal.SIGTERM).name
-                    raise RunStopped(f"stopped by {signal_name} at step {state.global_step}; resume with the "
-                                          f"same command plus --from_resume 1",
-                                          130 if signal_name == "SIGINT" else 143)
-            if state.global_step >= last_step:
-                break
-            if state.step_in_epoch >= steps_per_epoch:
-                state.epoch, state.step_in_epoch = epoch + 1, 0
+                if result.stop_requested:
+                    stop_for_signal(setup, args, state, stop.received, log)
+            if state.step_in_epoch >= schedule.steps_per_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            elif state.global_step < schedule.last_step:
+                break  # the loader ran out early (cannot happen with GlobalBatchSampler; guards an endless loop)
     save_all(setup, args, state, log, final=True)
-    if ctx.is_main:
+    if is_main:
         log(f"done: {state.global_step} optimizer steps, {state.skipped_steps} skipped (non-finite loss), "
             f"{state.replaced_samples} samples replaced (undecodable image); weights in {setup.weights_out}")
 
@@ -584,6 +686,28 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
     weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
     return LoopSetup(wrapped, optimizer, scaler, autocast, loader, sampler, ctx, logger, weights_out,
                      resume_out), state
+
+
+def run_stage(stage: str, description: str, argv=None):
+    """A training stage from the command line to its last checkpoint (train_pretrain_vlm.py, train_sft_vlm.py)."""
+    args = build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv)
+    # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
+    ctx = init_distributed(args.device)
+    seed_everything(args.seed + ctx.rank)
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    # 2. Tokenizer; model with CLIP frozen, start weights loaded strictly; what trains
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    model = build_model(args, log=log)
+    set_trainable(model, args.trainable)
+    # 3. Data: every record checked and tokenised
+    dataset = build_dataset(args, tokenizer, model.config, ctx, log=log)
+    # 4. Optimizer, resume state, DDP, loader, logger
+    setup, state = prepare_run(model, dataset, args, ctx, stage=STAGE_NAMES[stage], log=log)
+    # 5. Train
+    try:
+        train(setup, args, state, log=log)
+    finally:
+        finish_run(setup)
 
 
 def finish_run(setup: LoopSetup):

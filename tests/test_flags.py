@@ -1,0 +1,101 @@
+"""Every count, size and rate flag of every entry point is range-checked where it is parsed: an out-of-range or
+malformed value ends in argparse's one-line error (exit 2), never in a traceback later (`--batch_size 0` once
+ended in a ZeroDivisionError)."""
+import argparse
+import importlib
+
+import pytest
+
+from trainer.training import STAGE_DEFAULTS, build_parser
+
+# (module, function that builds or parses with the entry point's parser)
+ENTRY_POINTS = [
+    ("eval_vlm", "parse_args"),
+    ("web_demo_vlm", "build_parser"),
+    ("scripts.bench", "parse_args"),
+    ("scripts.check_data", "parse_args"),
+    ("scripts.convert_vlm", "parse_args"),
+    ("scripts.demo", "parse_args"),
+    ("scripts.download", "parse_args"),
+    ("scripts.make_assets", "parse_args"),
+    ("scripts.serve_openai_api", "parse_args"),
+    ("scripts.bench_serve", "parse_args"),
+]
+
+
+class Captured(Exception):
+    def __init__(self, parser):
+        super().__init__()
+        self.parser = parser
+
+
+def parser_of(module_name, function_name, monkeypatch) -> argparse.ArgumentParser:
+    """The ArgumentParser an entry point builds, caught when it starts parsing (nothing else runs)."""
+    function = getattr(importlib.import_module(module_name), function_name)
+
+    def capture(self, args=None, namespace=None):
+        raise Captured(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        try:
+            result = function([]) if function_name == "parse_args" else function()
+        except Captured as captured:
+            return captured.parser
+    assert isinstance(result, argparse.ArgumentParser), f"{module_name}.{function_name} gave no parser"
+    return result
+
+
+def all_parsers(monkeypatch):
+    parsers = {f"train ({stage})": build_parser(None, **defaults) for stage, defaults in STAGE_DEFAULTS.items()}
+    for module_name, function_name in ENTRY_POINTS:
+        parsers[module_name] = parser_of(module_name, function_name, monkeypatch)
+    return parsers
+
+
+def numeric_options(parser):
+    """(option string, type) of each option that parses a number without a fixed list of choices."""
+    for action in parser._actions:
+        if action.option_strings and action.choices is None and action.type is not None:
+            kind = getattr(action.type, "kind", action.type)
+            if kind in (int, float):
+                yield action.option_strings[0], action.type
+
+
+def out_of_range_values(parse) -> list:
+    values = ["not-a-number"]
+    if parse.low is not None:
+        values.append(str(parse.low if parse.low_open else parse.low - 1))
+    if parse.high is not None:
+        values.append(str(parse.high + 1))
+    if parse.kind is float:
+        values.append("nan")
+    return values
+
+
+def test_every_numeric_flag_has_a_range(monkeypatch):
+    unchecked = [f"{name} {option}" for name, parser in all_parsers(monkeypatch).items()
+                 for option, parse in numeric_options(parser) if not hasattr(parse, "low")]
+    assert unchecked == []
+
+
+def test_out_of_range_values_end_in_one_argparse_line(monkeypatch, capsys):
+    checked = 0
+    for name, parser in all_parsers(monkeypatch).items():
+        for option, parse in numeric_options(parser):
+            for value in out_of_range_values(parse):
+                with pytest.raises(SystemExit) as stop:
+                    parser.parse_args([option, value])
+                error = capsys.readouterr().err.strip().splitlines()[-1]
+                assert stop.value.code == 2, (name, option, value)
+                assert error.endswith(f"argument {option}: must be " + error.split(": must be ", 1)[1]), error
+                assert value in error and "Traceback" not in error, (name, option, value, error)
+                checked += 1
+    assert checked > 100  # every entry point took part
+
+
+def test_batch_size_zero_is_refused_by_the_trainer(capsys):
+    parser = build_parser(None, **STAGE_DEFAULTS["sft"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch_size", "0"])
+    assert "argument --batch_size: must be an integer >= 1, got 0" in capsys.readouterr().err
