@@ -13,8 +13,7 @@ from PIL import Image
 from common import UserError
 from model import processing_minimind_v
 from model.model_vlm import CLIP_IMAGE_SIZE
-from model.processing_minimind_v import (CLIP_MEAN, CLIP_STD, IMAGE_MARKER,  # noqa: F401 (CLIP_*: for synthetic.py)
-                                         MAX_IMAGE_PIXELS, expand_image_markers)
+from model.processing_minimind_v import IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers
 
 ROLES_BY_PARITY = ("user", "assistant")
 

@@ -40,9 +40,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer,
                           PreTrainedTokenizerFast)
 
-from dataset.processing import CLIP_MEAN, CLIP_STD, IMAGE_MARKER
+from dataset.processing import IMAGE_MARKER
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
+from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
 
 ASSET_PARTS = ("tokenizer", "clip", "data")
 
