@@ -25,6 +25,7 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, 
                     RunStopped, SaveError, atomic_save, count_parameters, format_duration, quiet_transformers,
                     unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
+from dataset.processing import chat_template_warning
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
@@ -85,6 +86,11 @@ def build_parser(description, **stage_defaults):
                     help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
     io.add_argument("--skip_bad_samples", action="store_true",
                     help="leave malformed records out (counted) instead of refusing to start")
+    io.add_argument("--prepared_dir", default=None,
+                    help="where the checked, tokenised form of the data is cached (default: prepared/ beside "
+                         "--data_path); built once, reused by every run, rank and scripts.check_data")
+    io.add_argument("--prepare_workers", type=positive_int, default=os.cpu_count() or 1,
+                    help="processes that prepare the data the first time (default: one per CPU core)")
     model = p.add_argument_group("model")
     model.add_argument("--hidden_size", type=int, default=512)
     model.add_argument("--num_hidden_layers", type=int, default=8)
@@ -117,6 +123,17 @@ def build_parser(description, **stage_defaults):
     log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     log.add_argument("--wandb_project", default=d["wandb_project"])
     return p
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1, else a one-line argparse error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------------- processes and precision
@@ -354,9 +371,20 @@ class StopSignal:
 # ----------------------------------------------------------------------------------------------------- data
 
 def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
-    return VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
-                      args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
-                      log=log if ctx.is_main else None)
+    """The prepared dataset: rank 0 (or whichever process takes the file lock first) builds the cache once,
+    the other ranks wait and memory-map it. Rank 0 prints the start-up summary."""
+    main_log = log if ctx.is_main else None
+    warning = chat_template_warning(tokenizer)
+    if warning and main_log is not None:
+        main_log(warning)
+    started = time.time()
+    dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
+                         args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
+                         log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers)
+    if main_log is not None:
+        main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
+                 f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
+    return dataset
 
 
 def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
