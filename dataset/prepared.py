@@ -121,8 +121,10 @@ def parquet_units(data_path: Path):
     return units
 
 
-def jsonl_units(data_path: Path, unit_bytes: int = JSONL_UNIT_BYTES):
-    """Byte ranges of about `unit_bytes`, cut after a newline; rows are lines (blank ones included)."""
+def jsonl_units(data_path: Path, unit_bytes: int = None):
+    """Byte ranges of about `unit_bytes` (default JSONL_UNIT_BYTES), cut after a newline; rows are lines (blank
+    ones included)."""
+    unit_bytes = unit_bytes or JSONL_UNIT_BYTES
     units, first_row, start = [], 0, 0
     size = data_path.stat().st_size
     with open(data_path, "rb") as handle:
