@@ -460,12 +460,13 @@ class VLMDataset(Dataset):
     images are read and preprocessed per item."""
 
     def __init__(self, data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
-                 images_path=None, skip_bad_samples=False, log=print, prepared_dir=None, prepare_workers=None):
+                 images_path=None, skip_bad_samples=False, log=print, prepared_dir=None, prepare_workers=None,
+                 may_build=True):
         from .prepared import RecordView, prepare_dataset  # prepared.py builds on this module's readers
 
         self.prepared = prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
                                         images_path=images_path, cache_dir=prepared_dir, workers=prepare_workers,
-                                        log=log)
+                                        log=log, may_build=may_build)
         self.source = self.prepared.images
         self.records = RecordView(self.prepared)
         self.max_seq_len = max_seq_len

@@ -54,6 +54,7 @@ EXAMPLES_PER_KIND = 20  # problems kept per kind: enough to list the first few o
 READ_BATCH_ROWS = 2048  # parquet rows decoded at a time inside a row group: bounded memory, big enough batches
 JSONL_UNIT_BYTES = 8 << 20
 KEY_CHARS = 16
+WAIT_POLL_S = 0.5  # how often a process waiting for another one's build looks for it
 MAX_UINT16_VOCAB = 1 << 16
 
 
@@ -353,10 +354,12 @@ def build_tokens(job: PrepareJob, units, out_dir: Path, workers: int, show_progr
 
 
 def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len, images_path=None,
-                    cache_dir=None, workers=None, log=print) -> "PreparedData":
+                    cache_dir=None, workers=None, log=print, may_build=True) -> "PreparedData":
     """The prepared form of `data_path` (module docstring): opened from the cache, or built first.
 
     log: where progress and the summary of a build go (None: quiet, as on every rank but 0).
+    may_build: False makes this process wait for another one to build it (DDP ranks other than each machine's
+    local rank 0), so that the process that shows progress is the one doing the work.
     """
     path = Path(data_path)
     check_data_path(path)
@@ -365,6 +368,9 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     root = Path(cache_dir) if cache_dir else path.parent / CACHE_FOLDER
     data_dir = root / f"{path.stem}-{data_key(path, images_path)}"
     tokens_dir = data_dir / f"tokens-{token_key(tokenizer, image_special_token, image_token_id, max_seq_len)}"
+    if not may_build:
+        while not (tokens_dir / "manifest.json").is_file():
+            time.sleep(WAIT_POLL_S)
     if not (tokens_dir / "manifest.json").is_file():
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -381,7 +387,7 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
 def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token, image_token_id,
           max_seq_len, workers, log):
     """Build tokens_dir (and the image units when data_dir has none yet) under temporary names, then rename."""
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds()
     units = parquet_units(path) if kind == "parquet" else jsonl_units(path)
     images_dir = data_dir / "images"
     images_tmp = None
@@ -404,7 +410,8 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
             os.replace(images_tmp, images_dir)
         elapsed = time.time() - started
         manifest.update(max_seq_len=max_seq_len, data_path=str(path), seconds=round(elapsed, 2),
-                        rows_per_second=round(manifest["rows"] / max(elapsed, 1e-9), 1))
+                        rows_per_second=round(manifest["rows"] / max(elapsed, 1e-9), 1),
+                        cpu_seconds=round(cpu_seconds() - cpu_started, 2), workers=workers)
         (tokens_tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tokens_tmp, tokens_dir)
     finally:
@@ -413,7 +420,15 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
                 shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:
         log(f"prepared {path.name}: {manifest['rows']} rows in {elapsed:.1f}s ({manifest['rows_per_second']:.0f} "
-            f"rows/s, {workers} worker(s)) -> {tokens_dir}")
+            f"rows/s, {workers} worker(s), {manifest['cpu_seconds']:.1f} CPU-s) -> {tokens_dir}")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers), user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def remove_stale(folder: Path, prefix: str):

@@ -371,8 +371,8 @@ class StopSignal:
 # ----------------------------------------------------------------------------------------------------- data
 
 def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
-    """The prepared dataset: rank 0 (or whichever process takes the file lock first) builds the cache once,
-    the other ranks wait and memory-map it. Rank 0 prints the start-up summary."""
+    """The prepared dataset: each machine's local rank 0 builds the cache once (a file lock serialises several
+    on one machine), the other ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
     main_log = log if ctx.is_main else None
     warning = chat_template_warning(tokenizer)
     if warning and main_log is not None:
@@ -380,7 +380,8 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     started = time.time()
     dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
                          args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
-                         log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers)
+                         log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
+                         may_build=ctx.local_rank == 0)
     if main_log is not None:
         main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
                  f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
