@@ -478,7 +478,6 @@ class VLMDataset(Dataset):
         self.log = log
         self.feature_store = None  # set by the vision-feature cache: items then carry features, not pixels
         self.decode_failures = 0
-        self.lengths = self.prepared.lengths  # int32 [samples], memory-mapped: length-grouped batching
 
         counts = self.prepared.manifest
         problems, malformed = self.prepared.problems()
@@ -500,6 +499,11 @@ class VLMDataset(Dataset):
 
     def __len__(self):
         return len(self.prepared)
+
+    @property
+    def lengths(self):
+        """int32 [samples], memory-mapped: what length-grouped batching sorts by."""
+        return self.prepared.lengths
 
     def token_ids(self, index):
         return self.prepared.token_ids(index)

@@ -482,6 +482,7 @@ class PreparedData:
     """The prepared folders of one data file, memory-mapped (module docstring)."""
 
     def __init__(self, data_path: Path, kind: str, data_dir: Path, tokens_dir: Path):
+        self.opened_with = (data_path, kind, data_dir, tokens_dir)
         self.data_path, self.kind, self.folder = Path(data_path), kind, Path(tokens_dir)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         self.images = ImageStore(data_path, kind, Path(data_dir) / "images")
@@ -496,6 +497,12 @@ class PreparedData:
         dtype = np.dtype(self.manifest["token_dtype"])
         self.tokens = (np.memmap(token_file, dtype=dtype, mode="r") if self.manifest["tokens"]
                        else np.zeros(0, dtype=dtype))
+
+    def __getstate__(self):
+        return {"opened_with": self.opened_with}  # spawned DataLoader workers map the files again, not copy them
+
+    def __setstate__(self, state):
+        self.__init__(*state["opened_with"])
 
     def __len__(self):
         return len(self.samples)

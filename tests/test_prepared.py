@@ -184,3 +184,19 @@ def test_backend_token_ids_equal_the_tokenizer_call(tokenizer, published):
 
     prompts = [build_prompt(tokenizer, r.conversations, CONFIG.image_special_token, False) for r in records[:20]]
     assert encoder.token_ids(prompts) == tokenizer(prompts, add_special_tokens=False).input_ids
+
+
+def test_a_pickled_dataset_maps_the_files_again(published, tokenizer, tmp_path):
+    import pickle
+
+    path, _ = published
+    dataset = open_dataset(path, tokenizer, prepared_dir=tmp_path)
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 200_000  # paths and small objects, not the token arrays (a spawned worker's copy)
+    copy = pickle.loads(blob)
+    assert len(copy) == len(dataset) and np.array_equal(copy.token_ids(7), dataset.token_ids(7))
+    assert torch_equal(copy[3]["pixel_values"], dataset[3]["pixel_values"])
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())
