@@ -92,19 +92,21 @@ def _check_task(task):
 
 
 def check_images(prepared, workers):
-    """(row, reason) of every well-formed row with an image that does not decode, in file order; in parallel."""
+    """Rows (file order) of the well-formed rows with an image that does not decode, and (row, reason) for the
+    first EXAMPLES_PER_KIND of them; decoded in parallel processes."""
     from tqdm import tqdm
 
     rows = np.flatnonzero(np.isin(np.asarray(prepared.status), [STATUS_OK, STATUS_CUT_IMAGE, STATUS_CUT_ANSWER]))
     counts = np.asarray(prepared.row_images)[rows]
     rows, counts = rows[counts > 0], counts[counts > 0]
     tasks = [(rows[i:i + ROWS_PER_TASK], counts[i:i + ROWS_PER_TASK]) for i in range(0, len(rows), ROWS_PER_TASK)]
-    problems = []
+    failed_rows, examples = [], []
     with tqdm(total=int(counts.sum()), desc="images", unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
         if workers <= 1 or len(tasks) <= 1:
             results = (check_rows(prepared.images, *task) for task in tasks)
             for images, failed, reasons in results:
-                problems += zip(failed, reasons)
+                failed_rows += failed
+                examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
                 bar.update(images)
         else:
             import multiprocessing
@@ -113,9 +115,10 @@ def check_images(prepared, workers):
             with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
                                                           initargs=(prepared.images,)) as pool:
                 for images, failed, reasons in pool.imap(_check_task, tasks):
-                    problems += zip(failed, reasons)
+                    failed_rows += failed
+                    examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
                     bar.update(images)
-    return problems
+    return failed_rows, examples
 
 
 def nice_width(span, bins):
@@ -199,19 +202,19 @@ def main(argv=None) -> int:
     print(f"{prepared.data_path}: {counts['records']} records, {well_formed} well-formed, "
           f"{int(row_images.sum())} images", flush=True)
     # 3. Images, in parallel
-    failures = [] if args.skip_images else check_images(prepared, args.workers)
-    decode_problems = [DataProblem(prepared.origin(row), reason, KIND_UNDECODABLE) for row, reason in failures]
+    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, args.workers)
+    decode_examples = [DataProblem(prepared.origin(row), reason, KIND_UNDECODABLE) for row, reason in examples]
     malformed_examples, malformed = prepared.problems()
-    decode_failed_usable = sum(1 for row, _ in failures if status[row] == STATUS_OK)
-    errors = first_per_kind(malformed_examples + decode_problems, args.show)
+    decode_failed_usable = int((status[np.asarray(failed_rows, dtype=np.int64)] == STATUS_OK).sum())
+    errors = first_per_kind(malformed_examples + decode_examples, args.show)
     cut = first_per_kind(prepared.cut(limit=args.show), args.show)
     cut_total = counts["cut_image"] + counts["cut_answer"]
     per_kind = {kind: count for kind, (count, _) in counts["problems"].items()}
-    if decode_problems:
-        per_kind[KIND_UNDECODABLE] = len(decode_problems)
+    if failed_rows:
+        per_kind[KIND_UNDECODABLE] = len(failed_rows)
     usable = counts["usable"] - decode_failed_usable
 
-    report = listing("errors", errors, malformed + len(decode_problems), args.show)
+    report = listing("errors", errors, malformed + len(failed_rows), args.show)
     if per_kind:
         report.append("errors by kind:")
         report += table(sorted(per_kind.items(), key=lambda item: -item[1]))
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
         ("records", counts["records"]),
         ("malformed (training refuses them, or skips them)", malformed),
         ("image does not decode (trained on another sample)", "not checked" if args.skip_images
-         else len(decode_problems)),
+         else len(failed_rows)),
         ("image cut at max_seq_len (left out)", counts["cut_image"]),
         ("answer cut at max_seq_len (left out)", counts["cut_answer"]),
         ("usable", usable),
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
         ("checked in", format_duration(time.time() - started)),
     ])
     print("\n".join(report))
-    problem_count = malformed + len(decode_problems)
+    problem_count = malformed + len(failed_rows)
     if problem_count or not usable:
         reason = f"{problem_count} record(s) with problems" if problem_count else "no usable sample"
         print(f"FAILED: {reason}", file=sys.stderr)
