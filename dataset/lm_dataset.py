@@ -98,7 +98,7 @@ def resolve_roles(turns):
     for i in range(first, len(roles)):
         expected_role = ROLES_BY_PARITY[(i - first) % 2]
         if roles[i] != expected_role:
-            return None, f"turn {i} has role {roles[i]!r} where {expected_role!r} was expected"
+            return None, f"turn {i} has role {repr(roles[i])[:40]} where {expected_role!r} was expected"
     if "assistant" not in roles:
         return None, "no assistant turn to learn from"
     return [{"role": role, "content": turn["content"]} for role, turn in zip(roles, turns)], None

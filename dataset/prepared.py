@@ -222,8 +222,7 @@ def prepare_parquet_unit(job: PrepareJob, unit: Unit) -> UnitResult:
     writer = None
     offset = 0
     try:
-        for batch in open_parquet(job.data_path).iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index],
-                                                               columns=["conversations", "image_bytes"]):
+        for batch in read_row_group(job.data_path, unit.index):
             images = batch.column(1)
             for i, text in enumerate(column_values(batch.column(0))):
                 record, problem = parquet_record(text, images[i], unit.first_row + offset + i, job.data_path.name)
@@ -241,6 +240,22 @@ def prepare_parquet_unit(job: PrepareJob, unit: Unit) -> UnitResult:
     if job.images_dir is not None and writer is None:  # an empty row group still gets its (empty) file
         write_ipc(unit_file(job.images_dir, unit.index), "image_bytes", pa.array([], pa.binary()))
     return builder.result()
+
+
+def read_row_group(data_path: Path, index: int):
+    """Record batches of one row group; a file damaged there is a one-line DataError, not a traceback."""
+    import pyarrow as pa
+
+    batches = open_parquet(data_path).iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[index],
+                                                   columns=["conversations", "image_bytes"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{data_path}: row group {index} cannot be read ({error})") from None
+        yield batch
 
 
 def prepare_jsonl_unit(job: PrepareJob, unit: Unit) -> UnitResult:

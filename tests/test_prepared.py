@@ -200,3 +200,14 @@ def test_a_pickled_dataset_maps_the_files_again(published, tokenizer, tmp_path):
 
 def torch_equal(a, b):
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_damaged_row_group_is_a_one_line_error_and_leaves_nothing(tokenizer, tmp_path):
+    data = tmp_path / "damaged.parquet"
+    write_published_shape(data, 200, row_group_rows=100, pool_size=2)
+    damaged = bytearray(data.read_bytes())
+    damaged[200:3000] = b"\x5a" * 2800  # inside the first row group's compressed conversations
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"damaged\.parquet: row group 0 cannot be read"):
+        open_dataset(data, tokenizer, prepared_dir=tmp_path / "p", prepare_workers=2)
+    assert not [p for p in (tmp_path / "p").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
