@@ -10,7 +10,7 @@ launches `train_sft_vlm.py --max_steps 1` as a user would, without --skip_bad_sa
   cold 2 processes   torchrun --nproc_per_node 2: rank 0 prepares, rank 1 waits, both map the same files
   warm 2 processes
 and reports the time from launch to the first training step's log line, the peak RSS of the largest process
-(trainer or DataLoader worker: wait4's ru_maxrss), the preparation rate the run logged, and a linear projection
+(trainer, DataLoader or preparation worker; VmHWM, polled), the preparation rate the run logged, and a linear projection
 to the published files' 1.27M and 2.9M rows. The model is tiny (--hidden_size 64 --num_hidden_layers 2, a
 random CLIP of ViT-B/16 geometry unless --vision_model_path names a real one) because what is measured is the
 data path: reading, tokenising, decoding and preprocessing images. Generated files go under --out (about 17 KB
@@ -36,6 +36,7 @@ PREPARED = re.compile(r"prepared \S+: (\d+) rows in ([\d.]+)s \((\d+) rows/s, (\
 RUN_KINDS = (("cold", 1), ("warm", 1), ("cold", 2), ("warm", 2))
 TINY_CLIP_HIDDEN, TINY_CLIP_LAYERS = 64, 2
 KIB = 1024
+RSS_POLL_S = 0.2
 
 
 def parse_args(argv=None):
@@ -93,11 +94,49 @@ def train_command(args, data: Path, clip: Path, run_dir: Path, processes: int) -
             "--checkpoint_dir", str(run_dir / "ckpt")]
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a live process: its peak RSS since its exec (wait4's ru_maxrss would also count the pages of
+    the parent it was forked from, before the exec)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KIB
+    except OSError:  # gone meanwhile
+        pass
+    return 0
+
+
+def process_tree(root: int) -> list:
+    """`root` and all its descendants, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
 def measure(command, env) -> dict:
     """Launch `command`; the seconds to its first step line, its largest process's peak RSS, its output."""
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    first_step, lines = None, []
+    first_step, lines, peaks = None, [], {}
+
+    def watch():  # the peak RSS of every process of the run (trainers, DataLoader and preparation workers)
+        while process.returncode is None:
+            for pid in process_tree(process.pid):
+                peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes(pid))
+            time.sleep(RSS_POLL_S)
 
     def read():
         nonlocal first_step
@@ -106,17 +145,19 @@ def measure(command, env) -> dict:
             if first_step is None and FIRST_STEP.search(line):
                 first_step = time.time() - started
 
-    reader = threading.Thread(target=read)
+    reader, watcher = threading.Thread(target=read), threading.Thread(target=watch)
     reader.start()
-    _, status, usage = os.wait4(process.pid, 0)  # usage: this process and its waited-for descendants
+    watcher.start()
+    _, status, usage = os.wait4(process.pid, 0)  # usage: CPU time of this process and its waited-for descendants
     process.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
+    watcher.join()
     output = "".join(lines)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
     prepared = PREPARED.search(output)
     return {"first_step_s": round(first_step, 1) if first_step else None,
-            "peak_rss_gb": round(usage.ru_maxrss * KIB / 1e9, 2),
+            "peak_rss_gb": round(max(peaks.values(), default=0) / 1e9, 2),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # the whole run, all its processes
             "prepare_rows_per_s": int(prepared.group(3)) if prepared else None,
             "prepare_s": float(prepared.group(2)) if prepared else None,
