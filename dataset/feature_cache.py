@@ -45,7 +45,7 @@ KEY_BYTES = 16
 # Images per shard file: 2048 x 196 x 768 x 2 bytes = 617 MB; a crash loses at most one shard of work.
 SHARD_IMAGES = 2048
 ENCODE_BATCH_SIZE = 64
-PROGRESS_EVERY_S = 30.0
+PROGRESS_EVERY_S = 1.0  # seconds between progress bar updates
 SHARD_SUFFIX = ".npy"
 KEYS_SUFFIX = ".keys.npy"
 
@@ -56,7 +56,7 @@ def image_key(data: bytes) -> bytes:
 
 def _key_of(source, ref, progress) -> bytes:
     """The image's key; an unreadable file gets the empty key, which is never cached (reported as undecodable)."""
-    progress()
+    progress.update(1)
     try:
         return image_key(source.image_bytes(ref))
     except OSError:
@@ -117,12 +117,6 @@ def _save_npy_atomic(path: Path, array: np.ndarray):
     with open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
     _fsync_replace(tmp, path)
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 # ------------------------------------------------------------------------------------------ the store on disk
@@ -222,7 +216,7 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
                                                      shape=(len(keys),) + tuple(batch.shape[1:]))
             features[indices.numpy()] = batch.to(torch.float16).cpu().numpy()
             stored_keys[indices.numpy()[~decoded.numpy()]] = b""
-            progress(len(indices))
+            progress.update(len(indices))
         decoded_count = int((stored_keys != b"").sum())
         if features is None or decoded_count == 0:
             return 0  # nothing worth a shard (the finally clause removes the temporary file)
@@ -235,24 +229,12 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
     return decoded_count
 
 
-class _Progress:
-    """Count, rate and ETA every PROGRESS_EVERY_S seconds, and a last line if any was shown."""
+def _progress(total, log, label):
+    """A tqdm bar (count, rate, ETA) on stderr; none when `log` is None (ranks other than 0, tests)."""
+    from tqdm import tqdm
 
-    def __init__(self, total, log, label):
-        self.total, self.log, self.label = total, log, label
-        self.done = 0
-        self.start = self.last = time.time()
-        self.shown = False
-
-    def __call__(self, count=1):
-        self.done += count
-        now = time.time()
-        due = now - self.last >= PROGRESS_EVERY_S or (self.shown and self.done == self.total)
-        if self.log is not None and due:
-            rate = self.done / max(now - self.start, 1e-9)
-            self.log(f"{self.label}: {self.done}/{self.total} images, {rate:.1f} images/s, "
-                     f"ETA {_format_duration((self.total - self.done) / max(rate, 1e-9))}")
-            self.last, self.shown = now, True
+    return tqdm(total=total, desc=label, unit="img", disable=log is None, mininterval=PROGRESS_EVERY_S,
+                dynamic_ncols=True)
 
 
 def lookup(keys, shard_keys):
@@ -307,11 +289,14 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
 
     # 1. Key every image of every record by its content hash (same list on every rank)
     started = time.time()
-    refs = [ref for record in dataset.records for ref in record.images]
-    offsets = np.zeros(len(dataset.records) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(record.images) for record in dataset.records])
-    hashing = _Progress(len(refs), log, "hashing images")
-    keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
+    refs, counts = [], np.zeros(len(dataset.records), dtype=np.int64)
+    for index in range(len(dataset.records)):
+        images = dataset.records[index].images
+        refs += images
+        counts[index] = len(images)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    with _progress(len(refs), log, "hashing images") as hashing:
+        keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
 
     # 2. Which unique images are not cached yet; this rank encodes its share of them
     cached = list_shards(folder)
@@ -328,13 +313,13 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     if len(mine):
         if num_workers is None:
             num_workers = min(4, max((os.cpu_count() or 1) - 1, 0))
-        progress = _Progress(len(mine), log, f"encoding images with CLIP (rank {ctx.rank})"
-                             if ctx.distributed else "encoding images with CLIP")
-        for start in range(0, len(mine), SHARD_IMAGES):
-            part = mine[start:start + SHARD_IMAGES]
-            source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part])
-            loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
-            computed += _encode_shard(vlm, loader, unique_keys[part], folder, ctx, autocast, progress)
+        label = f"encoding images with CLIP (rank {ctx.rank})" if ctx.distributed else "encoding images with CLIP"
+        with _progress(len(mine), log, label) as progress:
+            for start in range(0, len(mine), SHARD_IMAGES):
+                part = mine[start:start + SHARD_IMAGES]
+                source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part])
+                loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
+                computed += _encode_shard(vlm, loader, unique_keys[part], folder, ctx, autocast, progress)
     if ctx.distributed:
         torch.distributed.barrier()  # every rank's shards are on disk before anyone builds its index
 

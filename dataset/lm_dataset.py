@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, Sampler
 from common import UserError
 from model.model_minimind import IGNORE_INDEX
 
-from .processing import (CLIP_IMAGE_SIZE, IMAGE_MARKER, ImageError, build_prompt, count_image_markers, open_image,
-                         preprocess_image, roles_by_parity)
+from .processing import (CLIP_IMAGE_SIZE, IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
+                         count_image_markers, is_placeholder_image, open_image, preprocess_image, roles_by_parity)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -32,10 +32,21 @@ class DataError(UserError):
     """The dataset has problems that stop training; the message lists them (file, line, reason)."""
 
 
+# Kinds of malformed record, for counts per kind (DataProblem.kind).
+KIND_TEXT = "text is not UTF-8"
+KIND_JSON = "invalid JSON"
+KIND_CONVERSATIONS = "bad conversations"
+KIND_ROLES = "roles do not alternate"
+KIND_IMAGE_FIELD = "bad image field"
+KIND_IMAGE_COUNT = "markers and images differ"
+KIND_IMAGE_MISSING = "image file not found"
+KIND_UNDECODABLE = "image does not decode"
+
+
 @dataclass
 class Record:
-    conversations: list  # [{"role", "content"}], roles reassigned by position
-    images: list  # JSONL: image file paths; parquet: (row, slot) references into the table
+    conversations: list  # [{"role", "content"}]: the stored roles, or roles by position when none are stored
+    images: list  # JSONL: image file paths; parquet: (row, slot) references; [] for a text-only row
     origin: str  # "file:line" or "file:row", for messages
 
 
@@ -43,6 +54,7 @@ class Record:
 class DataProblem:
     origin: str
     reason: str
+    kind: str = ""
 
     def __str__(self):
         return f"{self.origin}: {self.reason}"
@@ -73,6 +85,45 @@ def check_image_count(conversations, num_images):
     return None
 
 
+def resolve_roles(turns):
+    """(messages, None) or (None, reason). Stored roles are used when every turn has one: an optional system
+    turn first, then user and assistant alternating. Records without roles get them by position."""
+    has_role = ["role" in turn for turn in turns]
+    if not any(has_role):
+        return roles_by_parity(turns), None
+    if not all(has_role):
+        return None, f"turn {has_role.index(False)} has no 'role' (the other turns have one)"
+    roles = [turn["role"] for turn in turns]
+    first = 1 if roles[0] == SYSTEM_ROLE else 0
+    for i in range(first, len(roles)):
+        expected_role = ROLES_BY_PARITY[(i - first) % 2]
+        if roles[i] != expected_role:
+            return None, f"turn {i} has role {repr(roles[i])[:40]} where {expected_role!r} was expected"
+    if "assistant" not in roles:
+        return None, "no assistant turn to learn from"
+    return [{"role": role, "content": turn["content"]} for role, turn in zip(roles, turns)], None
+
+
+def check_record(turns, num_images, image_is_placeholder=lambda: False):
+    """(messages, images used, None) or (None, 0, (kind, reason)).
+
+    A row whose text has no `<image>` and whose one image is the tiny placeholder (image_is_placeholder()) is
+    a text-only sample: it uses no image.
+    """
+    reason = check_conversations(turns)
+    if reason:
+        return None, 0, (KIND_CONVERSATIONS, reason)
+    messages, reason = resolve_roles(turns)
+    if reason:
+        return None, 0, (KIND_ROLES, reason)
+    if num_images == 1 and count_image_markers(messages) == 0 and image_is_placeholder():
+        return messages, 0, None
+    reason = check_image_count(messages, num_images)
+    if reason:
+        return None, 0, (KIND_IMAGE_COUNT, reason)
+    return messages, num_images, None
+
+
 def parse_json(text):
     """(object, None) or (None, reason): any malformed text gives a reason, never an exception."""
     try:
@@ -90,8 +141,82 @@ def is_file(path):
         return False
 
 
+def jsonl_record(raw: bytes, line_no: int, name: str, images_path: Path):
+    """One JSONL line -> (Record, None), (None, DataProblem), or (None, None) for a blank line."""
+    origin = f"{name}:{line_no}"
+    try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as error:  # bytes: a line that is not UTF-8 is one problem, not a crash
+        return None, DataProblem(origin, f"not UTF-8 text (byte {error.start + 1})", KIND_TEXT)
+    if not line.strip():
+        return None, None
+    obj, reason = parse_json(line)
+    if reason:
+        return None, DataProblem(origin, reason, KIND_JSON)
+    if not isinstance(obj, dict):
+        return None, DataProblem(origin, "a line must be a JSON object", KIND_JSON)
+    names = obj.get("image", "")
+    if not isinstance(names, str):
+        return None, DataProblem(origin, "'image' must be a string of comma-separated file names", KIND_IMAGE_FIELD)
+    paths = [images_path / n.strip() for n in names.split(",") if n.strip()]
+    messages, used, problem = check_record(obj.get("conversations"), len(paths))
+    if problem:
+        return None, DataProblem(origin, problem[1], problem[0])
+    missing = [p.name for p in paths if not is_file(p)]
+    if missing:
+        return None, DataProblem(origin, f"image file {missing[0]!r} not found in {images_path}", KIND_IMAGE_MISSING)
+    return Record(messages, [str(p) for p in paths[:used]], origin), None
+
+
+UNREADABLE = object()  # a parquet value that cannot be converted to Python
+
+
+def parquet_record(text, image_value, row: int, name: str):
+    """One parquet row (`conversations` value, `image_bytes` pyarrow scalar) -> (Record, None) or (None, problem)."""
+    origin = f"{name}:row {row}"
+    if text is UNREADABLE:
+        return None, DataProblem(origin, "'conversations' is not readable (not UTF-8 text)", KIND_TEXT)
+    turns, reason = parse_json(text) if isinstance(text, str) else (text, None)
+    if reason:
+        return None, DataProblem(origin, f"'conversations': {reason}", KIND_JSON)
+    count = image_count(image_value)
+    messages, used, problem = check_record(turns, count, lambda: is_placeholder_image(image_at(image_value, 0)))
+    if problem:
+        return None, DataProblem(origin, problem[1], problem[0])
+    return Record(messages, [(row, slot) for slot in range(used)], origin), None
+
+
+def image_count(value) -> int:
+    """Images in one `image_bytes` value: a binary (1), a list of binaries (its length), or null (0)."""
+    if not value.is_valid:
+        return 0
+    return len(value) if hasattr(value, "values") else 1
+
+
+def image_at(value, slot):
+    """The bytes of image `slot` of one `image_bytes` value (None for a null entry)."""
+    return (value[slot] if hasattr(value, "values") else value).as_py()
+
+
+def column_values(column):
+    """A pyarrow column as Python values; a value that does not convert (bad UTF-8) is UNREADABLE."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):  # look at each value only when the fast path fails
+        values = []
+        for row in range(len(column)):
+            try:
+                values.append(column[row].as_py())
+            except (UnicodeDecodeError, pa.ArrowException):
+                values.append(UNREADABLE)
+        return values
+
+
 class JsonlSource:
-    """`conversations` + comma-separated `image` names relative to an image folder."""
+    """`conversations` + comma-separated `image` names relative to an image folder (read whole: small files;
+    training reads through dataset/prepared.py)."""
 
     def __init__(self, data_path, images_path):
         self.data_path = Path(data_path)
@@ -100,41 +225,13 @@ class JsonlSource:
     def read(self):
         """(records that pass every check, a DataProblem for each line that does not), in file order."""
         records, problems = [], []
-        with open(self.data_path, "rb") as handle:  # bytes: a line that is not UTF-8 is one problem, not a crash
+        with open(self.data_path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
-                origin = f"{self.data_path.name}:{line_no}"
-                try:
-                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError as error:
-                    problems.append(DataProblem(origin, f"not UTF-8 text (byte {error.start + 1})"))
-                    continue
-                if not line.strip():
-                    continue
-                obj, reason = parse_json(line)
-                if reason:
-                    problems.append(DataProblem(origin, reason))
-                    continue
-                if not isinstance(obj, dict):
-                    problems.append(DataProblem(origin, "a line must be a JSON object"))
-                    continue
-                reason = check_conversations(obj.get("conversations"))
-                if reason:
-                    problems.append(DataProblem(origin, reason))
-                    continue
-                names = obj.get("image", "")
-                if not isinstance(names, str):
-                    problems.append(DataProblem(origin, "'image' must be a string of comma-separated file names"))
-                    continue
-                paths = [self.images_path / name.strip() for name in names.split(",") if name.strip()]
-                reason = check_image_count(obj["conversations"], len(paths))
-                if reason:
-                    problems.append(DataProblem(origin, reason))
-                    continue
-                missing = [p.name for p in paths if not is_file(p)]
-                if missing:
-                    problems.append(DataProblem(origin, f"image file {missing[0]!r} not found in {self.images_path}"))
-                    continue
-                records.append(Record(obj["conversations"], [str(p) for p in paths], origin))
+                record, problem = jsonl_record(raw, line_no, self.data_path.name, self.images_path)
+                if record:
+                    records.append(record)
+                elif problem:
+                    problems.append(problem)
         return records, problems
 
     def image_bytes(self, ref):
@@ -144,71 +241,49 @@ class JsonlSource:
         return Path(ref).name
 
 
-UNREADABLE = object()  # a parquet value that cannot be converted to Python
+def open_parquet(data_path):
+    """pyarrow.parquet.ParquetFile with both columns present, or a one-line DataError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(data_path, memory_map=True)
+        columns = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{data_path}: not a readable parquet file ({error})") from None
+    for column in ("conversations", "image_bytes"):
+        if column not in columns:
+            raise DataError(f"{data_path}: no '{column}' column (has {columns})")
+    return parquet
 
 
 class ParquetSource:
-    """`conversations` as a JSON string, `image_bytes` as one binary or a list of binaries per row."""
+    """`conversations` as a JSON string, `image_bytes` as one binary or a list of binaries per row (read whole:
+    small files; training reads through dataset/prepared.py)."""
 
     def __init__(self, data_path):
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         self.data_path = Path(data_path)
         try:
-            self.table = pq.read_table(self.data_path, memory_map=True)
-            columns = self.table.column_names
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
+            self.table = open_parquet(self.data_path).read()
+        except (pa.ArrowException, OSError) as error:
             raise DataError(f"{self.data_path}: not a readable parquet file ({error})") from None
-        for column in ("conversations", "image_bytes"):
-            if column not in columns:
-                raise DataError(f"{self.data_path}: no '{column}' column (has {columns})")
         self.images = self.table.column("image_bytes")
 
     def read(self):
         records, problems = [], []
-        for row, text in enumerate(self.column_values("conversations")):
-            origin = f"{self.data_path.name}:row {row}"
-            if text is UNREADABLE:
-                problems.append(DataProblem(origin, "'conversations' is not readable (not UTF-8 text)"))
-                continue
-            turns, reason = parse_json(text) if isinstance(text, str) else (text, None)
-            if reason:
-                problems.append(DataProblem(origin, f"'conversations': {reason}"))
-                continue
-            reason = check_conversations(turns)
-            if reason:
-                problems.append(DataProblem(origin, reason))
-                continue
-            value = self.images[row]
-            count = 0 if not value.is_valid else (len(value) if hasattr(value, "values") else 1)
-            reason = check_image_count(turns, count)
-            if reason:
-                problems.append(DataProblem(origin, reason))
-                continue
-            records.append(Record(turns, [(row, slot) for slot in range(count)], origin))
+        for row, text in enumerate(column_values(self.table.column("conversations"))):
+            record, problem = parquet_record(text, self.images[row], row, self.data_path.name)
+            if record:
+                records.append(record)
+            else:
+                problems.append(problem)
         return records, problems
-
-    def column_values(self, name):
-        """The column as Python values; a value that does not convert (bad UTF-8 in a string) is UNREADABLE."""
-        import pyarrow as pa
-
-        column = self.table.column(name)
-        try:
-            return column.to_pylist()
-        except (UnicodeDecodeError, pa.ArrowException):  # look at each value only when the fast path fails
-            values = []
-            for row in range(len(column)):
-                try:
-                    values.append(column[row].as_py())
-                except (UnicodeDecodeError, pa.ArrowException):
-                    values.append(UNREADABLE)
-            return values
 
     def image_bytes(self, ref):
         row, slot = ref
-        value = self.images[row]
-        return (value[slot] if hasattr(value, "values") else value).as_py()
+        return image_at(self.images[row], slot)
 
     def image_name(self, ref):
         return f"image_bytes[{ref[1]}]"
@@ -216,14 +291,19 @@ class ParquetSource:
 
 def open_source(data_path, images_path=None):
     path = Path(data_path)
+    check_data_path(path)
+    if path.suffix in PARQUET_SUFFIXES:
+        return ParquetSource(path)
+    return JsonlSource(path, images_path)
+
+
+def check_data_path(path: Path):
+    """A one-line DataError unless `path` is a dataset file of a known format."""
     if not path.is_file():
         raise DataError(f"dataset file not found: {path} (download it with `python -m scripts.download --what data`"
                         f" or pass --data_path)")
-    if path.suffix in PARQUET_SUFFIXES:
-        return ParquetSource(path)
-    if path.suffix in JSONL_SUFFIXES:
-        return JsonlSource(path, images_path)
-    raise DataError(f"{path}: unknown dataset format; expected {JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+    if path.suffix not in PARQUET_SUFFIXES + JSONL_SUFFIXES:
+        raise DataError(f"{path}: unknown dataset format; expected {JSONL_SUFFIXES + PARQUET_SUFFIXES}")
 
 
 def find_subsequence(ids: np.ndarray, pattern, start: int) -> int:
@@ -301,19 +381,37 @@ class SampleEncoder:
 
     def encode(self, records) -> list:
         """One EncodedSample per record, in order."""
-        prompts = [build_prompt(self.tokenizer, roles_by_parity(r.conversations), self.image_special_token,
-                                add_generation_prompt=False) for r in records]
-        encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+        return self.encode_chats([(r.conversations, len(r.images)) for r in records])
+
+    def encode_chats(self, chats, dtype=np.int64) -> list:
+        """One EncodedSample per (messages, number of images), ids as `dtype`.
+
+        Only a sample longer than max_seq_len is checked for a cut image run or a lost answer: a whole
+        prompt has one intact run per image (expand_image_markers) and an answer span per assistant turn.
+        """
+        prompts = [build_prompt(self.tokenizer, messages, self.image_special_token, add_generation_prompt=False)
+                   for messages, _ in chats]
         samples = []
-        for record, full_ids in zip(records, encoded):
-            ids = np.asarray(full_ids[:self.max_seq_len], dtype=np.int64)
+        for (_, num_images), full_ids in zip(chats, self.token_ids(prompts)):
+            ids = np.asarray(full_ids[:self.max_seq_len], dtype=dtype)
             cut = None
-            if not image_runs_intact(ids, self.image_token_id, self.image_tokens_per_image, len(record.images)):
-                cut = CUT_IMAGE
-            elif not self.label_mask(ids).any():
-                cut = CUT_ANSWER
+            if len(full_ids) > self.max_seq_len:
+                if not image_runs_intact(ids, self.image_token_id, self.image_tokens_per_image, num_images):
+                    cut = CUT_IMAGE
+                elif not self.label_mask(ids).any():
+                    cut = CUT_ANSWER
             samples.append(EncodedSample(ids, len(full_ids), cut))
         return samples
+
+    def token_ids(self, prompts) -> list:
+        """Token id lists of `prompts` (no special tokens added), batched in the Rust tokenizer."""
+        if not prompts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            return self.tokenizer(prompts, add_special_tokens=False).input_ids
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no character offsets
+        return [encoding.ids for encoding in encode(prompts, add_special_tokens=False)]
 
     def label_mask(self, ids: np.ndarray) -> np.ndarray:
         return assistant_label_mask(ids, self.label_start_ids, self.label_end_ids)
@@ -329,8 +427,9 @@ class DatasetStats:
     bad_records: int = 0
     image_cut_by_max_seq_len: int = 0
     answer_cut_by_max_seq_len: int = 0
-    problems: list = field(default_factory=list)
-    cut: list = field(default_factory=list)  # DataProblem per sample left out at max_seq_len
+    text_only: int = 0  # usable samples without an image
+    problems: list = field(default_factory=list)  # DataProblem examples of malformed records, in file order
+    cut: list = field(default_factory=list)  # DataProblem examples of samples left out at max_seq_len
 
     @property
     def usable(self):
@@ -339,26 +438,37 @@ class DatasetStats:
     def summary(self):
         return (f"{self.usable} usable samples of {self.records}; left out: {self.bad_records} malformed, "
                 f"{self.image_cut_by_max_seq_len} whose image does not fit max_seq_len, "
-                f"{self.answer_cut_by_max_seq_len} whose answer is cut entirely")
+                f"{self.answer_cut_by_max_seq_len} whose answer is cut entirely; "
+                f"{self.text_only} of the usable are text-only (no image)")
 
 
-def listed(problems, limit=PROBLEMS_SHOWN):
-    """Indented lines, one per problem, the rest summarised."""
+def listed(problems, limit=PROBLEMS_SHOWN, total=None):
+    """Indented lines, one per problem, the rest (of `total`, default all given) summarised."""
+    total = len(problems) if total is None else total
     shown = "\n".join(f"  {p}" for p in problems[:limit])
-    return shown + (f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else "")
+    return shown + (f"\n  ... and {total - min(limit, len(problems))} more" if total > limit else "")
 
 
-def problems_message(source_name, problems):
-    return (f"{source_name}: {len(problems)} malformed record(s):\n{listed(problems)}\n"
+def problems_message(source_name, problems, total=None):
+    total = len(problems) if total is None else total
+    return (f"{source_name}: {total} malformed record(s):\n{listed(problems, total=total)}\n"
             f"Fix them (check with `python -m scripts.check_data`), or pass --skip_bad_samples to leave them out.")
 
 
 class VLMDataset(Dataset):
-    """Tokenises every record up front (lengths for batching, truncation checks); images load per item."""
+    """Samples of a prepared data file (dataset/prepared.py: checked and tokenised once, memory-mapped);
+    images are read and preprocessed per item."""
 
     def __init__(self, data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
-                 images_path=None, skip_bad_samples=False, log=print):
-        self.source = open_source(data_path, images_path)
+                 images_path=None, skip_bad_samples=False, log=print, prepared_dir=None, prepare_workers=None,
+                 may_build=True):
+        from .prepared import RecordView, prepare_dataset  # prepared.py builds on this module's readers
+
+        self.prepared = prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
+                                        images_path=images_path, cache_dir=prepared_dir, workers=prepare_workers,
+                                        log=log, may_build=may_build)
+        self.source = self.prepared.images
+        self.records = RecordView(self.prepared)
         self.max_seq_len = max_seq_len
         self.image_token_id = image_token_id
         self.encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len)
@@ -369,38 +479,34 @@ class VLMDataset(Dataset):
         self.feature_store = None  # set by the vision-feature cache: items then carry features, not pixels
         self.decode_failures = 0
 
-        records, problems = self.source.read()
-        self.stats = DatasetStats(records=len(records) + len(problems), problems=problems,
-                                  bad_records=len(problems))
-        if problems and not skip_bad_samples:
-            raise DataError(problems_message(self.source.data_path.name, problems))
-
-        self.records, token_rows = [], []
-        for record, sample in zip(records, self.encoder.encode(records)):
-            if sample.cut is not None:
-                self.stats.cut.append(DataProblem(record.origin, self.encoder.cut_reason(sample)))
-                if sample.cut == CUT_IMAGE:
-                    self.stats.image_cut_by_max_seq_len += 1
-                else:
-                    self.stats.answer_cut_by_max_seq_len += 1
-                continue
-            self.records.append(record)
-            token_rows.append(sample.ids)
-        self.lengths = np.array([len(ids) for ids in token_rows], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.tokens = np.concatenate(token_rows) if token_rows else np.zeros(0, dtype=np.int64)
+        counts = self.prepared.manifest
+        problems, malformed = self.prepared.problems()
+        self.stats = DatasetStats(records=counts["records"], bad_records=malformed,
+                                  image_cut_by_max_seq_len=counts["cut_image"],
+                                  answer_cut_by_max_seq_len=counts["cut_answer"], text_only=counts["text_only"],
+                                  problems=problems, cut=self.prepared.cut())
+        name = self.prepared.data_path.name
+        if malformed and not skip_bad_samples:
+            raise DataError(problems_message(name, problems, malformed))
         if log is not None:
-            log(f"{self.source.data_path.name}: {self.stats.summary()}")
-            if self.stats.cut:
-                log(f"left out at max_seq_len {max_seq_len} ({len(self.stats.cut)}):\n{listed(self.stats.cut)}")
-        if not self.records:
-            raise DataError(f"{self.source.data_path}: no usable sample ({self.stats.summary()})")
+            log(f"{name}: {self.stats.summary()}")
+            cut_total = self.stats.image_cut_by_max_seq_len + self.stats.answer_cut_by_max_seq_len
+            if cut_total:
+                log(f"left out at max_seq_len {max_seq_len} ({cut_total}):\n"
+                    f"{listed(self.stats.cut, total=cut_total)}")
+        if not len(self.prepared):
+            raise DataError(f"{self.prepared.data_path}: no usable sample ({self.stats.summary()})")
 
     def __len__(self):
-        return len(self.records)
+        return len(self.prepared)
+
+    @property
+    def lengths(self):
+        """int32 [samples], memory-mapped: what length-grouped batching sorts by."""
+        return self.prepared.lengths
 
     def token_ids(self, index):
-        return self.tokens[self.offsets[index]:self.offsets[index + 1]]
+        return self.prepared.token_ids(index)
 
     def load_pixels(self, index):
         """[N, 3, 224, 224] for the record's images (N may be 0)."""
@@ -425,7 +531,7 @@ class VLMDataset(Dataset):
     def build_item(self, index):
         ids = self.token_ids(index)
         labels = np.where(self.encoder.label_mask(ids), ids, IGNORE_INDEX)
-        item = {"input_ids": torch.from_numpy(ids.copy()), "labels": torch.from_numpy(labels)}
+        item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if self.feature_store is not None:
             item["image_features"] = self.feature_store.features_for(self, index)
         else:

@@ -13,9 +13,15 @@ from PIL import Image
 from common import UserError
 from model import processing_minimind_v
 from model.model_vlm import CLIP_IMAGE_SIZE
-from model.processing_minimind_v import IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers
+from model.processing_minimind_v import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers
 
 ROLES_BY_PARITY = ("user", "assistant")
+SYSTEM_ROLE = "system"
+# Bump whenever render_chat's output changes: prepared token caches (dataset/prepared.py) are then rebuilt.
+PROMPT_FORMAT_VERSION = 1
+# A text-only row of the published parquet data carries one tiny (8x8 black) image and no `<image>` marker.
+PLACEHOLDER_MAX_SIDE = 16
+PLACEHOLDER_MAX_BYTES = 4096
 
 
 class ImageError(UserError, processing_minimind_v.ImageError):
@@ -67,11 +73,56 @@ def user_content(text: str, num_images: int) -> str:
     return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + text
 
 
+def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt: bool) -> str:
+    """MiniMind2's chat format, owned here rather than by whatever tokenizer_config.json was downloaded.
+
+    A system turn (the first message when it is a system message, else DEFAULT_SYSTEM_PROMPT), then
+    `{turn_start}{role}\\n{content}{turn_end}\\n` per message, then `{turn_start}assistant\\n` when asked to.
+    """
+    if messages and messages[0]["role"] == SYSTEM_ROLE:
+        system, turns = messages[0]["content"], messages[1:]
+    else:
+        system, turns = DEFAULT_SYSTEM_PROMPT, messages
+    parts = [f"{turn_start}{SYSTEM_ROLE}\n{system}{turn_end}\n"]
+    parts += [f"{turn_start}{m['role']}\n{m['content']}{turn_end}\n" for m in turns]
+    if add_generation_prompt:
+        parts.append(f"{turn_start}assistant\n")
+    return "".join(parts)
+
+
 def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool) -> str:
-    """Chat-template text of `messages` with every `<image>` expanded to its placeholder run."""
+    """Chat text of `messages` (render_chat) with every `<image>` expanded to its placeholder run."""
     expanded = [{"role": m["role"], "content": expand_image_markers(m["content"], image_special_token)}
                 for m in messages]
-    return tokenizer.apply_chat_template(expanded, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_chat(expanded, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt)
+
+
+def chat_template_warning(tokenizer):
+    """A one-line warning when the tokenizer's own chat template renders chats unlike render_chat, else None."""
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]
+    probes = [(chat, False), (chat, True), ([{"role": SYSTEM_ROLE, "content": "S"}] + chat, True)]
+    for messages, add_generation_prompt in probes:
+        ours = render_chat(messages, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt)
+        try:
+            theirs = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+        except Exception:  # noqa: BLE001 - no template, or a broken one: either way it differs
+            theirs = None
+        if theirs != ours:
+            return ("warning: the tokenizer's chat template renders chats differently from MiniMind2's format; "
+                    "training and chat use MiniMind2's format (dataset/processing.py render_chat) regardless")
+    return None
+
+
+def is_placeholder_image(data) -> bool:
+    """True for the tiny stand-in image of a text-only row (at most PLACEHOLDER_MAX_SIDE pixels a side)."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) > PLACEHOLDER_MAX_BYTES:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return max(image.size) <= PLACEHOLDER_MAX_SIDE
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def count_image_markers(messages) -> int:

@@ -4,38 +4,41 @@
     python -m scripts.check_data dataset/sft_vlm_data.jsonl --images_path dataset/sft_images --stage sft
     python -m scripts.check_data DATA --tokenizer_path model --max_seq_len 1024 --workers 16
 
-It runs the checks the trainers run at start-up, with the same code (dataset/lm_dataset.py), plus the one
-they cannot afford up front:
-  1. every record parses and has `conversations`; for JSONL, every image file exists;
-  2. every record has as many `<image>` markers as images;
-  3. every image decodes and preprocesses (in parallel; a trainer finds a broken image only when it loads
-     it, and then trains on the next sample instead);
+It runs the checks the trainers run at start-up, with the same code and the same prepared cache
+(dataset/prepared.py: built here if missing, then reused by training), plus the one they cannot afford up front:
+  1. every record parses and has `conversations` with alternating roles; for JSONL, every image file exists;
+  2. every record has as many `<image>` markers as images (a row with no marker and one tiny placeholder
+     image is a text-only sample);
+  3. every image decodes and preprocesses (in parallel processes; a trainer finds a broken image only when
+     it loads it, and then trains on the next sample instead);
   4. the token length after the chat template: which samples max_seq_len leaves out because an image or
      the whole answer does not fit, and a histogram of the lengths.
-Problems 1-3 are listed as `file:line: reason` (parquet: `file:row N: reason`); samples left out at
-max_seq_len are listed too but are not errors (the trainers skip and count them).
+Streaming and bounded memory for files of millions of rows: problems are counted per kind and the first
+--show examples of each kind listed as `file:line: reason` (parquet: `file:row N: reason`); samples left out
+at max_seq_len are listed too but are not errors (the trainers skip and count them). Progress with rate and
+ETA goes to stderr.
 
 Exit status: 0 when no record has a problem, 1 when some record has one or no sample is usable, 2 when the
 check cannot run (a missing file, no tokenizer, ...).
 """
 import argparse
-import bisect
 import os
-import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from common import DEFAULT_TOKENIZER_PATH, bounded, format_duration, run_cli
-from dataset.lm_dataset import CUT_IMAGE, DataError, DataProblem, SampleEncoder, load_image, open_source
-from dataset.processing import ImageError, check_tokenizer_matches, load_tokenizer
+from dataset.lm_dataset import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
+from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_IMAGE, STATUS_OK,
+                              prepare_dataset, row_number)
+from dataset.processing import ImageError, chat_template_warning, check_tokenizer_matches, load_tokenizer
 from model.model_vlm import VLMConfig
 from trainer.training import STAGE_DEFAULTS
 
 STAGE_MAX_SEQ_LEN = {stage: defaults["max_seq_len"] for stage, defaults in STAGE_DEFAULTS.items()}
-IMAGES_PER_TASK = 64  # images one worker decodes per task: few futures, smooth progress
-PROGRESS_EVERY_S = {True: 0.2, False: 10.0}  # seconds between progress updates on a terminal / in a log file
+ROWS_PER_TASK = 256  # rows one worker decodes per task: few tasks, smooth progress
 HISTOGRAM_BINS = 12
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
 
@@ -51,65 +54,73 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=bounded(int, 2), default=None,
                    help="tokens per sample, as given to the trainer")
     p.add_argument("--workers", type=bounded(int, 1), default=os.cpu_count() or 1,
-                   help="threads decoding images (PIL releases the GIL while decoding and resizing)")
-    p.add_argument("--show", type=bounded(int, 0), default=100,
-                   help="problems listed per kind before summarising (0: all)")
+                   help="processes preparing the data and decoding images")
+    p.add_argument("--prepared_dir", default=None,
+                   help="the trainers' --prepared_dir (default: prepared/ beside DATA)")
+    p.add_argument("--show", type=bounded(int, 0, EXAMPLES_PER_KIND), default=5,
+                   help="examples listed per kind of problem (0: none)")
+    p.add_argument("--skip_images", action="store_true", help="leave out step 3 (decoding every image)")
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]
     return args
 
 
-class Progress:
-    """`label: done/total (pct) | rate/s | ETA` on stderr; rewritten in place on a terminal."""
-
-    def __init__(self, label, total, stream=sys.stderr):
-        self.label, self.total, self.stream = label, total, stream
-        self.is_tty = stream.isatty()
-        self.start = self.last = time.time()
-        self.done = 0
-
-    def update(self, count):
-        self.done += count
-        now = time.time()
-        if now - self.last >= PROGRESS_EVERY_S[self.is_tty] or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            end = "\r" if self.is_tty and self.done < self.total else "\n"
-            self.stream.write(f"{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
-                              f" | {rate:.1f}/s | ETA {format_duration(eta)}{end}")
-            self.stream.flush()
-
-
-def check_images(source, records, workers):
-    """A DataProblem for each record with an image that does not load the way the trainers load it."""
-    refs = [(index, ref) for index, record in enumerate(records) for ref in record.images]
-    tasks = [refs[i:i + IMAGES_PER_TASK] for i in range(0, len(refs), IMAGES_PER_TASK)]
-
-    def check_task(task):
-        failures = []
-        for index, ref in task:
+def check_rows(store, rows, counts):
+    """(rows checked' images, failed rows, their reasons) for one task: every image as the trainers load it."""
+    failed, reasons, images = [], [], 0
+    for row, count in zip(rows, counts):
+        for ref in store.refs(int(row), int(count)):
+            images += 1
             try:
-                load_image(source, ref)
+                load_image(store, ref)
             except ImageError as error:
-                failures.append((index, f"image does not decode: {error}"))
-        return failures
-
-    failed = {}
-    progress = Progress("images", len(refs))
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for task, failures in zip(tasks, pool.map(check_task, tasks)):
-            for index, reason in failures:
-                failed.setdefault(index, reason)  # the first broken image of a record
-            progress.update(len(task))
-    return [DataProblem(records[index].origin, reason) for index, reason in sorted(failed.items())]
+                failed.append(int(row))
+                reasons.append(f"image does not decode: {error}")
+                break
+    return images, failed, reasons
 
 
-def file_order(problem):
-    """Sort key: the line or row number that ends every origin."""
-    match = re.search(r"(\d+)$", problem.origin)
-    return int(match.group(1)) if match else 0
+_STORE = None  # the image store of a pool worker process, set once by its initializer
+
+
+def _init_worker(store):
+    global _STORE
+    _STORE = store
+
+
+def _check_task(task):
+    return check_rows(_STORE, *task)
+
+
+def check_images(prepared, workers):
+    """Rows (file order) of the well-formed rows with an image that does not decode, and (row, reason) for the
+    first EXAMPLES_PER_KIND of them; decoded in parallel processes."""
+    from tqdm import tqdm
+
+    rows = np.flatnonzero(np.isin(np.asarray(prepared.status), [STATUS_OK, STATUS_CUT_IMAGE, STATUS_CUT_ANSWER]))
+    counts = np.asarray(prepared.row_images)[rows]
+    rows, counts = rows[counts > 0], counts[counts > 0]
+    tasks = [(rows[i:i + ROWS_PER_TASK], counts[i:i + ROWS_PER_TASK]) for i in range(0, len(rows), ROWS_PER_TASK)]
+    failed_rows, examples = [], []
+    with tqdm(total=int(counts.sum()), desc="images", unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            results = (check_rows(prepared.images, *task) for task in tasks)
+            for images, failed, reasons in results:
+                failed_rows += failed
+                examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
+                bar.update(images)
+        else:
+            import multiprocessing
+
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                          initargs=(prepared.images,)) as pool:
+                for images, failed, reasons in pool.imap(_check_task, tasks):
+                    failed_rows += failed
+                    examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
+                    bar.update(images)
+    return failed_rows, examples
 
 
 def nice_width(span, bins):
@@ -123,21 +134,20 @@ def nice_width(span, bins):
 
 
 def length_histogram(lengths, max_seq_len, bins=HISTOGRAM_BINS, bar_width=HISTOGRAM_WIDTH):
-    """Text bars of the token lengths in round bins; the bin holding max_seq_len is split there."""
-    if not lengths:
+    """Text bars of the token lengths (an int array) in round bins; the bin holding max_seq_len is split there."""
+    lengths = np.asarray(lengths)
+    if not len(lengths):
         return ["  (no sample to measure)"]
-    low, high = min(lengths), max(lengths)
+    low, high = int(lengths.min()), int(lengths.max())
     width = nice_width(high - low + 1, bins)
     edges = list(range(low // width * width, (high // width + 2) * width, width))  # bin i: edges[i] .. edges[i+1]-1
     if edges[0] < max_seq_len + 1 < edges[-1]:
         edges = sorted(set(edges) | {max_seq_len + 1})
-    counts = [0] * (len(edges) - 1)
-    for length in lengths:
-        counts[bisect.bisect_right(edges, length) - 1] += 1
-    peak = max(counts)
+    counts = np.bincount(np.searchsorted(edges, lengths, side="right") - 1, minlength=len(edges) - 1)
+    peak = int(counts.max())
     label_width = len(str(edges[-1]))
     lines = []
-    for start, stop, count in zip(edges, edges[1:], counts):
+    for start, stop, count in zip(edges, edges[1:], counts.tolist()):
         bar = "#" * round(bar_width * count / peak) or ("." if count else "")
         note = "  > max_seq_len" if start > max_seq_len else ""
         lines.append(f"  {start:>{label_width}}-{stop - 1:<{label_width}} {bar:<{bar_width}} {count}{note}")
@@ -149,67 +159,92 @@ def table(rows):
     return [f"  {name:<{width}}  {value}" for name, value in rows]
 
 
-def listing(title, problems, show):
-    if not problems:
+def listing(title, problems, total, show):
+    """`title (total):`, then the examples given (already at most `show` per kind), then how many more."""
+    if not total:
         return []
-    limit = show or len(problems)
-    lines = [f"{title} ({len(problems)}):"] + [f"  {p}" for p in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more (--show 0 lists all)")
+    lines = [f"{title} ({total}):"] + [f"  {p}" for p in problems]
+    if total > len(problems):
+        lines.append(f"  ... and {total - len(problems)} more (--show {EXAMPLES_PER_KIND} lists up to "
+                     f"{EXAMPLES_PER_KIND} of each kind)")
     return lines
+
+
+def first_per_kind(problems, show):
+    """The first `show` problems of each kind, in file order."""
+    taken, kept = {}, []
+    for problem in problems:
+        if taken.get(problem.kind, 0) < show:
+            taken[problem.kind] = taken.get(problem.kind, 0) + 1
+            kept.append(problem)
+    return sorted(kept, key=lambda p: row_number(p.origin))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(args.data).is_file():
-        raise DataError(f"dataset file not found: {args.data}")
-    source = open_source(args.data, args.images_path)
+    check_data_path(Path(args.data))
     tokenizer = load_tokenizer(args.tokenizer_path)
     config = VLMConfig()
     try:
         check_tokenizer_matches(tokenizer, config)
     except ValueError as error:
         raise DataError(f"{args.tokenizer_path}: {error}") from None
+    warning = chat_template_warning(tokenizer)
+    if warning:
+        print(warning, file=sys.stderr)
     started = time.time()
 
-    # 1-2. Records: the trainers' reader and checks
-    records, problems = source.read()
-    total = len(records) + len(problems)
-    print(f"{source.data_path}: {total} records, {len(records)} well-formed, "
-          f"{sum(len(r.images) for r in records)} images", flush=True)
+    # 1, 2 and 4. Records and token lengths: the trainers' prepared data (built now if missing)
+    prepared = prepare_dataset(args.data, tokenizer, config.image_special_token, config.image_ids[0],
+                               args.max_seq_len, images_path=args.images_path, cache_dir=args.prepared_dir,
+                               workers=args.workers, log=lambda message: print(message, file=sys.stderr))
+    counts = prepared.manifest
+    status, row_images = np.asarray(prepared.status), np.asarray(prepared.row_images)
+    well_formed = counts["records"] - counts["malformed"]
+    print(f"{prepared.data_path}: {counts['records']} records, {well_formed} well-formed, "
+          f"{int(row_images.sum())} images", flush=True)
     # 3. Images, in parallel
-    decode_problems = check_images(source, records, args.workers)
-    # 4. Token lengths: the trainers' encoder
-    encoder = SampleEncoder(tokenizer, config.image_special_token, config.image_ids[0], args.max_seq_len)
-    samples = encoder.encode(records)
-    cut = [DataProblem(r.origin, encoder.cut_reason(s)) for r, s in zip(records, samples) if s.cut is not None]
-    errors = sorted(problems + decode_problems, key=file_order)
-    spoiled = {p.origin for p in decode_problems} | {p.origin for p in cut}
-    usable = sum(1 for r in records if r.origin not in spoiled)
+    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, args.workers)
+    decode_examples = [DataProblem(prepared.origin(row), reason, KIND_UNDECODABLE) for row, reason in examples]
+    malformed_examples, malformed = prepared.problems()
+    decode_failed_usable = int((status[np.asarray(failed_rows, dtype=np.int64)] == STATUS_OK).sum())
+    errors = first_per_kind(malformed_examples + decode_examples, args.show)
+    cut = first_per_kind(prepared.cut(limit=args.show), args.show)
+    cut_total = counts["cut_image"] + counts["cut_answer"]
+    per_kind = {kind: count for kind, (count, _) in counts["problems"].items()}
+    if failed_rows:
+        per_kind[KIND_UNDECODABLE] = len(failed_rows)
+    usable = counts["usable"] - decode_failed_usable
 
-    report = listing("errors", errors, args.show)
-    report += listing(f"left out at max_seq_len {args.max_seq_len}", cut, args.show)
-    lengths = [s.length for s in samples]
+    report = listing("errors", errors, malformed + len(failed_rows), args.show)
+    if per_kind:
+        report.append("errors by kind:")
+        report += table(sorted(per_kind.items(), key=lambda item: -item[1]))
+    report += listing(f"left out at max_seq_len {args.max_seq_len}", cut, cut_total, args.show)
+    lengths = np.asarray(prepared.row_length)
+    lengths = lengths[lengths >= 0]
     report.append(f"token lengths after the chat template ({len(lengths)} well-formed samples, "
                   f"max_seq_len {args.max_seq_len}):")
     report += length_histogram(lengths, args.max_seq_len)
-    image_cuts = sum(1 for s in samples if s.cut == CUT_IMAGE)
     report.append("summary:")
     report += table([
-        ("records", total),
-        ("malformed (training refuses them, or skips them)", len(problems)),
-        ("image does not decode (trained on another sample)", len(decode_problems)),
-        ("image cut at max_seq_len (left out)", image_cuts),
-        ("answer cut at max_seq_len (left out)", len(cut) - image_cuts),
+        ("records", counts["records"]),
+        ("malformed (training refuses them, or skips them)", malformed),
+        ("image does not decode (trained on another sample)", "not checked" if args.skip_images
+         else len(failed_rows)),
+        ("image cut at max_seq_len (left out)", counts["cut_image"]),
+        ("answer cut at max_seq_len (left out)", counts["cut_answer"]),
         ("usable", usable),
+        ("text-only among the usable (no image)", counts["text_only"]),
         ("checked in", format_duration(time.time() - started)),
     ])
     print("\n".join(report))
-    if errors or not usable:
-        reason = f"{len(errors)} record(s) with problems" if errors else "no usable sample"
+    problem_count = malformed + len(failed_rows)
+    if problem_count or not usable:
+        reason = f"{problem_count} record(s) with problems" if problem_count else "no usable sample"
         print(f"FAILED: {reason}", file=sys.stderr)
         return 1
-    print("OK: every record and image can be used" + (f" ({len(cut)} left out at max_seq_len)" if cut else ""))
+    print("OK: every record and image can be used" + (f" ({cut_total} left out at max_seq_len)" if cut_total else ""))
     return 0
 
 

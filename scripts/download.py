@@ -10,6 +10,15 @@ ModelScope over plain HTTPS (`--source modelscope`; MODELSCOPE_ENDPOINT override
     python -m scripts.download --source modelscope               # from ModelScope instead of the HF Hub
     HF_ENDPOINT=https://hf-mirror.com python -m scripts.download # through a Hub mirror
     python -m scripts.download --dry_run                         # show what is present and what would be fetched
+    python -m scripts.download --what data --revision data=COMMIT  # the dataset as of one commit of its repo
+
+Which data `main` serves now: the unified parquet release of jingyaogong/minimind-v_dataset,
+pretrain_i2t.parquet (about 1.27M rows over about 640K images) and sft_i2t.parquet (about 2.9M rows: the
+pretrain rows, instruction data, and about 230K text-only chats that carry an 8x8 black placeholder image and
+no <image>), all images 256x256 JPEG. The MiniMind2-V-era files (128x128 images, the jsonl + zip release)
+may no longer be at `main` under these names; to get another release, pin the dataset repo's commit with
+`--revision data=COMMIT` (or data_jsonl=..., data_multi=...). A revision applies to the named asset only:
+the CLIP, tokenizer and weight repos keep their default branch unless given their own (clip=..., llm=...).
 
 Where things land (under --dest_root, default the repo root):
     clip        model/vision_model/clip-vit-base-patch16/   config.json, model.safetensors (or pytorch_model.bin), ...
@@ -638,7 +647,7 @@ def describe_plan(name, asset, source, dest_root, revision, hidden_size):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Download the MiniMind2-V weights, tokenizer, CLIP encoder and data.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", nargs="+", choices=ASSET_NAMES, default=list(DEFAULT_WHAT),
                         help="assets to fetch: clip (CLIP ViT-B/16), tokenizer (MiniMind2), llm (llm_{h}.pth), "
                              "vlm (pretrain_vlm_{h}.pth + sft_vlm_{h}.pth), data (parquet), data_jsonl / data_multi "
@@ -649,30 +658,47 @@ def parse_args(argv):
                         help="which weights: 512 = MiniMind2-Small-V (26M), 768 = MiniMind2-V (104M)")
     parser.add_argument("--dest_root", type=Path, default=REPO_ROOT,
                         help="root the model/, out/ and dataset/ folders are under (default: the repo root)")
-    parser.add_argument("--revision", default=None,
-                        help="branch, tag or commit for every repo fetched (default: main on hf, master on modelscope)")
+    parser.add_argument("--revision", type=revision_for_asset, action="append", default=[], metavar="ASSET=REV",
+                        help="branch, tag or commit for one asset's repos, e.g. data=<commit> (repeat for others; "
+                             "default: main on hf, master on modelscope). main of the dataset repo now serves the "
+                             "unified parquet release (pretrain_i2t 1.27M rows, sft_i2t 2.9M rows, 256x256 JPEG)")
     parser.add_argument("--keep_zips", action="store_true", help="keep image zips after unpacking them")
     parser.add_argument("--force", action="store_true", help="download again even if a verified copy is present")
     parser.add_argument("--dry_run", action="store_true", help="only report what is present and what would be fetched")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.revision = dict(args.revision)
+    unused = sorted(set(args.revision) - set(args.what))
+    if unused:
+        parser.error(f"--revision for {', '.join(unused)}, which --what does not fetch ({' '.join(args.what)})")
+    return args
+
+
+def revision_for_asset(text):
+    """argparse type of --revision: (asset, revision) from `ASSET=REV`; one asset, so that a dataset commit
+    is never asked of the CLIP or weight repos."""
+    name, separator, revision = text.partition("=")
+    if not separator or name not in ASSET_NAMES or not revision:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ASSET=REVISION with ASSET one of "
+                                         f"{', '.join(ASSET_NAMES)}, e.g. data=<commit of the dataset repo>")
+    return name, revision
 
 
 def main(argv=None):
     args = parse_args(argv)
     dest_root = args.dest_root.resolve()
-    revision = args.revision or DEFAULT_REVISION[args.source]
     assets = build_assets(args.hidden_size)
     what = list(dict.fromkeys(args.what))
+    revisions = {name: args.revision.get(name, DEFAULT_REVISION[args.source]) for name in what}
     if args.dry_run:
         for name in what:
-            describe_plan(name, assets[name], args.source, dest_root, revision, args.hidden_size)
+            describe_plan(name, assets[name], args.source, dest_root, revisions[name], args.hidden_size)
         return 0
     hub_verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # the hub's retry warnings would bury the one-line error below
     try:
         for name in what:
-            fetch_asset(name, assets[name], args.source, dest_root, revision, args.hidden_size, args.keep_zips,
-                        args.force)
+            fetch_asset(name, assets[name], args.source, dest_root, revisions[name], args.hidden_size,
+                        args.keep_zips, args.force)
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

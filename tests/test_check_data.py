@@ -185,7 +185,7 @@ def test_check_data_reports_each_jsonl_defect_exactly(launched):
     assert_reasons(cut, jsonl_expected(CUT_KINDS))
     # The errors come in file order; progress with a rate and an ETA went to stderr.
     assert list(errors) == sorted(errors, key=lambda origin: int(origin.rsplit(":", 1)[1]))
-    assert re.search(r"images: 6/6 \(100\.0%\) \| [\d.]+/s \| ETA", result.stderr)
+    assert re.search(r"images: 100%.*\| 6/6 \[[\d:]+<[\d:]+, +[\d.]+img/s\]", result.stderr)  # tqdm: rate, ETA
     summary = summary_rows(result.stdout)
     assert summary["records"] == "10" and summary["malformed (training refuses them, or skips them)"] == "4"
     assert summary["image does not decode (trained on another sample)"] == "1"

@@ -416,3 +416,36 @@ def test_real_minimind2_tokenizer_passes(real_tokenizer_dir):
     assert "'@'=34" in download.verify_file(real_tokenizer_dir / "tokenizer.json", "tokenizer", 512)
     assert download.verify_file(real_tokenizer_dir / "tokenizer_config.json", "tokenizer_config", 512) == (
         "bos <|im_start|>, eos <|im_end|>")
+
+
+def test_revision_applies_to_its_asset_only(hf_hub, tmp_path, capsys):
+    add_clip(hf_hub, "openai/clip-vit-base-patch16", "model.safetensors", ())
+    for name in ("pretrain_i2t.parquet", "sft_i2t.parquet"):
+        hf_hub.add(DATASET_REPO, name, parquet_bytes(), repo_type="dataset")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    argv = ["--what", "clip", "data", "--revision", f"data={commit}", "--dest_root", str(tmp_path)]
+    assert download.main(argv) == 0
+    fetched = [path for method, path in hf_hub.requests if method == "GET"]
+    data_paths = [path for path in fetched if path.endswith(".parquet")]
+    clip_paths = [path for path in fetched if "clip" in path]
+    assert len(data_paths) == 2 and all(f"/resolve/{commit}/" in path for path in data_paths)
+    assert clip_paths and all("/resolve/main/" in path for path in clip_paths)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("0123abc", "expected ASSET=REVISION"),
+    ("weights=v1", "expected ASSET=REVISION"),
+    ("llm=v1", "--revision for llm, which --what does not fetch"),
+])
+def test_revision_needs_an_asset_it_fetches(flag, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        download.parse_args(["--what", "data", "--revision", flag])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_says_what_main_serves_and_how_to_pin(capsys):
+    with pytest.raises(SystemExit):
+        download.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sft_i2t.parquet (about 2.9M rows" in out and "--revision data=COMMIT" in out

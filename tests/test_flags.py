@@ -20,6 +20,7 @@ ENTRY_POINTS = [
     ("scripts.make_assets", "parse_args"),
     ("scripts.serve_openai_api", "parse_args"),
     ("scripts.bench_serve", "parse_args"),
+    ("scripts.bench_data", "parse_args"),
 ]
 
 

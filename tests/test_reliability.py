@@ -216,7 +216,7 @@ def test_prompt_has_one_placeholder_run_per_marker_and_no_stray_placeholder(any_
 @given(contents=st.lists(message_text, min_size=2, max_size=4))
 def test_a_record_that_fits_is_never_reported_as_cut(tiny_tokenizer_dir, contents):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    turns = [{"role": "x", "content": text} for text in contents]
+    turns = [{"role": ROLES_BY_PARITY[i % 2], "content": text} for i, text in enumerate(contents)]
     record = Record(turns, ["img"] * count_image_markers(turns), "data.jsonl:1")
     sample = SampleEncoder(tokenizer, IMAGE_SPECIAL_TOKEN, IMAGE_TOKEN_ID, max_seq_len=100_000).encode([record])[0]
     assert sample.cut is None and sample.length == len(sample.ids)

@@ -1,6 +1,7 @@
 """Training end to end: both stage scripts as users launch them, DDP equivalence, exact resume, loss masks."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,12 +134,55 @@ def test_two_process_ddp_equals_one_process_with_double_batch(assets, tmp_path):
         assert torch.allclose(ddp_state[key], value, atol=1e-5), key
 
 
-def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path):
+def logged_losses(stdout):
+    return [line.split("loss ")[1].split()[0] for line in stdout.splitlines() if "| loss " in line]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_node_launch_on_one_machine_equals_one_process_on_parquet(assets, tmp_path):
+    """Two torchrun launchers (--nnodes 2, one process each), torchrun --standalone with 2 processes, and one
+    process with the global batch: the same losses and weights, all on the parquet data (prepared once)."""
+    common = ("--from_weight", "none", "--max_steps", "3", "--trainable", "all", "--learning_rate", "1e-3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    single = run(stage_command("train_sft_vlm.py", assets, tmp_path / "single", "sft_parquet", "sft_images", *common,
+                               "--batch_size", "4"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    port = free_port()
+    nodes = [subprocess.Popen(stage_command(
+        "train_sft_vlm.py", assets, tmp_path / "nodes", "sft_parquet", "sft_images", *common, "--batch_size", "2",
+        launcher=[*torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                  "--master_addr", "127.0.0.1", "--master_port", str(port)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/") for rank in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"STDOUT:\n{out}\nSTDERR:\n{err}"
+    standalone = run(stage_command("train_sft_vlm.py", assets, tmp_path / "standalone", "sft_parquet", "sft_images",
+                                   *common, "--batch_size", "2",
+                                   launcher=[*torchrun, "--standalone", "--nproc_per_node", "2"]), env=env)
+    losses = logged_losses(single.stdout)
+    assert len(set(losses)) == 3
+    assert logged_losses(outputs[0][0]) == losses and logged_losses(standalone.stdout) == losses
+    assert not logged_losses(outputs[1][0])  # global rank 1 (node 1) does not log
+    reference = load_resume_model(tmp_path / "single" / "ckpt" / "sft_vlm_64_resume.pth")
+    for launched in ("nodes", "standalone"):
+        state = load_resume_model(tmp_path / launched / "ckpt" / "sft_vlm_64_resume.pth")
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.allclose(state[key], value, atol=1e-5), (launched, key)
+
+
+@pytest.mark.parametrize("data_key", ["sft_jsonl", "sft_parquet"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path, data_key):
     common = ("--from_weight", "none", "--trainable", "all", "--batch_size", "3", "--learning_rate", "1e-3")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(stage_command("train_sft_vlm.py", assets, straight, "sft_jsonl", "sft_images", *common, "--max_steps", "6"))
-    run(stage_command("train_sft_vlm.py", assets, resumed, "sft_jsonl", "sft_images", *common, "--max_steps", "4"))
-    second = run(stage_command("train_sft_vlm.py", assets, resumed, "sft_jsonl", "sft_images", *common,
+    run(stage_command("train_sft_vlm.py", assets, straight, data_key, "sft_images", *common, "--max_steps", "6"))
+    run(stage_command("train_sft_vlm.py", assets, resumed, data_key, "sft_images", *common, "--max_steps", "4"))
+    second = run(stage_command("train_sft_vlm.py", assets, resumed, data_key, "sft_images", *common,
                                "--max_steps", "6", "--from_resume", "1"))
     assert "resumed from" in second.stdout and "4 optimizer steps done" in second.stdout
     a = load_resume_model(straight / "ckpt" / "sft_vlm_64_resume.pth")

@@ -26,6 +26,7 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, 
                     MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters, format_duration,
                     quiet_transformers, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
+from dataset.processing import chat_template_warning
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from dataset.processing import load_tokenizer
 from model.weights import WeightsMismatchError, load_weights, weight_path
@@ -100,6 +101,11 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                     help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
     io.add_argument("--skip_bad_samples", action="store_true",
                     help="leave malformed records out (counted) instead of refusing to start")
+    io.add_argument("--prepared_dir", default=None,
+                    help="where the checked, tokenised form of the data is cached (default: prepared/ beside "
+                         "--data_path); built once, reused by every run, rank and scripts.check_data")
+    io.add_argument("--prepare_workers", type=bounded(int, 1), default=os.cpu_count() or 1,
+                    help="processes that prepare the data the first time (default: one per CPU core)")
     model = p.add_argument_group("model")
     model.add_argument("--hidden_size", type=bounded(int, 1), default=512)
     model.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
@@ -379,9 +385,21 @@ class StopSignal:
 # ----------------------------------------------------------------------------------------------------- data
 
 def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
-    return VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
-                      args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
-                      log=log if ctx.is_main else None)
+    """The prepared dataset: each machine's local rank 0 builds the cache once (a file lock serialises several
+    on one machine), the other ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
+    main_log = log if ctx.is_main else None
+    warning = chat_template_warning(tokenizer)
+    if warning and main_log is not None:
+        main_log(warning)
+    started = time.time()
+    dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
+                         args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
+                         log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
+                         may_build=ctx.local_rank == 0)
+    if main_log is not None:
+        main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
+                 f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
+    return dataset
 
 
 def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
