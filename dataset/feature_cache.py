@@ -267,6 +267,30 @@ def check_undecodable(refs, source, folder: Path):
                            f"several machines --cache_vision_features must be a folder all of them share")
 
 
+def open_cache_folder(cache_dir, fingerprint: dict) -> Path:
+    """The folder for this encoder and precision, created with its fingerprint.json on first use."""
+    folder = fingerprint_dir(cache_dir, fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "fingerprint.json").is_file():
+        tmp = folder / f".fingerprint.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        os.replace(tmp, folder / "fingerprint.json")
+    return folder
+
+
+def key_images(dataset, log):
+    """Every image reference of every record in order, the records' offsets into that list, and content keys."""
+    refs, counts = [], np.zeros(len(dataset.records), dtype=np.int64)
+    for index in range(len(dataset.records)):
+        images = dataset.records[index].images
+        refs += images
+        counts[index] = len(images)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    with _progress(len(refs), log, "hashing images") as hashing:
+        keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
+    return refs, offsets, keys
+
+
 def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, batch_size: int = ENCODE_BATCH_SIZE,
                          num_workers: int = None) -> FeatureStore:
     """Make `dataset` yield cached CLIP features: compute the missing ones, then set `dataset.feature_store`.
@@ -279,24 +303,11 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     encoder = vlm.vision_encoder
     if encoder is None:
         raise RuntimeError("--cache_vision_features needs the vision encoder (the model was built without one)")
-    fingerprint = cache_fingerprint(encoder, compute_precision(encoder, ctx.device, autocast))
-    folder = fingerprint_dir(cache_dir, fingerprint)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "fingerprint.json").is_file():
-        tmp = folder / f".fingerprint.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-        os.replace(tmp, folder / "fingerprint.json")
-
+    folder = open_cache_folder(cache_dir, cache_fingerprint(encoder, compute_precision(encoder, ctx.device,
+                                                                                       autocast)))
     # 1. Key every image of every record by its content hash (same list on every rank)
     started = time.time()
-    refs, counts = [], np.zeros(len(dataset.records), dtype=np.int64)
-    for index in range(len(dataset.records)):
-        images = dataset.records[index].images
-        refs += images
-        counts[index] = len(images)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    with _progress(len(refs), log, "hashing images") as hashing:
-        keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
+    refs, offsets, keys = key_images(dataset, log)
 
     # 2. Which unique images are not cached yet; this rank encodes its share of them
     cached = list_shards(folder)

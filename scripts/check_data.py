@@ -180,18 +180,38 @@ def first_per_kind(problems, show):
     return sorted(kept, key=lambda p: row_number(p.origin))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    check_data_path(Path(args.data))
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    config = VLMConfig()
+def checked_tokenizer(tokenizer_path, config):
+    """The tokenizer, refused if it does not encode the image placeholder; a differing chat template is noted."""
+    tokenizer = load_tokenizer(tokenizer_path)
     try:
         check_tokenizer_matches(tokenizer, config)
     except ValueError as error:
-        raise DataError(f"{args.tokenizer_path}: {error}") from None
+        raise DataError(f"{tokenizer_path}: {error}") from None
     warning = chat_template_warning(tokenizer)
     if warning:
         print(warning, file=sys.stderr)
+    return tokenizer
+
+
+def problem_report(errors, per_kind, error_total, cut, cut_total, prepared, args) -> list:
+    """The report's lines before the summary: examples and counts per kind, samples left out, lengths."""
+    report = listing("errors", errors, error_total, args.show)
+    if per_kind:
+        report.append("errors by kind:")
+        report += table(sorted(per_kind.items(), key=lambda item: -item[1]))
+    report += listing(f"left out at max_seq_len {args.max_seq_len}", cut, cut_total, args.show)
+    lengths = np.asarray(prepared.row_length)
+    lengths = lengths[lengths >= 0]
+    report.append(f"token lengths after the chat template ({len(lengths)} well-formed samples, "
+                  f"max_seq_len {args.max_seq_len}):")
+    return report + length_histogram(lengths, args.max_seq_len)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_data_path(Path(args.data))
+    config = VLMConfig()
+    tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()
 
     # 1, 2 and 4. Records and token lengths: the trainers' prepared data (built now if missing)
@@ -216,16 +236,7 @@ def main(argv=None) -> int:
         per_kind[KIND_UNDECODABLE] = len(failed_rows)
     usable = counts["usable"] - decode_failed_usable
 
-    report = listing("errors", errors, malformed + len(failed_rows), args.show)
-    if per_kind:
-        report.append("errors by kind:")
-        report += table(sorted(per_kind.items(), key=lambda item: -item[1]))
-    report += listing(f"left out at max_seq_len {args.max_seq_len}", cut, cut_total, args.show)
-    lengths = np.asarray(prepared.row_length)
-    lengths = lengths[lengths >= 0]
-    report.append(f"token lengths after the chat template ({len(lengths)} well-formed samples, "
-                  f"max_seq_len {args.max_seq_len}):")
-    report += length_histogram(lengths, args.max_seq_len)
+    report = problem_report(errors, per_kind, malformed + len(failed_rows), cut, cut_total, prepared, args)
     report.append("summary:")
     report += table([
         ("records", counts["records"]),

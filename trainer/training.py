@@ -83,7 +83,10 @@ LAUNCH_RECIPES = """launching:
 
 
 def build_parser(description, script: str = "SCRIPT", **stage_defaults):
-    """All training flags; each stage script passes its own defaults (shown in --help, with launch commands)."""
+    """All training flags; each stage script passes its own defaults (shown in --help, with launch commands).
+
+    Over 60 lines only because it is one flat list of flags, one line each, grouped as --help shows them.
+    """
     d = stage_defaults
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=LAUNCH_RECIPES.replace("SCRIPT", script))
