@@ -16,7 +16,8 @@ Layout written under --out_dir:
                  AutoImageProcessor.from_pretrained
     data/        pretrain_vlm_data.jsonl + pretrain_images/, sft_vlm_data.jsonl + sft_images/,
                  sft_vlm_data_multi.jsonl + sft_multi_images/, pretrain_i2t.parquet, sft_i2t.parquet,
-                 sft_multi_i2t.parquet, eval_questions.jsonl + eval_images/
+                 sft_multi_i2t.parquet, eval_questions.jsonl + eval_images/, eval_pope.parquet (held-out
+                 yes/no questions in the lmms-lab/POPE parquet schema, for scripts.eval_bench)
 
 The dataset is "one coloured shape on a plain background": every answer (shape, colour, light or dark
 background, same/different between two pictures) can only be known from the image, so a model that scores
@@ -24,6 +25,7 @@ above chance on eval_questions.jsonl has learnt to use its vision input. An eval
 {"image", "question", "answer", "choices", "kind"}; the question carries no `<image>` marker (the caller puts
 the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
 """
+import io
 import itertools
 import json
 import math
@@ -44,6 +46,7 @@ from dataset.processing import IMAGE_MARKER
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
 from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
+from inference.benchmarks import SHORT_ANSWER_SUFFIX
 
 ASSET_PARTS = ("tokenizer", "clip", "data")
 
@@ -318,6 +321,12 @@ COMPARE_QUESTIONS = {
     "colour": ("Do the two pictures show the same colour?", "Are the two shapes the same colour?"),
 }
 MULTI_TURN_FRACTION = 0.3  # share of single-image SFT records with a second question about the same image
+# POPE-style yes/no questions ("Is there a red shape in the image?"), asked with lmms-eval's POPE suffix.
+POPE_QUESTIONS = {"colour": ("Is there a {} shape in the image?", "Is there a {} shape in the picture?"),
+                  "shape": ("Is there a {} in the image?", "Is there a {} in the picture?")}
+POPE_ANSWERS = {True: "Yes", False: "No"}
+POPE_SFT_FRACTION = 1 / 3  # yes/no SFT records added, per single-image SFT record
+POPE_EVAL_QUESTIONS_PER_KIND = 2  # held-out: per image and kind, one question answered yes and one no
 
 PRETRAIN_JSONL = "pretrain_vlm_data.jsonl"
 PRETRAIN_IMAGES = "pretrain_images"
@@ -330,6 +339,7 @@ SFT_PARQUET = "sft_i2t.parquet"
 SFT_MULTI_PARQUET = "sft_multi_i2t.parquet"  # image_bytes is list<binary> here, so it cannot share sft_i2t's
 EVAL_JSONL = "eval_questions.jsonl"
 EVAL_IMAGES = "eval_images"
+EVAL_POPE_PARQUET = "eval_pope.parquet"
 
 
 @dataclass(frozen=True)
@@ -459,6 +469,10 @@ def shape_dataset_texts() -> list[str]:
                   for first in ATTRIBUTE_CHOICES[kind] for second in ATTRIBUTE_CHOICES[kind]]
     texts += [f"A {colour} {shape} on a {background} background."
               for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS]
+    texts += [pope_question(kind, value, phrasing)
+              for kind, phrasings in POPE_QUESTIONS.items() for value in ATTRIBUTE_CHOICES[kind]
+              for phrasing in range(len(phrasings))]
+    texts += list(POPE_ANSWERS.values())
     return texts
 
 
@@ -518,6 +532,75 @@ def _sft_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
     return records
 
 
+def pope_question(kind: str, value: str, phrasing: int = 0) -> str:
+    """A POPE-style yes/no question with lmms-eval's POPE instruction after it."""
+    return POPE_QUESTIONS[kind][phrasing].format(value) + SHORT_ANSWER_SUFFIX
+
+
+def _pope_sft_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    """Yes/no questions about a colour or shape, half of them about the one in the picture (answer "Yes")."""
+    records = []
+    kinds = tuple(POPE_QUESTIONS)
+    for index in range(n_records):
+        scene = random_scene(rng)
+        name = f"pope_{index:06d}.jpg"
+        save_scene(scene, images_dir / name)
+        kind = rng.choice(kinds)
+        present = rng.random() < 0.5
+        value = scene.attribute(kind) if present else rng.choice(
+            [other for other in ATTRIBUTE_CHOICES[kind] if other != scene.attribute(kind)])
+        question = pope_question(kind, value, rng.randrange(len(POPE_QUESTIONS[kind])))
+        records.append({"conversations": _turns(_with_image_marker(question, rng), POPE_ANSWERS[present]),
+                        "image": name})
+    return records
+
+
+def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
+    """(question, "yes"/"no", kind) about one picture: every colour and shape in every phrasing (18), or per
+    kind POPE_EVAL_QUESTIONS_PER_KIND questions, balanced between yes and no."""
+    rows = []
+    for kind, phrasings in POPE_QUESTIONS.items():
+        truth = scene.attribute(kind)
+        if all_questions:
+            asked = [(value, phrasing) for value in ATTRIBUTE_CHOICES[kind] for phrasing in range(len(phrasings))]
+        else:
+            absent = rng.sample([v for v in ATTRIBUTE_CHOICES[kind] if v != truth], POPE_EVAL_QUESTIONS_PER_KIND - 1)
+            asked = [(value, rng.randrange(len(phrasings))) for value in [truth, *absent]]
+        rows += [(POPE_QUESTIONS[kind][phrasing].format(value), "yes" if value == truth else "no", kind)
+                 for value, phrasing in asked]
+    return rows
+
+
+def write_pope_parquet(path, n_images: int, seed: int = 0, all_questions: bool = False) -> Path:
+    """Held-out yes/no questions about fresh pictures in the lmms-lab/POPE schema (id, question_id, question,
+    answer, image_source, image struct<bytes, path>, category = the question's kind).
+
+    all_questions: 18 questions per picture (every colour and shape, two phrasings; POPE's 9,000 questions
+    about 500 images is n_images=500), else 4 (balanced yes/no).
+    """
+    rng = random.Random(f"eval_pope:{seed}")
+    columns = {name: [] for name in ("id", "question_id", "question", "answer", "image_source", "image", "category")}
+    for image_index in range(n_images):
+        scene = random_scene(rng)
+        buffer = io.BytesIO()
+        draw_scene(scene).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        source = f"pope_{image_index:06d}"
+        for question, answer, kind in pope_rows(scene, rng, all_questions):
+            number = len(columns["id"])
+            for name, value in (("id", number), ("question_id", number), ("question", question),
+                                ("answer", answer), ("image_source", source),
+                                ("image", {"bytes": buffer.getvalue(), "path": f"{source}.jpg"}),
+                                ("category", kind)):
+                columns[name].append(value)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    types = {"id": pa.int64(), "question_id": pa.int64(), "image": image_type}
+    table = pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in columns.items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
 def _sft_multi_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
     records = []
     kinds = tuple(COMPARE_QUESTIONS)
@@ -567,6 +650,7 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
         "pretrain_parquet": out_dir / PRETRAIN_PARQUET, "sft_parquet": out_dir / SFT_PARQUET,
         "sft_multi_parquet": out_dir / SFT_MULTI_PARQUET,
         "eval_jsonl": out_dir / EVAL_JSONL, "eval_images": out_dir / EVAL_IMAGES,
+        "eval_pope_parquet": out_dir / EVAL_POPE_PARQUET,
     }
     for key, path in paths.items():
         if key.endswith("_images"):
@@ -581,9 +665,13 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
     for jsonl_key, images_key, parquet_key, make_records, n_records, multi_image in splits:
         rng = random.Random(f"{jsonl_key}:{seed}")
         records = make_records(n_records, paths[images_key], rng)
+        if jsonl_key == "sft_jsonl":  # yes/no records from a stream of their own: the others stay unchanged
+            records += _pope_sft_records(round(n_records * POPE_SFT_FRACTION), paths[images_key],
+                                         random.Random(f"sft_pope:{seed}"))
         _write_jsonl(paths[jsonl_key], records)
         if parquet_key is not None:
             _write_parquet(paths[parquet_key], records, paths[images_key], multi_image)
+    write_pope_parquet(paths["eval_pope_parquet"], n_eval, seed)
     return paths
 
 

@@ -1,4 +1,5 @@
-"""The whole pipeline, offline, in a few minutes on a CPU: tiny assets -> pretrain -> SFT -> held-out accuracy.
+"""The whole pipeline, offline, in a few minutes on a CPU: tiny assets -> pretrain -> SFT -> held-out accuracy
+-> a POPE-format benchmark score card (scripts.eval_bench) of the trained model on held-out pictures.
 
     python -m scripts.demo --install        # pip-install the requirements first, then run
     python -m scripts.demo                  # outputs under out/demo/
@@ -11,6 +12,7 @@ There is no pretrained language model offline, so both stages here train the who
 from random weights; with the real assets the stages keep their upstream defaults.
 """
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -86,12 +88,17 @@ def blank_copy(data, out_dir):
     return blank
 
 
-def train_and_score(run_dir, assets, data, args, score_every_stage=True):
-    """Untrained -> pretrain -> SFT through the real scripts; held-out accuracy after each (or only at the end)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def model_and_asset_flags(assets, args):
     model_flags = ["--device", "cpu", "--hidden_size", str(args.hidden_size), "--num_hidden_layers",
                    str(args.num_hidden_layers)]
     asset_flags = ["--vision_model_path", str(assets["clip"]), "--tokenizer_path", str(assets["tokenizer"])]
+    return model_flags, asset_flags
+
+
+def train_and_score(run_dir, assets, data, args, score_every_stage=True):
+    """Untrained -> pretrain -> SFT through the real scripts; held-out accuracy after each (or only at the end)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_flags, asset_flags = model_and_asset_flags(assets, args)
     train_flags = [*model_flags, *asset_flags, "--save_dir", str(run_dir), "--checkpoint_dir",
                    str(run_dir / "checkpoints"), "--trainable", "all", "--epochs", str(args.epochs),
                    "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
@@ -137,6 +144,36 @@ def score(run_dir, weight_name, args, assets, model_flags, asset_flags):
             "chance": float(match[4]) / 100}
 
 
+def benchmark_pope(run_dir, assets, args):
+    """The SFT model on the held-out POPE-format file through scripts.eval_bench; RESULT.json is checked
+    against the metrics recomputed from PRED.jsonl."""
+    from inference.bench_run import read_predictions, recompute_result
+
+    model_flags, asset_flags = model_and_asset_flags(assets, args)
+    result_path, predictions_path = run_dir / "pope_result.json", run_dir / "pope_predictions.jsonl"
+    run_step("POPE-format benchmark", [
+        sys.executable, "-m", "scripts.eval_bench", "--bench", "pope", "--data_path",
+        str(assets["data"]["eval_pope_parquet"]), "--weight", str(run_dir / f"sft_vlm_{args.hidden_size}.pth"),
+        *model_flags, *asset_flags, "--out", str(result_path), "--predictions", str(predictions_path),
+        "--no_progress"], run_dir / "bench_pope.log")
+    result = json.loads(result_path.read_text())
+    if recompute_result(result, read_predictions(predictions_path)) != result["modes"]:
+        raise SystemExit(f"the metrics recomputed from {predictions_path} differ from {result_path}")
+    return result
+
+
+def print_pope_card(result):
+    from inference.bench_run import score_card
+
+    print(f"\nPOPE-format benchmark of the SFT model on {result['samples']} held-out yes/no questions "
+          f"(python -m scripts.eval_bench; metrics recomputed from PRED.jsonl equal RESULT.json)\n")
+    print(score_card(result))
+    for mode, entry in result["modes"].items():
+        gain = entry["metrics"]["accuracy"] - entry["blind"]["accuracy"]
+        print(f"{mode}: accuracy {entry['metrics']['accuracy']:.1%} with the image, {entry['blind']['accuracy']:.1%} "
+              f"without ({gain:+.1%})")
+
+
 def print_table(results):
     print("\nheld-out accuracy (greedy answers naming exactly the right choice)")
     print(f"{'run':<14}{'model':<16}{'accuracy':>10}{'chance':>9}")
@@ -161,11 +198,14 @@ def main_with_args(args, score_every_stage=True):
                                   n_eval=args.n_eval, seed=args.seed)
     assets = {"clip": Path(paths["clip"]), "tokenizer": Path(paths["tokenizer"]), "data": paths}
     results = {"real images": train_and_score(out_dir / "run", assets, assets["data"], args, score_every_stage)}
+    pope = benchmark_pope(out_dir / "run", assets, args)
     if args.blank_control:
         blank = blank_copy(assets["data"], out_dir / "blank_data")
         results["blank images"] = train_and_score(out_dir / "blank_run", assets, blank, args, score_every_stage)
     print_table(results)
+    print_pope_card(pope)
     print(f"\ntotal {time.time() - started:.0f} s; weights and logs in {out_dir}")
+    results["pope"] = pope
     return results
 
 

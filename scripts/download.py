@@ -28,6 +28,8 @@ Where things land (under --dest_root, default the repo root):
     data        dataset/                                    pretrain_i2t.parquet, sft_i2t.parquet
     data_jsonl  dataset/                                    pretrain/sft jsonl, pretrain_images/, sft_images/
     data_multi  dataset/                                    sft_vlm_data_multi.jsonl, sft_multi_images/
+    bench_*     dataset/bench/{name}/                       benchmark parquet files for scripts.eval_bench
+                (bench_pope, bench_mme, bench_mmstar, bench_mmbench_en, bench_mmbench_cn, bench_scienceqa_img)
 
 Every file is downloaded into a hidden staging folder beside its destination, checked (size, the Hub's
 sha256/git-sha1 where it gives one, and the content: weights load with the expected keys, configs and
@@ -106,6 +108,18 @@ CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
 NEW_EMBED_KEY = "model.embed_tokens.weight"
 LEGACY_EMBED_KEY = "tok_embeddings.weight"
 PARQUET_COLUMNS = ("conversations", "image_bytes")
+BENCH_PARQUET_COLUMNS = ("question", "image")  # every benchmark file has these; the readers check the rest
+# Benchmark files (Hugging Face datasets, as lmms-eval reads them): asset -> (repo, files in the repo).
+# The shard names with a hash suffix are those of the repos' current snapshots as other projects list them.
+BENCH_FILES = {
+    "bench_pope": ("lmms-lab/POPE", tuple(f"data/test-{i:05d}-of-00003.parquet" for i in range(3))),
+    "bench_mme": ("lmms-lab/MME", tuple(f"data/test-{i:05d}-of-00004-{suffix}.parquet" for i, suffix in enumerate(
+        ("a25dbe3b44c4fda6", "7d22c7f1aba6fca4", "594798fd3f5b029c", "53ae1794f93b1e35")))),
+    "bench_mmstar": ("Lin-Chen/MMStar", ("mmstar.parquet",)),
+    "bench_mmbench_en": ("lmms-lab/MMBench", ("en/dev-00000-of-00001.parquet",)),
+    "bench_mmbench_cn": ("lmms-lab/MMBench", ("cn/dev-00000-of-00001.parquet",)),
+    "bench_scienceqa_img": ("lmms-lab/ScienceQA", ("ScienceQA-IMG/test-00000-of-00001.parquet",)),
+}
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 GIT_SHA1_RE = re.compile(r"[0-9a-f]{40}")
@@ -173,6 +187,9 @@ def build_assets(hidden_size):
             FileSpec(("sft_vlm_data_multi.jsonl",), "jsonl"),
             FileSpec(("sft_multi_images_trans_image.zip",), "zip", unpack_to="sft_multi_images"),
         )),
+        **{name: Asset({"hf": (repo,), "modelscope": ()}, "dataset", f"dataset/bench/{name.removeprefix('bench_')}",
+                       tuple(FileSpec((path,), "bench_parquet") for path in paths))
+           for name, (repo, paths) in BENCH_FILES.items()},
     }
 
 
@@ -468,6 +485,18 @@ def verify_parquet(path):
     return f"{meta.num_rows:,} rows, columns {', '.join(PARQUET_COLUMNS)}"
 
 
+def verify_bench_parquet(path):
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as err:
+        raise VerificationError(f"unreadable parquet ({type(err).__name__}: {first_line(err)})") from None
+    names = set(meta.schema.to_arrow_schema().names)
+    missing = [column for column in BENCH_PARQUET_COLUMNS if column not in names]
+    if missing:
+        raise VerificationError(f"benchmark parquet lacks column(s) {missing}; has {sorted(names)}")
+    return f"{meta.num_rows:,} rows"
+
+
 def verify_jsonl(path):
     records = 0
     with open(path, encoding="utf-8") as f:
@@ -518,6 +547,8 @@ def verify_file(path, check, hidden_size):
             return verify_lm_state(path, hidden_size, with_vision_proj=True)
         case "parquet":
             return verify_parquet(path)
+        case "bench_parquet":
+            return verify_bench_parquet(path)
         case "jsonl":
             return verify_jsonl(path)
         case "zip":
@@ -604,6 +635,7 @@ def download_file(spec, asset, source, dest_dir, revision, hidden_size, keep_zip
                         fetched.path.replace(dest_dir / name)
                     summary = f"downloaded {name}, {size} from {origin} ({checked}), unpacked {count:,} files"
                     return spec.unpack_to, summary
+                (dest_dir / name).parent.mkdir(parents=True, exist_ok=True)  # names like data/test-0.parquet
                 fetched.path.replace(dest_dir / name)
                 return name, f"downloaded {size} from {origin} ({checked})"
     if problem:
@@ -651,7 +683,8 @@ def parse_args(argv):
     parser.add_argument("--what", nargs="+", choices=ASSET_NAMES, default=list(DEFAULT_WHAT),
                         help="assets to fetch: clip (CLIP ViT-B/16), tokenizer (MiniMind2), llm (llm_{h}.pth), "
                              "vlm (pretrain_vlm_{h}.pth + sft_vlm_{h}.pth), data (parquet), data_jsonl / data_multi "
-                             f"(older jsonl + image zips); default: {' '.join(DEFAULT_WHAT)}")
+                             f"(older jsonl + image zips), bench_* (benchmark parquet for scripts.eval_bench); "
+                             f"default: {' '.join(DEFAULT_WHAT)}")
     parser.add_argument("--source", choices=SOURCES, default="hf",
                         help="hf = Hugging Face Hub (set HF_ENDPOINT for a mirror), modelscope = ModelScope")
     parser.add_argument("--hidden_size", type=int, choices=(512, 768), default=512,

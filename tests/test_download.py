@@ -449,3 +449,23 @@ def test_help_says_what_main_serves_and_how_to_pin(capsys):
         download.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "sft_i2t.parquet (about 2.9M rows" in out and "--revision data=COMMIT" in out
+
+
+def bench_parquet_bytes(columns):
+    table = pa.table({name: [f"{name} 0"] for name in columns})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def test_benchmark_files_land_in_their_repo_folders_and_are_checked(hf_hub, tmp_path, capsys):
+    for path in download.BENCH_FILES["bench_pope"][1]:
+        hf_hub.add("lmms-lab/POPE", path, bench_parquet_bytes(["question_id", "question", "image"]), "dataset")
+    hf_hub.add("Lin-Chen/MMStar", "mmstar.parquet", bench_parquet_bytes(["index", "answer"]), "dataset")
+    assert download.main(["--what", "bench_pope", "--dest_root", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "dataset/bench/pope/data").iterdir()) == [
+        "test-00000-of-00003.parquet", "test-00001-of-00003.parquet", "test-00002-of-00003.parquet"]
+    assert capsys.readouterr().out.count("(sha256, 1 rows)") == 3
+    assert download.main(["--what", "bench_mmstar", "--dest_root", str(tmp_path)]) == 1  # no question/image columns
+    assert "lacks column(s) ['question', 'image']" in capsys.readouterr().err
+    assert not (tmp_path / "dataset/bench/mmstar/mmstar.parquet").exists() and staging_leftovers(tmp_path) == []

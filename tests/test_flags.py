@@ -21,6 +21,7 @@ ENTRY_POINTS = [
     ("scripts.serve_openai_api", "parse_args"),
     ("scripts.bench_serve", "parse_args"),
     ("scripts.bench_data", "parse_args"),
+    ("scripts.eval_bench", "build_parser"),
 ]
 
 
