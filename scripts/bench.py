@@ -11,7 +11,7 @@ in what the issue asks to compare:
 
     upstream     upstream's trainers: every sample right-padded to max_seq_len (640 pretrain, 1536 SFT), plain
                  random batches, the CLIP forward on every step, each image turned into pixels alone by
-                 transformers' CLIPImageProcessorPil (upstream's image2tensor), logits for every position
+                 transformers' PIL CLIP image processor (upstream's image2tensor), logits for every position
     ours         pad to the batch's longest sample, length-grouped batches, dataset.processing.preprocess_image,
                  logits only where there is a target (the training loop's loss_only)
     ours_cache   ours plus --cache_vision_features (CLIP features read from the fp16 cache; the cache is built
@@ -284,7 +284,7 @@ def stage_args(spec: dict, extra=()):
 
 
 class UpstreamPixelsDataset:
-    """Mixin for VLMDataset: each image preprocessed alone by CLIPImageProcessorPil, as upstream's image2tensor."""
+    """Mixin for VLMDataset: each image preprocessed alone by the PIL CLIP image processor, as upstream's image2tensor."""
 
     processor = None
 
@@ -381,7 +381,7 @@ def _train_worker(conn, spec):
     from dataset.processing import load_tokenizer
     from trainer.training import (RunContext, build_dataset, build_loader, build_model,
                                   prepare_run, seed_everything, set_trainable, train)
-    from transformers import CLIPImageProcessorPil
+    from model.compat import pil_clip_image_processor_class
 
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -401,7 +401,8 @@ def _train_worker(conn, spec):
     set_trainable(model, args.trainable)
     if mode == "upstream":
         dataset_class = type("UpstreamVLMDataset", (UpstreamPixelsDataset, VLMDataset), {})
-        dataset_class.processor = CLIPImageProcessorPil.from_pretrained(str(args.vision_model_path))
+        processor_class = pil_clip_image_processor_class()
+        dataset_class.processor = processor_class.from_pretrained(str(args.vision_model_path))
         dataset = dataset_class(args.data_path, tokenizer, model.config.image_special_token,
                                 model.config.image_ids[0], args.max_seq_len, log=None)
     else:
@@ -478,9 +479,8 @@ def _generation_worker(spec):
     """Prefill of a one-image prompt + greedy decode, in both modes, alternating; medians over repeats."""
     import pyarrow.parquet as pq
     from PIL import Image
-    from transformers import CLIPImageProcessorPil
-
     from dataset.processing import build_prompt, open_image, preprocess_image, user_content
+    from model.compat import pil_clip_image_processor_class
     from model.model_vlm import MiniMindVLM, VLMConfig
     from dataset.processing import load_tokenizer
     from trainer.training import autocast_for
@@ -495,7 +495,7 @@ def _generation_worker(spec):
                           model.config.image_special_token, add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
     blobs = pq.read_table(spec["data_path"]).column("image_bytes").to_pylist()
-    processor = CLIPImageProcessorPil.from_pretrained(str(spec["clip_path"]))
+    processor = pil_clip_image_processor_class().from_pretrained(str(spec["clip_path"]))
     TokenClock = _token_clock_class()  # noqa: N806
 
     def ours(blob):

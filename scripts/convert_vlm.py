@@ -36,7 +36,7 @@ from model.weights import VISION_PROJ_PREFIX, describe_state_dict, load_weights
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
-MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py")  # model_vlm imports model_minimind relatively
+MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py", "compat.py")  # imported relatively, in this order
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"

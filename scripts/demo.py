@@ -17,16 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SAVE_DIR, REPO_ROOT
-
+# This script installs the requirements itself (--install), so nothing at module level may need them: the
+# project modules (common imports torch) are imported inside the functions, after the install.
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
 BLANK_GREY = (128, 128, 128)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"))
-    p.add_argument("--install", action="store_true", help="pip install -r requirements.txt first")
+    p.add_argument("--out_dir", default=None, help="where assets, weights and logs go (default: out/demo)")
+    p.add_argument("--install", action="store_true",
+                   help="pip install -r requirements.txt first (and torch if missing: see the README)")
     p.add_argument("--n_train", type=int, default=1500, help="records per training stage")
     p.add_argument("--n_eval", type=int, default=120, help="held-out questions")
     p.add_argument("--hidden_size", type=int, default=128)
@@ -46,13 +48,18 @@ def install_requirements():
     try:
         import torch  # noqa: F401
     except ImportError:
+        print("-- torch is missing: installing PyPI's default build (on Linux a CUDA build of several GB; for a "
+              "CPU-only machine stop here and first run: pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu)", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "torch"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REPO_ROOT / "requirements.txt")],
-                   check=True)
+    print(f"-- pip install -r {REQUIREMENTS_FILE}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS_FILE)], check=True)
 
 
 def run_step(title, command, log_path):
     """Run one real script, its output into a log file; stop the demo with the log's tail on failure."""
+    from common import REPO_ROOT
+
     start = time.time()
     print(f"-- {title} ...", flush=True)
     with open(log_path, "w") as log:
@@ -152,10 +159,11 @@ def main(argv=None):
 def main_with_args(args, score_every_stage=True):
     if args.install:
         install_requirements()
+    from common import DEFAULT_SAVE_DIR
     from dataset import synthetic
 
     started = time.time()
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else DEFAULT_SAVE_DIR / "demo"
     print(f"-- building offline assets in {out_dir / 'assets'} ...", flush=True)
     paths = synthetic.build_all(out_dir / "assets", n_pretrain=args.n_train, n_sft=args.n_train,
                                   n_eval=args.n_eval, seed=args.seed)
