@@ -58,9 +58,13 @@ class MiniMindConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.01,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
+        tie_word_embeddings: bool = True,
         **kwargs,
     ):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        # Always stated: transformers 5 has no default for it (absent reads as False, which would leave lm_head
+        # untied and uninitialised when loading a folder whose config.json, written by 4.x, omits the default).
+        self.tie_word_embeddings = tie_word_embeddings
         self.dropout = dropout
         self.hidden_act = hidden_act
         self.hidden_size = hidden_size

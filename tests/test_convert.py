@@ -1,6 +1,7 @@
 """scripts/convert_vlm.py: .pth <-> transformers folder, exact in fp32, loadable with the Auto classes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,18 @@ def test_missing_input_is_one_line_error(tmp_path, capsys):
                                    "--torch_path", str(tmp_path / "x.pth")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: no transformers model in")
+
+
+def test_folder_without_tie_flag_loads_tied(fp32_pth, fp32_folder, tiny_clip_dir, tmp_path):
+    """transformers 4.x leaves `tie_word_embeddings` (default True) out of config.json; 5.x reads a missing flag
+    as False. A folder written by either major must load with lm_head tied to the saved embedding."""
+    folder = tmp_path / "MiniMind2-V-no-tie-flag"
+    shutil.copytree(fp32_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, native_model(fp32_pth, tiny_clip_dir)(ids).logits)
