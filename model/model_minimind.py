@@ -364,7 +364,8 @@ class MiniMindModel(nn.Module):
         position_embeddings = self._rope(cached_length(cache), hidden_states.shape[1])
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache)
-        return self.norm(hidden_states), self._moe_aux_loss(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        return hidden_states, self._moe_aux_loss(hidden_states)
 
     def forward_from(self, output_from: int, input_ids=None, inputs_embeds=None):
         """The loss-only training path (no cache, no padding mask): hidden states only for positions >=
@@ -374,8 +375,8 @@ class MiniMindModel(nn.Module):
         *earlier_layers, last_layer = self.layers
         for layer in earlier_layers:
             hidden_states = layer(hidden_states, position_embeddings)
-        hidden_states = last_layer.forward_from(hidden_states, position_embeddings, output_from)
-        return self.norm(hidden_states), self._moe_aux_loss(hidden_states)
+        hidden_states = self.norm(last_layer.forward_from(hidden_states, position_embeddings, output_from))
+        return hidden_states, self._moe_aux_loss(hidden_states)
 
     def _embed(self, input_ids, inputs_embeds):
         return self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
@@ -384,8 +385,9 @@ class MiniMindModel(nn.Module):
         """cos, sin [length, d] for positions start..start+length-1."""
         return self.freqs_cos[start:start + length], self.freqs_sin[start:start + length]
 
-    def _moe_aux_loss(self, like):
-        aux_loss = like.new_zeros(())
+    def _moe_aux_loss(self, hidden_states):
+        """The MoE layers' load-balancing losses summed (a zero of hidden_states' dtype without MoE)."""
+        aux_loss = hidden_states.new_zeros(())
         for layer in self.layers:
             if isinstance(layer.mlp, MOEFeedForward) and layer.mlp.aux_loss is not None:
                 aux_loss = aux_loss + layer.mlp.aux_loss
