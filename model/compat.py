@@ -8,7 +8,10 @@
   torchvision) and `CLIPImageProcessor` in 4.x.
 - Also read on both ends without a branch: `_tied_weights_keys` as a {target: source} dict (4.x iterates it and
   gets the tied names), `from_pretrained(dtype=...)` (4.56+), a config's `rope_parameters` (a plain attribute in
-  4.x; `rope_scaling` exists only in 5.x).
+  4.x; `rope_scaling` exists only in 5.x), `tie_word_embeddings` always set by the config (4.x omits its default
+  from config.json, 5.x reads a missing flag as False).
+- For a local folder, 4.x copies into its module cache only the files the auto_map file (model_vlm.py) imports
+  itself, so model_vlm.py imports this module too.
 """
 import dataclasses
 import inspect
