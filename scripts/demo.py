@@ -122,13 +122,14 @@ def train_and_score(run_dir, assets, data, args, score_every_stage=True):
 def write_untrained_weights(path, assets, args):
     import torch
 
-    from common import atomic_save
+    from common import atomic_save, quiet_transformers
     from model.model_vlm import MiniMindVLM, VLMConfig
     from trainer.training import inference_state_dict
 
     torch.manual_seed(args.seed)
-    model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
-                        vision_model_path=assets["clip"])
+    with quiet_transformers():  # CLIP's unused text tower would print a load report
+        model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
+                            vision_model_path=assets["clip"])
     atomic_save(inference_state_dict(model), path)
 
 
