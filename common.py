@@ -1,5 +1,8 @@
 """Small helpers every part of the project shares: repo paths, dtypes, atomic writes, CLI errors, quiet loading.
 
+Standard library only at import time (torch is imported where it is used): scripts.demo parses its flags with
+this module before it has installed the requirements.
+
 One home for each: nothing here knows about the model, the data or training.
 """
 import argparse
@@ -7,8 +10,6 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parent
 # Default places, all under the repo root (flags override them; nothing resolves from the current directory).
@@ -22,7 +23,7 @@ DEFAULT_TRANSFORMERS_DIR = REPO_ROOT / "MiniMind2-V"
 MAX_SEED = 2 ** 32 - 1
 MAX_PORT = 2 ** 16 - 1
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --dtype choices; torch_dtype(name) gives the torch dtype
 
 
 class UserError(ValueError):
@@ -88,7 +89,16 @@ def atomic_write(path, write) -> Path:
 
 def atomic_save(obj, path) -> Path:
     """torch.save through `atomic_write`."""
+    import torch
+
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def torch_dtype(name: str):
+    """torch.bfloat16 for "bfloat16", etc. (one of DTYPE_NAMES)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def unwrap(model):

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import string
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer,
-                          PreTrainedTokenizerFast)
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerFast
+
+from model.compat import pil_clip_image_processor_class
 
 from dataset.processing import IMAGE_MARKER
 from model.model_minimind import MiniMindConfig
@@ -228,7 +230,8 @@ def make_clip_text_tokenizer() -> CLIPTokenizer:
     """Character-level CLIP tokenizer (CLIP's vocab layout without its merges).
 
     Only there so the folder loads with CLIPProcessor.from_pretrained like a real CLIP checkout; the VLM
-    never feeds text to CLIP.
+    never feeds text to CLIP. Written as vocab.json + merges.txt and read back: the one constructor that
+    transformers 4.x (files) and 5.x (files or dicts) share.
     """
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {char: index for index, char in enumerate(byte_alphabet)}
@@ -236,12 +239,15 @@ def make_clip_text_tokenizer() -> CLIPTokenizer:
     vocab.update({char + "</w>": len(byte_alphabet) + index for index, char in enumerate(byte_alphabet)})
     vocab[CLIP_START_TOKEN] = len(vocab)
     vocab[CLIP_END_TOKEN] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_TEXT_MAX_POSITIONS)
+    with tempfile.TemporaryDirectory() as work_dir:
+        (Path(work_dir) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(work_dir) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(work_dir, model_max_length=CLIP_TEXT_MAX_POSITIONS)
 
 
-def make_clip_image_processor() -> CLIPImageProcessorPil:
-    """The openai CLIP preprocessing, on the PIL backend (transformers 5 without torchvision)."""
-    return CLIPImageProcessorPil(
+def make_clip_image_processor():
+    """The openai CLIP preprocessing, on the PIL backend (no torchvision needed)."""
+    return pil_clip_image_processor_class()(
         do_convert_rgb=True,
         do_resize=True, size={"shortest_edge": CLIP_IMAGE_SIZE}, resample=Image.Resampling.BICUBIC,
         do_center_crop=True, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},

@@ -5,6 +5,7 @@ Module and parameter names follow upstream exactly, so `state_dict()` keys match
 `model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head` (tied to the embedding).
 
 Shapes: B batch, T new tokens, P cached tokens, H query heads, Hkv key/value heads, d head_dim.
+The KV cache has one format, a transformers `Cache` (per layer [B, Hkv, P, d], keys stored after RoPE).
 """
 import math
 import re
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .compat import GENERATE_CACHE_KWARG, OUTPUT_CACHE_FIELD
 
 # Default YaRN settings upstream switches on with `inference_rope_scaling=True` (spec §1.1).
 YARN_ROPE_SCALING = {
@@ -55,9 +58,13 @@ class MiniMindConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.01,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
+        tie_word_embeddings: bool = True,
         **kwargs,
     ):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        # Always stated: transformers 5 has no default for it (absent reads as False, which would leave lm_head
+        # untied and uninitialised when loading a folder whose config.json, written by 4.x, omits the default).
+        self.tie_word_embeddings = tie_word_embeddings
         self.dropout = dropout
         self.hidden_act = hidden_act
         self.hidden_size = hidden_size
@@ -70,7 +77,8 @@ class MiniMindConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.inference_rope_scaling = inference_rope_scaling
-        # transformers 5 keeps `rope_scaling` as an alias of `rope_parameters`; set the latter directly.
+        # The YaRN settings (None: plain RoPE). `rope_parameters`, not upstream's `rope_scaling`: transformers 5 makes
+        # `rope_scaling` a deprecated alias of it, and 4.x has neither, so this name reads the same on both.
         self.rope_parameters = dict(YARN_ROPE_SCALING) if inference_rope_scaling else None
         self.flash_attn = flash_attn
         self.use_moe = bool(use_moe)
@@ -149,18 +157,9 @@ def first_target_position(labels) -> int:
     return int(columns[0]) if len(columns) else labels.shape[1] - 1
 
 
-def is_hf_cache(past_key_values) -> bool:
-    return isinstance(past_key_values, Cache)
-
-
-def cached_length(past_key_values) -> int:
-    """Tokens already in the cache: an HF Cache object or upstream's list of per-layer (k [B, P, Hkv, d], v)."""
-    if past_key_values is None:
-        return 0
-    if is_hf_cache(past_key_values):
-        return past_key_values.get_seq_length()
-    first = past_key_values[0]
-    return 0 if first is None else first[0].shape[1]
+def cached_length(cache) -> int:
+    """Tokens already in a transformers Cache (0 for None)."""
+    return 0 if cache is None else cache.get_seq_length()
 
 
 class Attention(nn.Module):
@@ -181,51 +180,33 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None,
-                query_from=0):
-        """x [B, T, hidden]; past_key_value: None, an HF Cache, or a (k, v) pair laid out [B, P, Hkv, d].
-
-        query_from > 0 (training, no cache): outputs only for positions >= query_from, which still attend to
-        the keys and values of every earlier position.
-        """
-        if query_from:
-            return self._forward_from(x, position_embeddings, query_from)
+    def forward(self, x, position_embeddings, attention_mask=None, cache=None):
+        """x [B, T, hidden] -> [B, T, hidden]; `cache` (a transformers Cache) gets this layer's keys and values
+        appended and supplies the earlier ones; attention_mask [B, P+T] 0/1 marks padding."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
         v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+T, d]: cached keys (already rotated), then new
 
-        if is_hf_cache(past_key_value):
-            # HF caches hold [B, Hkv, P+T, d]; update() appends and returns the full tensors.
-            k_all, v_all = past_key_value.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            present = past_key_value
-        else:
-            if past_key_value is not None:
-                k = torch.cat([past_key_value[0], k], dim=1)  # [B, P+T, Hkv, d]
-                v = torch.cat([past_key_value[1], v], dim=1)
-            present = (k, v) if use_cache else None
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, P+T, d]
-
-        q = q.transpose(1, 2)  # [B, H, T, d]
-        total_len = k_all.shape[2]
-        past_len = total_len - seq_len
+        past_len = k.shape[2] - seq_len
         needs_mask = past_len > 0 or (attention_mask is not None and not bool(attention_mask.all()))
-        mask = None
-        if needs_mask:
-            mask = self._additive_mask(attention_mask, bsz, seq_len, past_len, q.dtype, q.device)
+        mask = self._additive_mask(attention_mask, bsz, seq_len, past_len, q.dtype, q.device) if needs_mask else None
         out = F.scaled_dot_product_attention(
-            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and seq_len > 1, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)  # [B, T, H*d]
-        return self.resid_dropout(self.o_proj(out)), present
+        return self.resid_dropout(self.o_proj(out))
 
-    def _forward_from(self, x, position_embeddings, query_from):
-        """Queries of positions >= query_from against keys of all positions: the causal mask is the cached-
-        decoding one, with the first query_from positions in the role of the cache."""
+    def forward_from(self, x, position_embeddings, query_from: int):
+        """The loss-only training path (no cache, no padding mask): outputs only for positions >= query_from,
+        [B, T - query_from, hidden], which still attend to every earlier position. The causal mask is the
+        cached-decoding one, with the first query_from positions in the role of the cache."""
         bsz, seq_len, _ = x.shape
         new_len = seq_len - query_from
         q = self.q_proj(x[:, query_from:]).view(bsz, new_len, self.num_heads, self.head_dim)  # [B, T', H, d]
@@ -239,7 +220,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T', d]
         out = out.transpose(1, 2).reshape(bsz, new_len, -1)  # [B, T', H*d]
-        return self.resid_dropout(self.o_proj(out)), None
+        return self.resid_dropout(self.o_proj(out))
 
     @staticmethod
     def _additive_mask(attention_mask, bsz, seq_len, past_len, dtype, device):
@@ -342,14 +323,17 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, hidden_states, position_embeddings, past_key_value=None, use_cache=False, attention_mask=None,
-                query_from=0):
-        """query_from > 0: the block's output only for positions >= query_from ([B, T - query_from, hidden])."""
-        attn_out, present = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           past_key_value, use_cache, attention_mask, query_from)
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+        """[B, T, hidden] -> [B, T, hidden]: pre-norm attention, then pre-norm FFN, each added to the stream."""
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                                       attention_mask=attention_mask, cache=cache)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def forward_from(self, hidden_states, position_embeddings, query_from: int):
+        """The loss-only path: the block's output only for positions >= query_from, [B, T - query_from, hidden]."""
+        attn_out = self.self_attn.forward_from(self.input_layernorm(hidden_states), position_embeddings, query_from)
         hidden_states = hidden_states[:, query_from:] + attn_out
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, present
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class MiniMindModel(nn.Module):
@@ -366,48 +350,59 @@ class MiniMindModel(nn.Module):
         # Non-persistent: never part of state_dict, rebuilt from the config (also after meta-device init).
         freqs_cos, freqs_sin = precompute_freqs_cis(
             self.config.hidden_size // self.config.num_attention_heads, self.config.max_position_embeddings,
-            self.config.rope_theta, self.config.rope_scaling)
+            self.config.rope_theta, self.config.rope_parameters)
         self.register_buffer("freqs_cos", freqs_cos, persistent=False)
         self.register_buffer("freqs_sin", freqs_sin, persistent=False)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                inputs_embeds=None, output_from=0):
-        """Returns final normed hidden states [B, T, hidden], the cache (or None) and the summed MoE aux loss.
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None):
+        """Final normed hidden states [B, T, hidden] and the summed MoE aux loss.
 
-        output_from > 0 (training without cache or padding mask): hidden states only for positions
-        >= output_from, [B, T - output_from, hidden]; the last layer skips its query-side work before that.
+        The new tokens sit at positions P..P+T-1, P = the tokens already in `cache` (upstream uses no
+        position_ids: left padding shifts positions, in training and generation alike).
         """
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        hidden_states = self.dropout(hidden_states)
-        seq_len = hidden_states.shape[1]
-        start_pos = cached_length(past_key_values)
-        position_embeddings = (self.freqs_cos[start_pos:start_pos + seq_len],
-                               self.freqs_sin[start_pos:start_pos + seq_len])
-
-        hf_cache = is_hf_cache(past_key_values)
-        layer_pasts = [past_key_values] * len(self.layers) if hf_cache else (
-            past_key_values or [None] * len(self.layers))
-        presents = []
-        last = len(self.layers) - 1
-        for i, (layer, layer_past) in enumerate(zip(self.layers, layer_pasts)):
-            hidden_states, present = layer(hidden_states, position_embeddings, layer_past, use_cache, attention_mask,
-                                           output_from if i == last else 0)
-            presents.append(present)
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        position_embeddings = self._rope(cached_length(cache), hidden_states.shape[1])
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache)
         hidden_states = self.norm(hidden_states)
+        return hidden_states, self._moe_aux_loss(hidden_states)
 
+    def forward_from(self, output_from: int, input_ids=None, inputs_embeds=None):
+        """The loss-only training path (no cache, no padding mask): hidden states only for positions >=
+        output_from, [B, T - output_from, hidden]; the last layer skips its query-side work before that."""
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        position_embeddings = self._rope(0, hidden_states.shape[1])
+        *earlier_layers, last_layer = self.layers
+        for layer in earlier_layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        hidden_states = self.norm(last_layer.forward_from(hidden_states, position_embeddings, output_from))
+        return hidden_states, self._moe_aux_loss(hidden_states)
+
+    def _embed(self, input_ids, inputs_embeds):
+        return self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+
+    def _rope(self, start: int, length: int):
+        """cos, sin [length, d] for positions start..start+length-1."""
+        return self.freqs_cos[start:start + length], self.freqs_sin[start:start + length]
+
+    def _moe_aux_loss(self, hidden_states):
+        """The MoE layers' load-balancing losses summed (a zero of hidden_states' dtype without MoE)."""
         aux_loss = hidden_states.new_zeros(())
         for layer in self.layers:
             if isinstance(layer.mlp, MOEFeedForward) and layer.mlp.aux_loss is not None:
                 aux_loss = aux_loss + layer.mlp.aux_loss
-        cache = (past_key_values if hf_cache else presents) if use_cache else None
-        return hidden_states, cache, aux_loss
+        return aux_loss
 
 
 class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MiniMindConfig
     base_model_prefix = "model"
-    _tied_weights_keys = {"model.embed_tokens.weight": "lm_head.weight"}
+    # {target: source} in 5.x; 4.x iterates it and reads the tied (output) names, the same statement. The output
+    # must be the target: 4.x ties output to input embeddings, so the saved file has to keep the embedding.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _supports_sdpa = True
+    # generate() inputs that belong to the prompt, fed only on the step that starts from an empty cache.
+    prefill_only_inputs = ()
 
     def __init__(self, config: MiniMindConfig = None):
         config = config or MiniMindConfig()
@@ -432,50 +427,85 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, MiniMindModel):
             cos, sin = precompute_freqs_cis(module.config.hidden_size // module.config.num_attention_heads,
                                             module.config.max_position_embeddings, module.config.rope_theta,
-                                            module.config.rope_scaling)
+                                            module.config.rope_parameters)
             with torch.no_grad():
                 if module.freqs_cos.device.type != "meta":
                     module.freqs_cos.copy_(cos)
                     module.freqs_sin.copy_(sin)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, inputs_embeds=None, loss_only=False, cache=None, **kwargs):
-        """loss_only=True (training): the same loss, computed without logits for positions that have no target
-        (the returned `logits` is None); see `_loss_only_output`. transformers >= 5.2x passes the cache as `cache`."""
-        past_key_values = cache if past_key_values is None else past_key_values
-        return self._run_lm(input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, labels,
-                            logits_to_keep, loss_only)
+                logits_to_keep=0, inputs_embeds=None, loss_only=False, return_dict=True):
+        """Logits for input_ids [B, T] (or inputs_embeds [B, T, hidden]); with labels, the shifted cross-entropy.
+        (Parameters in upstream's order, so positional calls mean the same.)
 
-    def _run_lm(self, input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, labels, logits_to_keep,
-                loss_only):
+        past_key_values: a transformers Cache (e.g. DynamicCache) holding the earlier tokens, updated in place;
+        use_cache=True without one starts a DynamicCache. The output carries it in the installed transformers'
+        cache field (`compat.OUTPUT_CACHE_FIELD`). generate() reaches this through `prepare_inputs_for_generation`.
+        loss_only=True (training, no cache, no padding mask): the same loss without logits where there is no
+        target (`logits` is None); see `_loss_only_forward`.
+        return_dict: accepted because generate() passes it; the output is always a ModelOutput.
+        """
         if loss_only and labels is not None and past_key_values is None and not use_cache and attention_mask is None:
-            # Positions before the first target of the batch feed the loss only through attention: the last
-            # layer computes keys and values there but no outputs (not with MoE, whose aux loss sees every token).
-            first = 0 if self.config.use_moe else first_target_position(labels)
-            hidden_states, _, aux_loss = self.model(input_ids, None, None, False, inputs_embeds, output_from=first)
-            return self._loss_only_output(hidden_states, aux_loss, labels[:, first:])
-        hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
-                                                    inputs_embeds)
-        return self._lm_output(hidden_states, cache, aux_loss, labels, logits_to_keep)
-
-    def _loss_only_output(self, hidden_states, aux_loss, labels):
-        """Cross-entropy of `_lm_output` with the vocabulary projection applied only where a target exists."""
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        has_target = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden_states[:, :-1][has_target])  # [N targets, vocab]
-        loss = F.cross_entropy(logits.float(), targets[has_target])
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, hidden_states=hidden_states)
-
-    def _lm_output(self, hidden_states, cache, aux_loss, labels, logits_to_keep):
-        """Project the kept positions to logits; shifted cross-entropy over labels != -100 when given."""
+            return self._loss_only_forward(input_ids, inputs_embeds, labels)
+        cache = self._cache_for(past_key_values, use_cache)
+        hidden_states, aux_loss = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                                             inputs_embeds=inputs_embeds)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache,
-                                         hidden_states=hidden_states)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=hidden_states,
+                                         **{OUTPUT_CACHE_FIELD: cache})
+
+    @staticmethod
+    def _cache_for(past_key_values, use_cache: bool):
+        """The one cache format: a transformers Cache (a new DynamicCache when use_cache asks for one)."""
+        if past_key_values is None:
+            return DynamicCache() if use_cache else None
+        if not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a transformers Cache such as DynamicCache(), not "
+                            f"{type(past_key_values).__name__} (lists of (k, v) pairs are not supported)")
+        return past_key_values
+
+    def _loss_only_forward(self, input_ids, inputs_embeds, labels):
+        """forward's loss with the vocabulary projection applied only where a target exists. Positions before the
+        first target of the batch feed the loss only through attention, so the last layer computes keys and values
+        there but no outputs (not with MoE, whose aux loss sees every token)."""
+        first = 0 if self.config.use_moe else first_target_position(labels)
+        if first:
+            hidden_states, aux_loss = self.model.forward_from(first, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        else:
+            hidden_states, aux_loss = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        targets = labels[:, first + 1:]  # position t predicts token t + 1
+        has_target = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden_states[:, :-1][has_target])  # [N targets, vocab]
+        loss = F.cross_entropy(logits.float(), targets[has_target])
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, hidden_states=hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, logits_to_keep=None,
+                                      inputs_embeds=None, **kwargs):
+        """One generate() step's forward inputs. The model owns this contract, so it holds on 4.57 and 5.x alike.
+
+        The cache is the one generate() keeps under `compat.GENERATE_CACHE_KWARG`; only the tokens not yet in it
+        are fed (every token without a cache), and `prefill_only_inputs` go with the step that starts from an
+        empty cache. generate()'s other bookkeeping (cache_position, next_sequence_length, is_first_iteration)
+        is not needed: the cache length says it all. (Named **kwargs: generate() then accepts any keyword that
+        forward takes.)
+        """
+        if inputs_embeds is not None:
+            raise ValueError("generate() from inputs_embeds is not supported: pass input_ids (and pixel_values)")
+        cache = kwargs.get(GENERATE_CACHE_KWARG)
+        past_len = cached_length(cache)
+        model_inputs = dict(input_ids=input_ids[:, past_len:], attention_mask=attention_mask, past_key_values=cache,
+                            use_cache=use_cache)
+        if logits_to_keep is not None:
+            model_inputs["logits_to_keep"] = logits_to_keep
+        if past_len == 0:
+            model_inputs.update({name: kwargs[name] for name in self.prefill_only_inputs
+                                 if kwargs.get(name) is not None})
+        return model_inputs
 
 
 # --------------------------------------------------------------------------------------------------------------

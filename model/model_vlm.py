@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Unused here, but needed: for a local exported folder, transformers 4.57 copies into its module cache only the
+# files that this (the auto_map) file imports itself, not what model_minimind imports in turn.
+from .compat import GENERATE_CACHE_KWARG  # noqa: F401
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
 
 # Where scripts/download.py puts CLIP. This file is also shipped in exported transformers folders, so it imports
@@ -104,6 +107,7 @@ def flatten_pixel_values(pixel_values):
 
 class MiniMindVLM(MiniMindForCausalLM):
     config_class = VLMConfig
+    prefill_only_inputs = ("pixel_values", "image_features")
 
     def __init__(self, config: VLMConfig = None, vision_model_path=DEFAULT_VISION_MODEL_PATH):
         config = config or VLMConfig()
@@ -190,21 +194,26 @@ class MiniMindVLM(MiniMindForCausalLM):
         # Row-major order of masked positions = sample by sample, image by image, patch by patch.
         return inputs_embeds.masked_scatter(is_image, projected.to(inputs_embeds.dtype))
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, labels=None, pixel_values=None, image_features=None, inputs_embeds=None,
-                loss_only=False, cache=None, **kwargs):
-        """pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224]
-        list in reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead;
-        loss_only: as MiniMindForCausalLM.forward."""
-        past_key_values = cache if past_key_values is None else past_key_values
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        has_images = pixel_values is not None or image_features is not None
-        if has_images and cached_length(past_key_values) == 0:
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,
+                labels=None, pixel_values=None, image_features=None, inputs_embeds=None, loss_only=False,
+                return_dict=True):
+        """MiniMindForCausalLM.forward, with the prompt's images spliced into the embeddings first (parameters
+        in upstream's order for the VLM, which differs from its LM's).
+
+        pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224] list in
+        reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead. Images belong to
+        the prompt: they come with a call whose cache is empty (generate() passes them on the prefill step only).
+        """
+        if pixel_values is not None or image_features is not None:
+            if cached_length(past_key_values) > 0:
+                raise ValueError("images go with the prompt: pass pixel_values/image_features only with an empty cache")
             images_per_sample = None
             if image_features is None:
                 images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
                 image_features = self.encode_images(flatten_pixel_values(pixel_values))
+            if inputs_embeds is None:
+                inputs_embeds = self.model.embed_tokens(input_ids)
             inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample)
-        return self._run_lm(None, attention_mask, past_key_values, use_cache, inputs_embeds, labels, logits_to_keep,
-                            loss_only)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                               use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep,
+                               inputs_embeds=inputs_embeds, loss_only=loss_only)

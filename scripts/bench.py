@@ -11,7 +11,7 @@ in what the issue asks to compare:
 
     upstream     upstream's trainers: every sample right-padded to max_seq_len (640 pretrain, 1536 SFT), plain
                  random batches, the CLIP forward on every step, each image turned into pixels alone by
-                 transformers' CLIPImageProcessorPil (upstream's image2tensor), logits for every position
+                 transformers' PIL CLIP image processor (upstream's image2tensor), logits for every position
     ours         pad to the batch's longest sample, length-grouped batches, dataset.processing.preprocess_image,
                  logits only where there is a target (the training loop's loss_only)
     ours_cache   ours plus --cache_vision_features (CLIP features read from the fp16 cache; the cache is built
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
+from common import DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
 from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_TOKENS_PER_IMAGE
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
@@ -283,7 +283,7 @@ def stage_args(spec: dict, extra=()):
 
 
 class UpstreamPixelsDataset:
-    """Mixin for VLMDataset: each image preprocessed alone by CLIPImageProcessorPil, as upstream's image2tensor."""
+    """Mixin for VLMDataset: each image preprocessed alone by the PIL CLIP image processor, as upstream's image2tensor."""
 
     processor = None
 
@@ -365,7 +365,7 @@ def train_worker(conn, spec):
     from dataset.processing import load_tokenizer
     from trainer.training import (RunContext, build_dataset, build_loader, build_model,
                                   prepare_run, seed_everything, set_trainable, train)
-    from transformers import CLIPImageProcessorPil
+    from model.compat import pil_clip_image_processor_class
 
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -385,7 +385,8 @@ def train_worker(conn, spec):
     set_trainable(model, args.trainable)
     if mode == "upstream":
         dataset_class = type("UpstreamVLMDataset", (UpstreamPixelsDataset, VLMDataset), {})
-        dataset_class.processor = CLIPImageProcessorPil.from_pretrained(str(args.vision_model_path))
+        processor_class = pil_clip_image_processor_class()
+        dataset_class.processor = processor_class.from_pretrained(str(args.vision_model_path))
         dataset = dataset_class(args.data_path, tokenizer, model.config.image_special_token,
                                 model.config.image_ids[0], args.max_seq_len, log=None)
     else:
@@ -447,9 +448,8 @@ def generation_worker(conn, spec):
     """Prefill of a one-image prompt + greedy decode, in both modes, alternating; medians over repeats."""
     import pyarrow.parquet as pq
     from PIL import Image
-    from transformers import CLIPImageProcessorPil
-
     from dataset.processing import build_prompt, open_image, preprocess_image, user_content
+    from model.compat import pil_clip_image_processor_class
     from model.model_vlm import MiniMindVLM, VLMConfig
     from dataset.processing import load_tokenizer
     from trainer.training import autocast_for
@@ -464,7 +464,7 @@ def generation_worker(conn, spec):
                           model.config.image_special_token, add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
     blobs = pq.read_table(spec["data_path"]).column("image_bytes").to_pylist()
-    processor = CLIPImageProcessorPil.from_pretrained(str(spec["clip_path"]))
+    processor = pil_clip_image_processor_class().from_pretrained(str(spec["clip_path"]))
     TokenClock = _token_clock_class()  # noqa: N806
 
     def ours(blob):
@@ -615,7 +615,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model and CLIP, few samples: a smoke run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
                    help="autocast dtype on CUDA (CPU always runs fp32)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

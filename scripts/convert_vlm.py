@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPES, REPO_ROOT, atomic_save,
-                    quiet_transformers, run_cli)
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
+                    atomic_save, quiet_transformers, run_cli, torch_dtype)
 from inference.loading import read_checkpoint
 from model.model_vlm import CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import CHAT_TEMPLATE
@@ -35,7 +35,7 @@ from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_sta
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
-MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py")  # model_vlm imports model_minimind relatively
+MODEL_CODE_FILES = ("model_vlm.py", "model_minimind.py", "compat.py")  # imported relatively, in this order
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH),
                         help=f"CLIP folder whose vision tower is copied into the folder's {VISION_SUBFOLDER}/ "
                              f"(--to transformers; if absent, the folder has no vision encoder)")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="dtype written (default: bfloat16 for --to transformers, float16 for --to torch)")
     return parser.parse_args(argv)
 
@@ -156,7 +156,7 @@ def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
 
 def main(argv=None):
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype or DEFAULT_DTYPE[args.to]]
+    dtype = torch_dtype(args.dtype or DEFAULT_DTYPE[args.to])
     if args.to == "transformers":
         torch_to_transformers(args.torch_path, args.transformers_dir, args.tokenizer_path, args.vision_model_path,
                               dtype)

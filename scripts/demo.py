@@ -19,16 +19,20 @@ import sys
 import time
 from pathlib import Path
 
+# This script installs the requirements itself (--install): at module level it imports only the standard
+# library and common.py (torch-free); the project modules are imported inside the functions, after the install.
 from common import DEFAULT_SAVE_DIR, MAX_SEED, REPO_ROOT, bounded
 
+REQUIREMENTS_FILE = REPO_ROOT / "requirements.txt"
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
 BLANK_GREY = (128, 128, 128)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"))
-    p.add_argument("--install", action="store_true", help="pip install -r requirements.txt first")
+    p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"), help="where assets, weights and logs go")
+    p.add_argument("--install", action="store_true",
+                   help="pip install -r requirements.txt first (and torch if missing: see the README)")
     p.add_argument("--n_train", type=bounded(int, 1), default=1500, help="records per training stage")
     p.add_argument("--n_eval", type=bounded(int, 1), default=120, help="held-out questions")
     p.add_argument("--hidden_size", type=bounded(int, 1), default=128)
@@ -48,9 +52,12 @@ def install_requirements():
     try:
         import torch  # noqa: F401  (only: is it installed?)
     except ImportError:
+        print("-- torch is missing: installing PyPI's default build (on Linux a CUDA build of several GB; for a "
+              "CPU-only machine stop here and first run: pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu)", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "torch"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REPO_ROOT / "requirements.txt")],
-                   check=True)
+    print(f"-- pip install -r {REQUIREMENTS_FILE}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS_FILE)], check=True)
 
 
 def run_step(title, command, log_path):
@@ -122,13 +129,14 @@ def train_and_score(run_dir, assets, data, args, score_every_stage=True):
 def write_untrained_weights(path, assets, args):
     import torch
 
-    from common import atomic_save
+    from common import atomic_save, quiet_transformers
     from model.model_vlm import MiniMindVLM, VLMConfig
     from trainer.training import inference_state_dict
 
     torch.manual_seed(args.seed)
-    model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
-                        vision_model_path=assets["clip"])
+    with quiet_transformers():  # CLIP's unused text tower would print a load report
+        model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
+                            vision_model_path=assets["clip"])
     atomic_save(inference_state_dict(model), path)
 
 

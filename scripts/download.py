@@ -59,13 +59,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 from safetensors import safe_open
 from tokenizers import Tokenizer
@@ -263,14 +257,14 @@ def fetch_from_hf(repo_id, repo_type, filename, revision, staging):
         meta = get_hf_file_metadata(url, timeout=NETWORK_TIMEOUT_S, endpoint=endpoint)
         path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, local_dir=staging,
                                endpoint=endpoint, etag_timeout=NETWORK_TIMEOUT_S)
-    except RemoteEntryNotFoundError:
-        raise FileMissing(filename) from None
     except (RepositoryNotFoundError, GatedRepoError) as err:
         raise DownloadError(f"{repo_id} is not accessible on {endpoint} ({first_line(err)})") from None
     except RevisionNotFoundError:
         raise DownloadError(f"revision {revision!r} does not exist in {repo_id}") from None
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
+        # A missing file is a 404 under either name huggingface_hub gives it (EntryNotFoundError in 0.x,
+        # RemoteEntryNotFoundError from 1.0 on), so the status decides.
         if status == 404:
             raise FileMissing(filename) from None
         if status is not None and status < 500 and status != 429:

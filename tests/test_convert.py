@@ -1,6 +1,7 @@
 """scripts/convert_vlm.py: .pth <-> transformers folder, exact in fp32, loadable with the Auto classes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,15 +60,16 @@ def test_round_trip_is_bit_exact_in_fp32(fp32_pth, fp32_folder, tmp_path):
 
 def test_folder_layout(fp32_folder):
     names = {p.name for p in fp32_folder.iterdir()}
-    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "tokenizer.json",
+    assert {"config.json", "model.safetensors", "model_vlm.py", "model_minimind.py", "compat.py", "tokenizer.json",
             "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"} <= names
     assert {"processing_minimind_v.py", "chat_template.json", "vision_model"} <= names  # processor and CLIP
     config = json.loads((fp32_folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
                                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
-    assert config["model_type"] == "minimind-v" and config["tie_word_embeddings"] is True
+    # transformers 4.x leaves out of config.json the values equal to the default (True here)
+    assert config["model_type"] == "minimind-v" and config.get("tie_word_embeddings", True) is True
     assert (config["hidden_size"], config["num_hidden_layers"], config["ve_hidden_size"]) == (64, 2, 64)
-    for name in ("model_vlm.py", "model_minimind.py"):
+    for name in ("model_vlm.py", "model_minimind.py", "compat.py"):
         assert (fp32_folder / name).read_text() == (REPO_ROOT / "model" / name).read_text()
     processing = "processing_minimind_v.py"
     assert (fp32_folder / processing).read_text() == (REPO_ROOT / "model" / processing).read_text()
@@ -146,3 +148,18 @@ def test_missing_input_is_one_line_error(tmp_path, capsys):
                                    "--torch_path", str(tmp_path / "x.pth")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: no transformers model in")
+
+
+def test_folder_without_tie_flag_loads_tied(fp32_pth, fp32_folder, tiny_clip_dir, tmp_path):
+    """transformers 4.x leaves `tie_word_embeddings` (default True) out of config.json; 5.x reads a missing flag
+    as False. A folder written by either major must load with lm_head tied to the saved embedding."""
+    folder = tmp_path / "MiniMind2-V-no-tie-flag"
+    shutil.copytree(fp32_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, native_model(fp32_pth, tiny_clip_dir)(ids).logits)

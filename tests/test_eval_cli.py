@@ -3,6 +3,7 @@
 The scripts run as users run them (a subprocess from another folder, a pexpect terminal); the session logic
 (history, truncation, stopping, scoring) is checked in-process, where it is fast.
 """
+import signal
 import subprocess
 import sys
 import threading
@@ -64,8 +65,11 @@ def test_interactive_session_through_a_terminal(cli_flags, shapes_data, tmp_path
     # Answers could run to 4000 tokens; each one is cut short by Ctrl-C, which must not end the program.
     command = eval_command(cli_flags, "--image", str(images / "000000.jpg"), "--max_new_tokens", "4000",
                            "--temperature", "0")
+    # A terminal's foreground program starts with Ctrl-C at its default; a runner started in the background
+    # (nohup, `&`) would hand down an ignored SIGINT, and the prompt's Ctrl-C would then do nothing.
     child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), encoding="utf-8",
-                          codec_errors="replace", timeout=120)  # the tty echoes ^C between any two bytes
+                          codec_errors="replace", timeout=120,  # the tty echoes ^C between any two bytes
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect_exact("1 image(s) attached to your first question")
         child.expect_exact(eval_vlm.USER_PROMPT)

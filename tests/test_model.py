@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, convert_legacy_state_dict
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
@@ -137,29 +138,24 @@ def test_cached_decoding_equals_full_recomputation(use_moe):
     torch.manual_seed(3)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=use_moe)).eval()
     ids = torch.randint(3, 6400, (2, 16))
+    cache = DynamicCache()
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :10], use_cache=True)
-        cache = out.past_key_values
-        assert cache[0][0].shape == (2, 10, 2, 16)  # upstream layout [B, P, Hkv, d]
-        steps = [out.logits[:, -1]]
+        steps = [model(ids[:, :10], past_key_values=cache, use_cache=True).logits[:, -1]]
+        assert cache.get_seq_length() == 10
         for t in range(10, 16):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[:, -1])
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
     assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 9:15], atol=1e-5)
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_greedy_generate_with_cache_equals_without(use_moe):
-    torch.manual_seed(4)
-    model = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=use_moe)).eval()
-    ids = torch.randint(3, 6400, (1, 9))
-    with torch.no_grad():
-        cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True, eos_token_id=None)
-        plain = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, eos_token_id=None)
-    assert cached.shape == (1, 21)
-    assert torch.equal(cached, plain)
+def test_only_a_transformers_cache_is_accepted():
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY)).eval()
+    ids = torch.randint(3, 6400, (1, 4))
+    legacy = [(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))] * 2
+    with pytest.raises(TypeError, match="must be a transformers Cache"):
+        model(ids, past_key_values=legacy, use_cache=True)
+    with pytest.raises(TypeError):
+        model(ids, cache=DynamicCache())  # an unknown keyword fails loudly instead of being ignored
 
 
 def test_moe_aux_loss_only_in_training():
@@ -242,18 +238,6 @@ def test_text_only_input_is_untouched(tiny_vlm):
 def test_placeholder_image_mismatches_raise(tiny_vlm, ids, pixels, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_vlm(torch.tensor(ids), pixel_values=torch.randn(*pixels, 3, 224, 224))
-
-
-def test_vlm_generate_with_cache_equals_without(tiny_vlm):
-    ids = torch.tensor([[1, 5] + IMG + [6, 7, 2, 1, 8]])
-    pixels = torch.randn(1, 1, 3, 224, 224)
-    with torch.no_grad():
-        cached = tiny_vlm.generate(ids, pixel_values=pixels, max_new_tokens=8, do_sample=False, eos_token_id=None)
-        plain = tiny_vlm.generate(ids, pixel_values=pixels, max_new_tokens=8, do_sample=False, use_cache=False,
-                                  eos_token_id=None)
-        full = tiny_vlm(cached[:, :-1], pixel_values=pixels).logits
-    assert torch.equal(cached, plain)
-    assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), cached[0, ids.shape[1]:])  # image used every step
 
 
 def test_missing_clip_folder_says_how_to_get_it(tmp_path):

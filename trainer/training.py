@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DTYPES,
-                    MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters, format_duration,
-                    quiet_transformers, unwrap)
+from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH,
+                    DTYPE_NAMES, MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters,
+                    format_duration, quiet_transformers, torch_dtype, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.processing import chat_template_warning
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
@@ -131,7 +131,7 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     opt.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=42)
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="autocast dtype on CUDA")
+    run.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="autocast dtype on CUDA")
     run.add_argument("--num_workers", type=bounded(int, 0), default=8, help="DataLoader worker processes")
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     run.add_argument("--no_length_grouping", action="store_true",
@@ -188,7 +188,7 @@ def seed_everything(seed: int):
 
 def autocast_for(device: torch.device, dtype_name: str):
     """bf16/fp16 autocast on CUDA; fp32 elsewhere. The GradScaler only acts for fp16."""
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     use_autocast = device.type == "cuda" and dtype != torch.float32
     context = (lambda: torch.autocast(device_type="cuda", dtype=dtype)) if use_autocast else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)

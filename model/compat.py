@@ -1,0 +1,35 @@
+"""Where transformers 4.57.x and 5.x differ, said once. Shipped in exported folders beside the model code.
+
+- generate() keeps the KV cache in its model kwargs as `past_key_values` (4.x, early 5.x) or `cache` (5.2x+);
+  the model's own `prepare_inputs_for_generation` reads it under `GENERATE_CACHE_KWARG`.
+- Output dataclasses name their cache field the same way (5.2x+ still accepts `past_key_values=` but logs a
+  deprecation warning), so outputs are built with `OUTPUT_CACHE_FIELD`.
+- The PIL-only CLIP image processor is `CLIPImageProcessorPil` in 5.x (`CLIPImageProcessor` there wants
+  torchvision) and `CLIPImageProcessor` in 4.x.
+- Also read on both ends without a branch: `_tied_weights_keys` as a {target: source} dict (4.x iterates it and
+  gets the tied names), `from_pretrained(dtype=...)` (4.56+), a config's `rope_parameters` (a plain attribute in
+  4.x; `rope_scaling` exists only in 5.x), `tie_word_embeddings` always set by the config (4.x omits its default
+  from config.json, 5.x reads a missing flag as False).
+- For a local folder, 4.x copies into its module cache only the files the auto_map file (model_vlm.py) imports
+  itself, so model_vlm.py imports this module too.
+"""
+import dataclasses
+import inspect
+
+from transformers import GenerationMixin
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+NEW_CACHE_NAME = "cache"
+OLD_CACHE_NAME = "past_key_values"
+
+GENERATE_CACHE_KWARG = (NEW_CACHE_NAME if NEW_CACHE_NAME in inspect.signature(
+    GenerationMixin.prepare_inputs_for_generation).parameters else OLD_CACHE_NAME)
+OUTPUT_CACHE_FIELD = (NEW_CACHE_NAME if NEW_CACHE_NAME in {field.name for field in dataclasses.fields(
+    MoeCausalLMOutputWithPast)} else OLD_CACHE_NAME)
+
+
+def pil_clip_image_processor_class():
+    """CLIP's image processor on the PIL backend: no torchvision needed on either major."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
