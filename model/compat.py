@@ -10,6 +10,8 @@
   gets the tied names), `from_pretrained(dtype=...)` (4.56+), a config's `rope_parameters` (a plain attribute in
   4.x; `rope_scaling` exists only in 5.x), `tie_word_embeddings` always set by the config (4.x omits its default
   from config.json, 5.x reads a missing flag as False).
+- A processor names its sub-processors' classes as class attributes in 4.x (`PROCESSOR_CLASS_ATTRIBUTES`); 5.x reads
+  them from `__init__`'s signature and refuses the attributes.
 - For a local folder, 4.x copies into its module cache only the files the auto_map file (model_vlm.py) imports
   itself, so model_vlm.py imports this module too.
 """
@@ -17,6 +19,7 @@ import dataclasses
 import inspect
 
 from transformers import GenerationMixin
+from transformers import __version__ as transformers_version
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 NEW_CACHE_NAME = "cache"
@@ -26,6 +29,11 @@ GENERATE_CACHE_KWARG = (NEW_CACHE_NAME if NEW_CACHE_NAME in inspect.signature(
     GenerationMixin.prepare_inputs_for_generation).parameters else OLD_CACHE_NAME)
 OUTPUT_CACHE_FIELD = (NEW_CACHE_NAME if NEW_CACHE_NAME in {field.name for field in dataclasses.fields(
     MoeCausalLMOutputWithPast)} else OLD_CACHE_NAME)
+
+
+TRANSFORMERS_MAJOR = int(transformers_version.split(".")[0])
+PROCESSOR_CLASS_ATTRIBUTES = ({"image_processor_class": "AutoImageProcessor", "tokenizer_class": "AutoTokenizer"}
+                              if TRANSFORMERS_MAJOR < 5 else {})
 
 
 def pil_clip_image_processor_class():

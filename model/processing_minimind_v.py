@@ -4,8 +4,8 @@ The one home of `preprocess_image` and `expand_image_markers`: dataset/processin
 chat, web demo and API, and scripts/convert_vlm.py ships this file in exported folders, where
 `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
 prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
-transformers 4.x copies only a remote module's direct relative imports: this one imports only torch, numpy, PIL
-and transformers. The model's facts (image size, placeholder, run length) stay in model_vlm.py and reach the
+transformers 4.x copies only a remote module's direct relative imports: this one imports torch, numpy, PIL,
+transformers and compat.py (which imports nothing of the project). The model's facts (image size, placeholder, run length) stay in model_vlm.py and reach the
 folder's processor through processor_config.json and preprocessor_config.json.
 """
 import os
@@ -13,9 +13,10 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .compat import PROCESSOR_CLASS_ATTRIBUTES
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
 # openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
@@ -26,7 +27,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 FULLWIDTH_TWIN = {"@": "\uff20"}  # '@' -> '＠' (U+FF20), which the tokenizer keeps apart from id 34
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # MiniMind2's, when a chat has no system turn
 REMOTE_IMAGE_PREFIXES = ("http://", "https://", "data:")
-TRANSFORMERS_MAJOR = int(TRANSFORMERS_VERSION.split(".")[0])
 
 # MiniMind2's chat format (the tokenizer's template without tools) for messages whose content is a string or a
 # list of {"type": "text", "text": ...} and {"type": "image"} parts. Parts are joined with newlines and each image
@@ -171,9 +171,6 @@ class MiniMindVProcessor(ProcessorMixin):
     processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, 224, 224]."""
 
     attributes = ["image_processor", "tokenizer"]
-    if TRANSFORMERS_MAJOR < 5:  # 4.x finds sub-processors through these names; 5.x reads __init__'s signature
-        image_processor_class = "AutoImageProcessor"
-        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_placeholder=None,
                  image_seq_length=None):
@@ -210,3 +207,7 @@ class MiniMindVProcessor(ProcessorMixin):
         if sources:
             data.update(self.image_processor(sources, return_tensors=return_tensors, **image_kwargs))
         return BatchFeature(data, tensor_type=return_tensors)
+
+
+for _name, _value in PROCESSOR_CLASS_ATTRIBUTES.items():  # transformers 4.x only (model/compat.py)
+    setattr(MiniMindVProcessor, _name, _value)

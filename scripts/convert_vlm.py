@@ -42,7 +42,7 @@ PROCESSOR_CONFIG = "processor_config.json"
 # The processor's chat template. The legacy JSON name, which both transformers majors read for processors only, so
 # the tokenizer keeps its own template (chat_template.jinja or tokenizer_config.json).
 PROCESSOR_CHAT_TEMPLATE = "chat_template.json"
-PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # self-contained: no relative imports
+PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # imports only compat.py of the project
 VISION_SUBFOLDER = "vision_model"
 MODEL_AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
