@@ -17,6 +17,8 @@ from model.processing_minimind_v import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX
 
 ROLES_BY_PARITY = ("user", "assistant")
 SYSTEM_ROLE = "system"
+# lmms-eval's request after a yes/no or short-answer question (POPE, MME); the demo's synthetic data asks the same.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 # Bump whenever render_chat's output changes: prepared token caches (dataset/prepared.py) are then rebuilt.
 PROMPT_FORMAT_VERSION = 1
 # A text-only row of the published parquet data carries one tiny (8x8 black) image and no `<image>` marker.

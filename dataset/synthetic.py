@@ -44,11 +44,10 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, Pr
 
 from model.compat import pil_clip_image_processor_class
 
-from dataset.processing import IMAGE_MARKER
+from dataset.processing import IMAGE_MARKER, SHORT_ANSWER_SUFFIX
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
 from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
-from inference.benchmarks import SHORT_ANSWER_SUFFIX
 
 ASSET_PARTS = ("tokenizer", "clip", "data")
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import UserError
+from dataset.processing import SHORT_ANSWER_SUFFIX
 
 BENCHMARKS = ("pope", "mme", "mmstar", "mmbench_en", "mmbench_cn", "scienceqa_img")
 YES, NO = "yes", "no"
 YES_NO = (YES, NO)
 # What a likelihood scorer accepts as saying each label (the log-probabilities of the forms are summed).
 LABEL_FORMS = {YES: ("Yes", "yes"), NO: ("No", "no")}
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 MMSTAR_SUFFIX = "\nAnswer with the option's letter from the given choices directly"  # no final period there
 MME_YES_NO_REQUEST = " Please answer yes or no."
