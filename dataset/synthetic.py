@@ -509,12 +509,18 @@ def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: boo
     pq.write_table(table, path)
 
 
+def _scene_image(index: int, images_dir: Path, rng: random.Random):
+    """A random scene, drawn and saved as `{index:06d}.jpg` in images_dir: (scene, file name)."""
+    scene = random_scene(rng)
+    name = f"{index:06d}.jpg"
+    save_scene(scene, images_dir / name)
+    return scene, name
+
+
 def _pretrain_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
     records = []
     for index in range(n_records):
-        scene = random_scene(rng)
-        name = f"{index:06d}.jpg"
-        save_scene(scene, images_dir / name)
+        scene, name = _scene_image(index, images_dir, rng)
         prompt = f"{rng.choice(CAPTION_REQUESTS)}\n{IMAGE_MARKER}"
         records.append({"conversations": _turns(prompt, caption_answer(scene)), "image": name})
     return records
@@ -524,9 +530,7 @@ def _sft_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
     records = []
     kinds = tuple(QUESTIONS)
     for index in range(n_records):
-        scene = random_scene(rng)
-        name = f"{index:06d}.jpg"
-        save_scene(scene, images_dir / name)
+        scene, name = _scene_image(index, images_dir, rng)
         kind = rng.choice(kinds)
         contents = [_with_image_marker(rng.choice(QUESTIONS[kind]), rng),
                     single_answer(kind, scene.attribute(kind))]
@@ -628,9 +632,7 @@ def _eval_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
     records = []
     kinds = tuple(QUESTIONS)
     for index in range(n_records):
-        scene = random_scene(rng)
-        name = f"{index:06d}.jpg"
-        save_scene(scene, images_dir / name)
+        scene, name = _scene_image(index, images_dir, rng)
         kind = kinds[index % len(kinds)]  # cycle, so every kind is scored even on a small set
         records.append({"image": name, "question": QUESTIONS[kind][0], "answer": scene.attribute(kind),
                         "choices": list(ATTRIBUTE_CHOICES[kind]), "kind": kind})
