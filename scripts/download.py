@@ -467,28 +467,26 @@ def verify_tokenizer_config(path):
     return f"bos {bos}, eos {eos}"
 
 
-def verify_parquet(path):
+def read_parquet_metadata(path, columns, kind: str):
+    """The file's parquet metadata, if it reads and has every one of `columns`."""
     try:
         meta = pq.ParquetFile(path).metadata
     except Exception as err:
         raise VerificationError(f"unreadable parquet ({type(err).__name__}: {first_line(err)})") from None
     names = set(meta.schema.to_arrow_schema().names)
-    missing = [column for column in PARQUET_COLUMNS if column not in names]
+    missing = [column for column in columns if column not in names]
     if missing:
-        raise VerificationError(f"parquet lacks column(s) {missing}; has {sorted(names)}")
+        raise VerificationError(f"{kind} lacks column(s) {missing}; has {sorted(names)}")
+    return meta
+
+
+def verify_parquet(path):
+    meta = read_parquet_metadata(path, PARQUET_COLUMNS, "parquet")
     return f"{meta.num_rows:,} rows, columns {', '.join(PARQUET_COLUMNS)}"
 
 
 def verify_bench_parquet(path):
-    try:
-        meta = pq.ParquetFile(path).metadata
-    except Exception as err:
-        raise VerificationError(f"unreadable parquet ({type(err).__name__}: {first_line(err)})") from None
-    names = set(meta.schema.to_arrow_schema().names)
-    missing = [column for column in BENCH_PARQUET_COLUMNS if column not in names]
-    if missing:
-        raise VerificationError(f"benchmark parquet lacks column(s) {missing}; has {sorted(names)}")
-    return f"{meta.num_rows:,} rows"
+    return f"{read_parquet_metadata(path, BENCH_PARQUET_COLUMNS, 'benchmark parquet').num_rows:,} rows"
 
 
 def verify_jsonl(path):
