@@ -71,3 +71,25 @@ def tiny_vlm_save_dir(tmp_path_factory, tiny_clip_dir) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or launches several processes (tens of seconds or more); "
                                        "`-m 'not slow'` gives a quick run")
+
+
+def save_random_tiny_vlm(path: Path, clip_dir: Path, seed: int) -> Path:
+    """A random tiny VLM (64x2) saved in fp32 (every key, both tied ones), so nothing is rounded on the way."""
+    import torch
+
+    from model.model_vlm import MiniMindVLM, VLMConfig
+
+    torch.manual_seed(seed)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=clip_dir)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def export_fp32_folder(pth: Path, folder: Path, tokenizer_dir: Path, clip_dir: Path) -> Path:
+    """`python -m scripts.convert_vlm --to transformers ... --dtype float32`, in this process."""
+    from scripts import convert_vlm
+
+    convert_vlm.main(["--to", "transformers", "--torch_path", str(pth), "--transformers_dir", str(folder),
+                      "--tokenizer_path", str(tokenizer_dir), "--vision_model_path", str(clip_dir),
+                      "--dtype", "float32"])
+    return folder

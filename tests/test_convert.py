@@ -18,6 +18,7 @@ from scripts import convert_vlm
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from common import run_cli
+from conftest import export_fp32_folder, save_random_tiny_vlm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SEED = 3
@@ -25,21 +26,12 @@ MODEL_SEED = 3
 
 @pytest.fixture(scope="module")
 def fp32_pth(tmp_path_factory, tiny_clip_dir):
-    """A random tiny VLM saved in fp32 (all 23 keys, both tied ones), so nothing is rounded on the way."""
-    torch.manual_seed(MODEL_SEED)
-    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
-    path = tmp_path_factory.mktemp("convert") / "sft_vlm_64.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_random_tiny_vlm(tmp_path_factory.mktemp("convert") / "sft_vlm_64.pth", tiny_clip_dir, MODEL_SEED)
 
 
 @pytest.fixture(scope="module")
 def fp32_folder(fp32_pth, tiny_tokenizer_dir, tiny_clip_dir):
-    folder = fp32_pth.parent / "MiniMind2-V-tiny"
-    convert_vlm.main(["--to", "transformers", "--torch_path", str(fp32_pth), "--transformers_dir", str(folder),
-                      "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir),
-                      "--dtype", "float32"])
-    return folder
+    return export_fp32_folder(fp32_pth, fp32_pth.parent / "MiniMind2-V-tiny", tiny_tokenizer_dir, tiny_clip_dir)
 
 
 def native_model(pth, clip_dir):

@@ -15,7 +15,7 @@ from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from model.model_vlm import CLIP_IMAGE_SIZE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import MiniMindVImageProcessor, MiniMindVProcessor
-from scripts import convert_vlm
+from conftest import export_fp32_folder, save_random_tiny_vlm
 
 MODEL_SEED = 5
 ANSWER_TOKENS = 12
@@ -24,20 +24,12 @@ QUESTION = "What colour is the shape?"
 
 @pytest.fixture(scope="module")
 def random_pth(tmp_path_factory, tiny_clip_dir):
-    torch.manual_seed(MODEL_SEED)
-    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
-    path = tmp_path_factory.mktemp("hf_interface") / "sft_vlm_64.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_random_tiny_vlm(tmp_path_factory.mktemp("hf_interface") / "sft_vlm_64.pth", tiny_clip_dir, MODEL_SEED)
 
 
 @pytest.fixture(scope="module")
 def folder(random_pth, tiny_tokenizer_dir, tiny_clip_dir):
-    out = random_pth.parent / "MiniMind2-V-tiny"
-    convert_vlm.main(["--to", "transformers", "--torch_path", str(random_pth), "--transformers_dir", str(out),
-                      "--tokenizer_path", str(tiny_tokenizer_dir), "--vision_model_path", str(tiny_clip_dir),
-                      "--dtype", "float32"])
-    return out
+    return export_fp32_folder(random_pth, random_pth.parent / "MiniMind2-V-tiny", tiny_tokenizer_dir, tiny_clip_dir)
 
 
 @pytest.fixture(scope="module")
