@@ -24,6 +24,10 @@ background, same/different between two pictures) can only be known from the imag
 above chance on eval_questions.jsonl has learnt to use its vision input. An eval record is
 {"image", "question", "answer", "choices", "kind"}; the question carries no `<image>` marker (the caller puts
 the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
+
+Besides its questions about the picture, the SFT file holds POPE-style yes/no questions, single-word answers and
+text-only rows (`"image": ""` in JSONL, the 8x8 placeholder image in parquet), in LLaVA-1.5's short-answer
+format: see POPE_SFT_FRACTION for why all three are needed.
 """
 import io
 import itertools
@@ -330,7 +334,16 @@ MULTI_TURN_FRACTION = 0.3  # share of single-image SFT records with a second que
 POPE_QUESTIONS = {"colour": ("Is there a {} shape in the image?", "Is there a {} shape in the picture?"),
                   "shape": ("Is there a {} in the image?", "Is there a {} in the picture?")}
 POPE_ANSWERS = {True: "Yes", False: "No"}
-POPE_SFT_FRACTION = 1 / 3  # yes/no SFT records added, per single-image SFT record
+# A yes/no answer needs the asked word and the image at once: the answer's first token is right only when the
+# model compares them. Trained on yes/no records alone, a small LM learnt from scratch sits at chance (both the
+# asked colour and the picture's colour are, on their own, unrelated to the answer, so gradients carry no signal
+# until both are read). Two kinds of records, as in LLaVA-1.5's SFT mix, give each half its own signal first:
+# single-word answers read from the picture, and text-only questions answered from their own words.
+POPE_SFT_FRACTION = 1.0  # yes/no SFT records added, per single-image SFT record
+SHORT_ANSWER_SFT_FRACTION = 0.5  # "What colour is the shape?" + the short-answer suffix -> "Red"
+TEXT_ONLY_SFT_FRACTION = 1.0  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
+TEXT_ONLY_OBJECTS = ("ball", "box", "card", "cup", "kite", "hat")
+PLACEHOLDER_IMAGE_SIDE = 8  # the unified parquet release gives text-only rows an 8x8 placeholder image
 POPE_EVAL_QUESTIONS_PER_KIND = 2  # held-out: per image and kind, one question answered yes and one no
 
 PRETRAIN_JSONL = "pretrain_vlm_data.jsonl"
@@ -478,6 +491,9 @@ def shape_dataset_texts() -> list[str]:
               for kind, phrasings in POPE_QUESTIONS.items() for value in ATTRIBUTE_CHOICES[kind]
               for phrasing in range(len(phrasings))]
     texts += list(POPE_ANSWERS.values())
+    texts += [short_answer(value) for values in ATTRIBUTE_CHOICES.values() for value in values]
+    texts += [f"What colour is the {colour} {thing}?" for colour in COLOURS for thing in TEXT_ONLY_OBJECTS]
+    texts += [f"What shape is the {colour} {shape}?" for colour in COLOURS for shape in SHAPES]
     return texts
 
 
@@ -501,7 +517,8 @@ def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: boo
     conversations, image_bytes = [], []
     for record in records:
         conversations.append(json.dumps(record["conversations"], ensure_ascii=False))
-        blobs = [(images_dir / name.strip()).read_bytes() for name in record["image"].split(",")]
+        names = [name.strip() for name in record["image"].split(",") if name.strip()]
+        blobs = [(images_dir / name).read_bytes() for name in names] or [placeholder_image_bytes()]
         image_bytes.append(blobs if multi_image else blobs[0])
     bytes_type = pa.list_(pa.binary()) if multi_image else pa.binary()
     table = pa.table({"conversations": pa.array(conversations, pa.string()),
@@ -509,10 +526,17 @@ def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: boo
     pq.write_table(table, path)
 
 
-def _scene_image(index: int, images_dir: Path, rng: random.Random):
-    """A random scene, drawn and saved as `{index:06d}.jpg` in images_dir: (scene, file name)."""
+def placeholder_image_bytes() -> bytes:
+    """The small white JPEG the unified parquet release stores in the image column of a text-only row."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (PLACEHOLDER_IMAGE_SIDE, PLACEHOLDER_IMAGE_SIDE), "white").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _scene_image(index: int, images_dir: Path, rng: random.Random, prefix: str = ""):
+    """A random scene, drawn and saved as `{prefix}{index:06d}.jpg` in images_dir: (scene, file name)."""
     scene = random_scene(rng)
-    name = f"{index:06d}.jpg"
+    name = f"{prefix}{index:06d}.jpg"
     save_scene(scene, images_dir / name)
     return scene, name
 
@@ -551,9 +575,7 @@ def _pope_sft_records(n_records: int, images_dir: Path, rng: random.Random) -> l
     records = []
     kinds = tuple(POPE_QUESTIONS)
     for index in range(n_records):
-        scene = random_scene(rng)
-        name = f"pope_{index:06d}.jpg"
-        save_scene(scene, images_dir / name)
+        scene, name = _scene_image(index, images_dir, rng, prefix="pope_")
         kind = rng.choice(kinds)
         present = rng.random() < 0.5
         value = scene.attribute(kind) if present else rng.choice(
@@ -562,6 +584,52 @@ def _pope_sft_records(n_records: int, images_dir: Path, rng: random.Random) -> l
         records.append({"conversations": _turns(_with_image_marker(question, rng), POPE_ANSWERS[present]),
                         "image": name})
     return records
+
+
+def short_answer(value: str) -> str:
+    """A single-word answer, capitalised like the yes/no answers ("Red", "Circle", "Light")."""
+    return value.capitalize()
+
+
+def _short_answer_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
+    """Questions about the picture asked with the short-answer suffix, answered in one word."""
+    records = []
+    kinds = tuple(QUESTIONS)
+    for index in range(n_records):
+        scene, name = _scene_image(index, images_dir, rng, prefix="short_")
+        kind = rng.choice(kinds)
+        question = rng.choice(QUESTIONS[kind]) + SHORT_ANSWER_SUFFIX
+        records.append({"conversations": _turns(_with_image_marker(question, rng),
+                                                short_answer(scene.attribute(kind))), "image": name})
+    return records
+
+
+def text_only_question(kind: str, value: str, rng: random.Random) -> str:
+    """A question whose answer, `value`, is in its own words (no picture needed)."""
+    if kind == "colour":
+        return f"What colour is the {value} {rng.choice(TEXT_ONLY_OBJECTS)}?"
+    return f"What shape is the {rng.choice(tuple(COLOURS))} {value}?"
+
+
+def _text_only_records(n_records: int, rng: random.Random) -> list:
+    """Text-only rows (no image): the model learns to read the colour or shape a question names."""
+    records = []
+    kinds = tuple(POPE_QUESTIONS)
+    for _ in range(n_records):
+        kind = rng.choice(kinds)
+        value = rng.choice(ATTRIBUTE_CHOICES[kind])
+        question = text_only_question(kind, value, rng) + SHORT_ANSWER_SUFFIX
+        records.append({"conversations": _turns(question, short_answer(value)), "image": ""})
+    return records
+
+
+def _sft_extra_records(n_records: int, images_dir: Path, seed: int) -> list:
+    """The yes/no, single-word and text-only SFT records, each kind from a seeded stream of its own (so the
+    other splits stay unchanged), in proportion to the `n_records` single-image SFT records."""
+    return (_pope_sft_records(round(n_records * POPE_SFT_FRACTION), images_dir, random.Random(f"sft_pope:{seed}"))
+            + _short_answer_records(round(n_records * SHORT_ANSWER_SFT_FRACTION), images_dir,
+                                    random.Random(f"sft_short:{seed}"))
+            + _text_only_records(round(n_records * TEXT_ONLY_SFT_FRACTION), random.Random(f"sft_text:{seed}")))
 
 
 def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
@@ -672,9 +740,8 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
     for jsonl_key, images_key, parquet_key, make_records, n_records, multi_image in splits:
         rng = random.Random(f"{jsonl_key}:{seed}")
         records = make_records(n_records, paths[images_key], rng)
-        if jsonl_key == "sft_jsonl":  # yes/no records from a stream of their own: the others stay unchanged
-            records += _pope_sft_records(round(n_records * POPE_SFT_FRACTION), paths[images_key],
-                                         random.Random(f"sft_pope:{seed}"))
+        if jsonl_key == "sft_jsonl":
+            records += _sft_extra_records(n_records, paths[images_key], seed)
         _write_jsonl(paths[jsonl_key], records)
         if parquet_key is not None:
             _write_parquet(paths[parquet_key], records, paths[images_key], multi_image)

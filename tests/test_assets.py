@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPProcessor, CLIPVisionModel
 
+from conftest import SHAPES_DATA_SIZES
 from dataset import synthetic as make_assets
+from dataset.processing import is_placeholder_image
 from model.model_minimind import MiniMindConfig
 from scripts import make_assets as make_assets_script
 
@@ -41,7 +43,7 @@ def read_jsonl(path: Path) -> list:
 
 
 def image_names(record: dict) -> list:
-    return [name.strip() for name in record["image"].split(",")]
+    return [name.strip() for name in record["image"].split(",") if name.strip()]
 
 
 def marker_count(conversations: list) -> int:
@@ -219,6 +221,9 @@ def test_jsonl_records(shapes_data, jsonl_key, images_key, images_per_record):
         roles = [turn["role"] for turn in record["conversations"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and len(roles) % 2 == 0
         names = image_names(record)
+        if not names and jsonl_key == "sft_jsonl":  # a text-only SFT row: no image, no marker
+            assert marker_count(record["conversations"]) == 0
+            continue
         assert len(names) == images_per_record == marker_count(record["conversations"])
         for name in names:
             with Image.open(shapes_data[images_key] / name) as image:
@@ -250,9 +255,36 @@ def test_parquet_matches_jsonl(shapes_data, parquet_key, jsonl_key, images_key):
         conversations = json.loads(row["conversations"])
         assert conversations == record["conversations"]
         blobs = row["image_bytes"] if isinstance(row["image_bytes"], list) else [row["image_bytes"]]
+        if not image_names(record):  # text-only: the placeholder image of the unified release, no marker
+            assert marker_count(conversations) == 0 and is_placeholder_image(blobs[0])
+            continue
         assert len(blobs) == marker_count(conversations)
         assert blobs == [(shapes_data[images_key] / name).read_bytes() for name in image_names(record)]
         assert Image.open(io.BytesIO(blobs[0])).size == (128, 128)
+
+
+def test_sft_extra_records_teach_yes_no(shapes_data):
+    """The SFT file's yes/no questions are balanced and right about their pictures; single-word answers name the
+    picture's attribute; text-only questions name their own answer."""
+    records = read_jsonl(shapes_data["sft_jsonl"])
+    yes_no = [r for r in records if r["conversations"][1]["content"] in make_assets.POPE_ANSWERS.values()]
+    single_word = [r for r in records if r["image"].startswith("short_")]
+    text_only = [r for r in records if not image_names(r)]
+    n_sft = SHAPES_DATA_SIZES["n_sft"]
+    assert len(yes_no) == round(n_sft * make_assets.POPE_SFT_FRACTION)
+    assert len(single_word) == round(n_sft * make_assets.SHORT_ANSWER_SFT_FRACTION)
+    assert len(text_only) == round(n_sft * make_assets.TEXT_ONLY_SFT_FRACTION)
+    assert {r["conversations"][1]["content"] for r in yes_no} == set(make_assets.POPE_ANSWERS.values())
+    for record in single_word + text_only:
+        question, answer = (turn["content"] for turn in record["conversations"])
+        assert make_assets.SHORT_ANSWER_SUFFIX in question and " " not in answer
+        asked = question.replace(make_assets.IMAGE_MARKER, "").strip()
+        if record in text_only:
+            assert f" {answer.lower()}" in asked
+        else:  # the answer is a value of the kind asked about
+            kind = next(k for k, phrasings in make_assets.QUESTIONS.items()
+                        if asked.removesuffix(make_assets.SHORT_ANSWER_SUFFIX) in phrasings)
+            assert answer.lower() in make_assets.ATTRIBUTE_CHOICES[kind]
 
 
 def test_eval_questions(shapes_data):

@@ -272,17 +272,18 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     config = VLMConfig()
-    full = VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, 2048,
-                      images_path=shapes_data["sft_images"], log=None)
+    # Pretrain records all carry an image (the SFT file also has text-only rows, which no limit here cuts).
+    full = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 2048,
+                      images_path=shapes_data["pretrain_images"], log=None)
     shortest = int(full.lengths.min())
     # Cut inside every image run: all samples are left out and counted, none trained without its image.
     with pytest.raises(Exception, match="no usable sample"):
-        VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, 100,
-                   images_path=shapes_data["sft_images"], log=None)
+        VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 100,
+                   images_path=shapes_data["pretrain_images"], log=None)
     # A limit that keeps the images but cuts some answers entirely drops exactly those samples.
     limit = shortest - 3
-    partial = VLMDataset(shapes_data["sft_jsonl"], tokenizer, config.image_special_token, 34, limit,
-                         images_path=shapes_data["sft_images"], log=None, skip_bad_samples=True)
+    partial = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, limit,
+                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True)
     assert partial.stats.usable + partial.stats.answer_cut_by_max_seq_len + partial.stats.image_cut_by_max_seq_len \
         == full.stats.usable
     for index in range(len(partial)):
