@@ -663,15 +663,15 @@ def write_pope_parquet(path, n_images: int, seed: int = 0, all_questions: bool =
         draw_scene(scene).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         source = f"pope_{image_index:06d}"
         for question, answer, kind in pope_rows(scene, rng, all_questions):
-            number = len(columns["id"])
+            number = str(len(columns["id"]))  # the dataset card types both ids as strings
             for name, value in (("id", number), ("question_id", number), ("question", question),
                                 ("answer", answer), ("image_source", source),
                                 ("image", {"bytes": buffer.getvalue(), "path": f"{source}.jpg"}),
                                 ("category", kind)):
                 columns[name].append(value)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    types = {"id": pa.int64(), "question_id": pa.int64(), "image": image_type}
-    table = pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in columns.items()})
+    table = pa.table({name: pa.array(values, image_type if name == "image" else pa.string())
+                      for name, values in columns.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)

@@ -215,6 +215,15 @@ def pope_file(tmp_path_factory):
     return synthetic.write_pope_parquet(tmp_path_factory.mktemp("pope") / "pope.parquet", 3, all_questions=True)
 
 
+def test_synthetic_pope_file_has_the_lmms_lab_schema(pope_file):
+    """The dataset card's features: every column a string except the image, struct<bytes, path>."""
+    schema = pq.read_schema(pope_file)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    assert [(field.name, field.type) for field in schema] == [
+        ("id", pa.string()), ("question_id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+        ("image_source", pa.string()), ("image", image), ("category", pa.string())]
+
+
 def test_prefix_reuse_scores_equal_full_prefill(tiny_loaded, pope_file):
     questions, images = bm.read_benchmark("pope", pope_file)
     shared, _ = run_benchmark("pope", tiny_loaded, questions, images, batch_size=4, max_new_tokens=3,
