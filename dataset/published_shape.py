@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .synthetic import draw_scene, random_scene
+from .synthetic import draw_scene, placeholder_jpeg, random_scene
 
 PUBLISHED_IMAGE_SIZE = 256
-PLACEHOLDER_SIDE = 8  # the published text-only rows' stand-in image
 TEXT_ONLY_FRACTION = 230 / 2900  # about 230K text-only rows of about 2.9M
 SYSTEM_FRACTION = 0.2  # records that open with a stored system turn
 ANSWER_WORDS = (30, 300)
@@ -37,12 +36,6 @@ WORDS = np.array(("the a an of to and in is it that on for with as was at by thi
                   "light dark background colour shape near far bright soft round sharp corner edge middle centre "
                   "there which looks like appears seems some many one two three several people street tree sky "
                   "water building car table window door wall floor grass road cloud sun shadow").split())
-
-
-def placeholder_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 def image_pool(size: int, seed: int) -> list:

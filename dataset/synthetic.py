@@ -342,8 +342,9 @@ POPE_ANSWERS = {True: "Yes", False: "No"}
 POPE_SFT_FRACTION = 1.0  # yes/no SFT records added, per single-image SFT record
 SHORT_ANSWER_SFT_FRACTION = 0.5  # "What colour is the shape?" + the short-answer suffix -> "Red"
 TEXT_ONLY_SFT_FRACTION = 1.0  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
-TEXT_ONLY_OBJECTS = ("ball", "box", "card", "cup", "kite", "hat")
-PLACEHOLDER_IMAGE_SIDE = 8  # the unified parquet release gives text-only rows an 8x8 placeholder image
+# What a text-only question names besides its answer: an object for a colour, a colour for a shape.
+TEXT_ONLY_FILLERS = {"colour": ("ball", "box", "card", "cup", "kite", "hat"), "shape": tuple(COLOURS)}
+PLACEHOLDER_SIDE = 8  # the unified parquet release gives text-only rows an 8x8 black placeholder image
 POPE_EVAL_QUESTIONS_PER_KIND = 2  # held-out: per image and kind, one question answered yes and one no
 
 PRETRAIN_JSONL = "pretrain_vlm_data.jsonl"
@@ -492,8 +493,8 @@ def shape_dataset_texts() -> list[str]:
               for phrasing in range(len(phrasings))]
     texts += list(POPE_ANSWERS.values())
     texts += [short_answer(value) for values in ATTRIBUTE_CHOICES.values() for value in values]
-    texts += [f"What colour is the {colour} {thing}?" for colour in COLOURS for thing in TEXT_ONLY_OBJECTS]
-    texts += [f"What shape is the {colour} {shape}?" for colour in COLOURS for shape in SHAPES]
+    texts += [text_only_question(kind, value, filler) for kind, fillers in TEXT_ONLY_FILLERS.items()
+              for value in ATTRIBUTE_CHOICES[kind] for filler in fillers]
     return texts
 
 
@@ -515,10 +516,11 @@ def _write_jsonl(path: Path, records: list) -> None:
 def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: bool) -> None:
     """Parquet form of JSONL records: conversations as a JSON string, the image files' bytes inline."""
     conversations, image_bytes = [], []
+    placeholder = placeholder_jpeg()  # a text-only record's image
     for record in records:
         conversations.append(json.dumps(record["conversations"], ensure_ascii=False))
         names = [name.strip() for name in record["image"].split(",") if name.strip()]
-        blobs = [(images_dir / name).read_bytes() for name in names] or [placeholder_image_bytes()]
+        blobs = [(images_dir / name).read_bytes() for name in names] or [placeholder]
         image_bytes.append(blobs if multi_image else blobs[0])
     bytes_type = pa.list_(pa.binary()) if multi_image else pa.binary()
     table = pa.table({"conversations": pa.array(conversations, pa.string()),
@@ -526,10 +528,10 @@ def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: boo
     pq.write_table(table, path)
 
 
-def placeholder_image_bytes() -> bytes:
-    """The small white JPEG the unified parquet release stores in the image column of a text-only row."""
+def placeholder_jpeg() -> bytes:
+    """The small black JPEG the unified parquet release stores in the image column of a text-only row."""
     buffer = io.BytesIO()
-    Image.new("RGB", (PLACEHOLDER_IMAGE_SIDE, PLACEHOLDER_IMAGE_SIDE), "white").save(buffer, format="JPEG")
+    Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE)).save(buffer, format="JPEG")
     return buffer.getvalue()
 
 
@@ -604,11 +606,11 @@ def _short_answer_records(n_records: int, images_dir: Path, rng: random.Random) 
     return records
 
 
-def text_only_question(kind: str, value: str, rng: random.Random) -> str:
-    """A question whose answer, `value`, is in its own words (no picture needed)."""
+def text_only_question(kind: str, value: str, filler: str) -> str:
+    """A question whose answer, `value`, is in its own words (no picture needed); `filler` from TEXT_ONLY_FILLERS."""
     if kind == "colour":
-        return f"What colour is the {value} {rng.choice(TEXT_ONLY_OBJECTS)}?"
-    return f"What shape is the {rng.choice(tuple(COLOURS))} {value}?"
+        return f"What colour is the {value} {filler}?"
+    return f"What shape is the {filler} {value}?"
 
 
 def _text_only_records(n_records: int, rng: random.Random) -> list:
@@ -618,7 +620,7 @@ def _text_only_records(n_records: int, rng: random.Random) -> list:
     for _ in range(n_records):
         kind = rng.choice(kinds)
         value = rng.choice(ATTRIBUTE_CHOICES[kind])
-        question = text_only_question(kind, value, rng) + SHORT_ANSWER_SUFFIX
+        question = text_only_question(kind, value, rng.choice(TEXT_ONLY_FILLERS[kind])) + SHORT_ANSWER_SUFFIX
         records.append({"conversations": _turns(question, short_answer(value)), "image": ""})
     return records
 

@@ -13,7 +13,8 @@ from dataset import prepared as prepared_module
 from dataset.lm_dataset import DataError, JsonlSource, ParquetSource, SampleEncoder, VLMDataset
 from dataset.prepared import prepare_dataset
 from dataset.processing import chat_template_warning
-from dataset.published_shape import placeholder_jpeg, write_published_shape
+from dataset.published_shape import write_published_shape
+from dataset.synthetic import placeholder_jpeg
 from model.model_vlm import VLMConfig
 from scripts import check_data
 
