@@ -16,6 +16,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -46,6 +47,10 @@ SEED_RANGE = (0, 2 ** 63 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
 REMOTE_IMAGE_TIMEOUT_S = 10.0
 READ_CHUNK_BYTES = 1 << 16
 SSE_DONE = "data: [DONE]\n\n"
+# The line scripts.serve_openai_api logs once its socket listens, with the base URL clients use.
+SERVING_ANNOUNCEMENT = re.compile(r"serving '.*' at (http://[\d.]+:\d+)/v1")
+SERVER_POLL_S = 0.25
+LOG_TAIL_CHARS = 2000
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -700,3 +705,26 @@ async def sse_events(job: Job, reply_id: str, model: str, include_usage: bool):
         yield SSE_DONE
     finally:
         job.abandon()
+
+
+def answers_health(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:  # not listening yet, or refused
+        return False
+
+
+def wait_until_serving(process, log_path: Path, timeout_s: float) -> str:
+    """The base URL of a server started as `process` (python -m scripts.serve_openai_api, its output in log_path)
+    once the URL it announced answers /health; RuntimeError with the log's tail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}):\n{log_path.read_text()[-LOG_TAIL_CHARS:]}")
+        found = SERVING_ANNOUNCEMENT.search(log_path.read_text())
+        if found and answers_health(found.group(1)):
+            return found.group(1)
+        time.sleep(SERVER_POLL_S)
+    raise RuntimeError(f"the server did not start in {timeout_s} s ({log_path}):\n"
+                       f"{log_path.read_text()[-LOG_TAIL_CHARS:]}")

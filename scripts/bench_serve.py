@@ -18,7 +18,6 @@ import http.client
 import io
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import torch
 
 from common import DEFAULT_TOKENIZER_PATH, REPO_ROOT, bounded, run_cli
 from dataset import synthetic
+from inference.server import wait_until_serving
 
 MODEL_SHAPE = dict(hidden_size=512, num_hidden_layers=8)  # MiniMind2-V, 26M
 CLIP_SHAPE = dict(hidden_size=768, num_layers=12, num_heads=12)  # ViT-B/16
@@ -81,17 +81,11 @@ def start_server(flags: list, log_path: Path):
     command = [sys.executable, "-m", "scripts.serve_openai_api", "--port", "0", *flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited ({process.returncode}):\n{log_path.read_text()[-2000:]}")
-        found = re.search(r"serving '.*' at (http://[\d.]+:\d+)/v1", log_path.read_text())
-        if found:
-            time.sleep(1)  # uvicorn starts serving right after the line
-            return process, found.group(1)
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"the server did not start in {STARTUP_SECONDS} s; see {log_path}")
+    try:
+        return process, wait_until_serving(process, log_path, STARTUP_SECONDS)
+    except RuntimeError:
+        process.terminate()
+        raise
 
 
 # -------------------------------------------------------------------------------------------------- clients

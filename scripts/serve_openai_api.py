@@ -104,6 +104,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     if args.api_key is None and args.host not in LOOPBACK_HOSTS:
         log(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")
+    # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (wait_until_serving).
     log(f"serving '{model_id}' at http://{host}:{port}/v1 (max_concurrency {args.max_concurrency}, "
         f"max_queue {args.max_queue}); Ctrl-C stops")
     server_log = logging.getLogger("minimind.server")

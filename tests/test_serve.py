@@ -31,7 +31,8 @@ from PIL import Image  # noqa: E402
 from dataset.processing import build_prompt, load_pixel_values  # noqa: E402
 from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
-from inference.server import APIError, ServerSettings, StopCutter, read_image_bytes  # noqa: E402
+from inference.server import (APIError, ServerSettings, StopCutter, read_image_bytes,  # noqa: E402
+                              wait_until_serving)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -59,7 +60,7 @@ def server(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tm
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        base_url = wait_for_start(process, log_path)
+        base_url = wait_until_serving(process, log_path, STARTUP_SECONDS)
         yield base_url, log_path
     finally:
         process.terminate()
@@ -68,22 +69,6 @@ def server(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tm
         except subprocess.TimeoutExpired:
             process.kill()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()  # every test's requests, handled
-
-
-def wait_for_start(process, log_path: Path) -> str:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited ({process.returncode}):\n{log_path.read_text()}")
-        found = re.search(r"serving '.*' at (http://[\d.]+:\d+)/v1", log_path.read_text())
-        if found:
-            try:
-                if httpx.get(f"{found.group(1)}/health", timeout=5).status_code == 200:
-                    return found.group(1)
-            except httpx.TransportError:
-                pass
-        time.sleep(0.25)
-    raise AssertionError(f"the server did not start in {STARTUP_SECONDS} s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")
