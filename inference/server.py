@@ -6,8 +6,8 @@
 
 Requests are checked before they wait (every problem is a 4xx with an OpenAI-style error body), then wait for
 one of `max_concurrency` generation slots in arrival order; when `max_queue` are already waiting the answer is
-429 with a `Retry-After` (about when a slot frees, from recent answer times; the `openai` client waits that long
-and retries). The default queue holds an evaluation harness's burst (HARNESS_BURST) while the one slot answers.
+429 with a `Retry-After` (about the wait a queued request would have had, from recent answer times; the `openai`
+client waits that long and retries). The default queue holds an evaluation harness's burst (HARNESS_BURST) while the one slot answers.
 Each slot is a view of the same model (weights shared, one KV cache per generation), so with the default
 of one slot the model answers one request at a time. A client that leaves mid-answer stops its generation at
 the next token, which frees its slot.
@@ -407,11 +407,13 @@ class SlotPool:
         return not self.free and len(self.waiting) >= self.max_queue
 
     def retry_after_s(self) -> int:
-        """Whole seconds until a place in the queue is likely to free: one answer's time shared by the slots."""
+        """Whole seconds a refused request should wait: about the wait it would have had at the back of the queue
+        (the waiting requests and it, answered `size` at a time). Retried then, it loses no time to the queue and
+        finds it drained, where a shorter wait would spend the client's few retries on more 429s."""
         lowest, highest = RETRY_AFTER_S
         if self.answer_s is None:
             return lowest
-        return min(highest, max(lowest, math.ceil(self.answer_s / self.size)))
+        return min(highest, max(lowest, math.ceil(self.answer_s * (len(self.waiting) + 1) / self.size)))
 
 
 def queue_full(pool: SlotPool) -> APIError:

@@ -360,13 +360,16 @@ def test_official_client_waits_out_retry_after_and_gets_its_answer(server, image
             assert next_kind == "request" and retried_at - refused_at >= int(retry_after)
 
 
-def test_retry_after_is_an_answer_time_shared_by_the_slots():
-    pool = SlotPool(["slot 1", "slot 2"], max_queue=0)
+def test_retry_after_is_the_wait_at_the_back_of_the_queue():
+    pool = SlotPool(["slot 1", "slot 2"], max_queue=3)
     assert pool.retry_after_s() == 1  # no answer timed yet
-    pool.release(pool.free.popleft(), busy_s=9.0)
-    assert pool.retry_after_s() == 5  # 9 s an answer, two slots: one frees every 4.5 s
+    pool.release(pool.free.popleft(), busy_s=3.0)
+    assert pool.retry_after_s() == 2  # 3 s an answer, two slots, nobody waiting: 1.5 s
+    pool.waiting.extend([None] * 3)  # three requests waiting: the fourth would start after (3 + 1) * 3 s / 2
+    assert pool.retry_after_s() == 6
+    pool.waiting.clear()
     pool.release(pool.free.popleft())  # a slot given back unused (or a stopped answer) leaves the estimate alone
-    assert pool.retry_after_s() == 5
+    assert pool.retry_after_s() == 2
     for _ in range(100):
         pool.release(pool.free.popleft(), busy_s=1000.0)
     assert pool.retry_after_s() == 60  # capped: the openai client does not wait out more than 120 s
