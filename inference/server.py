@@ -7,10 +7,10 @@
 Requests are checked before they wait (every problem is a 4xx with an OpenAI-style error body), then wait for
 one of `max_concurrency` generation slots in arrival order; when `max_queue` are already waiting the answer is
 429 with a `Retry-After` (about the wait a queued request would have had, from recent answer times; the `openai`
-client waits that long and retries). The default queue holds an evaluation harness's burst (HARNESS_BURST) while the one slot answers.
-Each slot is a view of the same model (weights shared, one KV cache per generation), so with the default
-of one slot the model answers one request at a time. A client that leaves mid-answer stops its generation at
-the next token, which frees its slot.
+client waits that long and retries). The default queue holds an evaluation harness's burst (HARNESS_BURST) while
+the one slot answers. Each slot is a view of the same model (weights shared, one KV cache per generation), so
+with the default of one slot the model answers one request at a time. A client that leaves mid-answer stops its
+generation at the next token, which frees its slot.
 """
 import asyncio
 import base64
