@@ -27,6 +27,7 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, 
                     DTYPE_NAMES, MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters,
                     format_duration, quiet_transformers, torch_dtype, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
+from dataset.prepared import prepared_root
 from dataset.processing import chat_template_warning, load_tokenizer, normalize_pixels
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
@@ -456,9 +457,33 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------------------------------- data
 
+def prepared_folder_is_shared(args, ctx: RunContext) -> bool:
+    """True when every machine of the run sees the same prepared-data folder (a shared filesystem): rank 0 leaves
+    a marker file there and every rank looks for it. One machine: True without looking."""
+    if not ctx.distributed or int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) == ctx.world_size:
+        return True
+    root = prepared_root(args.data_path, args.prepared_dir)
+    names = [f".shared-probe-{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(names, src=0)
+    marker = root / names[0]
+    if ctx.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # an unwritable folder: prepare_dataset says so in one line
+            pass
+    dist.barrier()
+    seen = all_reduce_sum([float(marker.exists())], ctx)[0]
+    dist.barrier()
+    if ctx.is_main:
+        marker.unlink(missing_ok=True)
+    return int(seen) == ctx.world_size
+
+
 def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
-    """The prepared dataset: each machine's local rank 0 builds the cache once (a file lock serialises several
-    on one machine), the other ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
+    """The prepared dataset, built once per prepared folder: by global rank 0 when every machine shares the
+    folder, else by each machine's local rank 0 (the build lock keeps it to one builder either way); the other
+    ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
     main_log = log if ctx.is_main else None
     warning = chat_template_warning(tokenizer)
     if warning and main_log is not None:
@@ -467,7 +492,7 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
                          args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
                          log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
-                         may_build=ctx.local_rank == 0)
+                         may_build=ctx.is_main if prepared_folder_is_shared(args, ctx) else ctx.local_rank == 0)
     if main_log is not None:
         main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
                  f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
@@ -789,6 +814,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
         from dataset.feature_cache import attach_feature_cache
 
         attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
+    end_long_waits(ctx)  # every rank has its data (and features): back to the default collective timeout
     total, trainable = count_parameters(model)
     log(f"{stage}: {total / 1e6:.3f}M parameters without CLIP, {trainable / 1e6:.3f}M trainable ({args.trainable})")
     optimizer = build_optimizer(model, args.learning_rate)
