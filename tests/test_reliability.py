@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -710,3 +711,39 @@ def test_a_pickle_with_code_is_refused(assets, tmp_path, capsys, where):
     assert not marker.exists(), "unpickling ran code"
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "UnpicklingError" in err and str(path) in err
+
+
+# ==================================================================== (f) a container's 64 MB /dev/shm, with workers
+
+def run_with_shm(assets, run_dir, shm_size, *extra):
+    """train_pretrain_vlm.py with DataLoader workers, in a private mount namespace whose /dev/shm is a tmpfs of
+    `shm_size` (what `docker run` gives without --ipc=host / --shm-size)."""
+    command = [sys.executable, str(REPO_ROOT / "train_pretrain_vlm.py"),
+               *train_args(assets, run_dir, "--num_workers", "2", "--batch_size", "4", *extra)]
+    script = f"mount -t tmpfs -o size={shm_size} tmpfs /dev/shm && exec \"$@\""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True,
+                          timeout=600, cwd="/")
+
+
+def private_shm_supported():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not private_shm_supported(), reason="needs root and mount namespaces (unshare -m)")
+def test_a_64mb_dev_shm_trains_with_workers_and_a_full_one_fails_fast(assets, tmp_path):
+    roomy = run_with_shm(assets, tmp_path / "64m", "64m", "--max_steps", "3")
+    assert roomy.returncode == 0, roomy.stdout + roomy.stderr
+    assert "done: 3 optimizer steps" in roomy.stdout and "/dev/shm" not in roomy.stdout
+    # Too small for even one batch (4 images of 147 KB): warned at start, then one line instead of a hang.
+    started = time.monotonic()
+    full = run_with_shm(assets, tmp_path / "300k", "300k", "--max_steps", "3", "--loader_timeout", "15")
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "warning: /dev/shm has 0 MB free" in full.stdout and "--shm-size" in full.stdout
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: no batch from the DataLoader workers") and "--ipc=host" in last
+    assert time.monotonic() - started < 120

@@ -11,6 +11,7 @@ import datetime
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, 
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepared_root
 from dataset.processing import chat_template_warning, load_tokenizer, normalize_pixels
-from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from model.model_vlm import CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
@@ -46,6 +47,7 @@ LOST_BATCH_MESSAGES = ("DataLoader timed out", "exited unexpectedly", "is killed
 # Batches each DataLoader worker keeps ready (torch's default): with uint8 pixels, 8 workers at batch 16 keep
 # about 40 MB in /dev/shm per process.
 PREFETCH_BATCHES = 2
+SHARED_MEMORY_PATH = Path("/dev/shm")  # where DataLoader workers hand batches to the main process (Linux)
 STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
 STAGE_DEFAULTS = {
@@ -499,6 +501,22 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     return dataset
 
 
+def shared_memory_warning(args, shm_path: Path = SHARED_MEMORY_PATH):
+    """A warning line when /dev/shm has less room than the DataLoader workers of this machine's processes may keep
+    there (uint8 pixels, one image a sample; a container's default is 64 MB), else None."""
+    if args.num_workers == 0 or not shm_path.is_dir():
+        return None
+    image_bytes = 3 * CLIP_IMAGE_SIZE ** 2
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = processes * args.num_workers * PREFETCH_BATCHES * args.batch_size * image_bytes
+    free = shutil.disk_usage(shm_path).free
+    if free >= needed:
+        return None
+    return (f"warning: {shm_path} has {free / 2 ** 20:.0f} MB free, but the DataLoader workers may keep about "
+            f"{needed / 2 ** 20:.0f} MB of batches there; in a container run with --ipc=host or --shm-size=2g, or "
+            f"lower --num_workers (a lost batch stops the run after --loader_timeout)")
+
+
 def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
     """Batches with uint8 pixels (normalised on the device, move_batch) and the positions the forward needs
     precomputed (collate_batch); a worker that loses a batch ends the run after --loader_timeout."""
@@ -837,6 +855,8 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
             wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=bool(args.use_moe), broadcast_buffers=False)
     loader, sampler = build_loader(dataset, args, ctx)
+    if ctx.local_rank == 0 and (warning := shared_memory_warning(args)):
+        (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
     logger = make_logger(ctx, args, stage, run_id=state.wandb_id)
     state.wandb_id = logger.run_id
     weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
