@@ -233,12 +233,8 @@ def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
     """Sum each value (a number, or a 0-dim tensor on the device) over all ranks in one all-reduce; a tensor
     [len(values)] on the device. The numbers go to the device without waiting for it (non_blocking)."""
     dtype = torch.float64 if ctx.device.type == "cpu" else torch.float32
-    numbers = [0.0 if isinstance(v, torch.Tensor) else float(v) for v in values]
-    tensor = torch.tensor(numbers, dtype=dtype).to(ctx.device, non_blocking=True)
-    on_device = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    if on_device:
-        tensor = tensor.index_put((torch.tensor(on_device).to(ctx.device, non_blocking=True),),
-                                  torch.stack([values[i].to(dtype).reshape(()) for i in on_device]))
+    tensor = torch.cat([v.to(dtype).reshape(1) if isinstance(v, torch.Tensor)
+                        else torch.tensor([float(v)], dtype=dtype).to(ctx.device, non_blocking=True) for v in values])
     if ctx.distributed:
         dist.all_reduce(tensor)
     return tensor
@@ -642,7 +638,7 @@ def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requ
     pad_id = setup.loader.collate_fn.pad_token_id
     totals = all_reduce_dict({
         "loss": loss_sum, "finite_ranks": torch.isfinite(loss_sum + aux_sum), "aux": aux_sum / setup.ctx.world_size,
-        "targets": global_targets / setup.ctx.world_size,  # the same on every rank: the sum gives it back
+        "targets": sum(target_counts),  # summed: global_targets again, here as a number
         "stop": float(stop_requested), "samples": sum(len(b["input_ids"]) for b in batches),
         "tokens": sum(int((b["input_ids"] != pad_id).sum()) for b in batches),
         "replaced": sum(b["replaced"] for b in batches)}, setup.ctx)
