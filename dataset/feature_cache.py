@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .lm_dataset import load_image
-from .processing import CLIP_IMAGE_SIZE, ImageError
+from .processing import CLIP_IMAGE_SIZE, ImageError, normalize_pixels
 
 # Bump whenever dataset.processing.preprocess_image (or what it is fed) changes: old caches are then unused.
 PREPROCESS_VERSION = 1
@@ -183,7 +183,7 @@ class FeatureStore:
 # --------------------------------------------------------------------------------------- computing features
 
 class _PixelsToEncode(torch.utils.data.Dataset):
-    """(index, pixels [3, 224, 224], decoded ok) for each image reference; decoding runs in loader workers."""
+    """(index, uint8 pixels [3, 224, 224], decoded ok) for each image reference; decoding runs in loader workers."""
 
     def __init__(self, source, refs):
         self.source, self.refs = source, refs
@@ -195,7 +195,7 @@ class _PixelsToEncode(torch.utils.data.Dataset):
         try:
             return i, load_image(self.source, self.refs[i]), True
         except ImageError:
-            return i, torch.zeros(3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), False
+            return i, torch.zeros(3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, dtype=torch.uint8), False
 
 
 def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) -> int:
@@ -210,7 +210,7 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
     try:
         for indices, pixels, decoded in loader:
             with autocast():
-                batch = model.encode_images(pixels.to(ctx.device))  # [n, 196, hidden]
+                batch = model.encode_images(normalize_pixels(pixels.to(ctx.device)))  # [n, 196, hidden]
             if features is None:
                 features = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE,
                                                      shape=(len(keys),) + tuple(batch.shape[1:]))

@@ -13,7 +13,8 @@ from PIL import Image
 from common import UserError
 from model import processing_minimind_v
 from model.model_vlm import CLIP_IMAGE_SIZE
-from model.processing_minimind_v import DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers
+from model.processing_minimind_v import (DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers,
+                                         normalize_pixels)
 
 ROLES_BY_PARITY = ("user", "assistant")
 SYSTEM_ROLE = "system"
@@ -51,11 +52,12 @@ def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> 
     return image
 
 
-def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
-    """PIL image (any mode) -> CLIP input [3, size, size] float32 (model/processing_minimind_v.py), with the
-    project's ImageError (a UserError: one line at the command line) for an unusable image."""
+def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE, normalize: bool = True) -> torch.Tensor:
+    """PIL image (any mode) -> CLIP input [3, size, size] float32, or uint8 pixels with normalize=False (for
+    `normalize_pixels` on the device): model/processing_minimind_v.py, with the project's ImageError (a
+    UserError: one line at the command line) for an unusable image."""
     try:
-        return processing_minimind_v.preprocess_image(image, size)
+        return processing_minimind_v.preprocess_image(image, size, normalize)
     except processing_minimind_v.ImageError as error:
         raise ImageError(str(error)) from None
 

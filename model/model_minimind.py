@@ -157,6 +157,14 @@ def first_target_position(labels) -> int:
     return int(columns[0]) if len(columns) else labels.shape[1] - 1
 
 
+def target_positions(labels):
+    """(first_target_position, target_index): target_index [N] are the flat row-major indices into [B, T-1] of
+    the positions whose next token is a target. The loss-only forward would find both on the device (each a
+    device->host sync); the training collator computes them on the CPU and the batch carries them."""
+    has_target = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    return first_target_position(labels), has_target.flatten().nonzero().flatten()
+
+
 def cached_length(cache) -> int:
     """Tokens already in a transformers Cache (0 for None)."""
     return 0 if cache is None else cache.get_seq_length()
@@ -434,7 +442,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     module.freqs_sin.copy_(sin)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, inputs_embeds=None, loss_only=False, return_dict=True):
+                logits_to_keep=0, inputs_embeds=None, loss_only=False, return_dict=True, first_target=None,
+                target_index=None):
         """Logits for input_ids [B, T] (or inputs_embeds [B, T, hidden]); with labels, the shifted cross-entropy.
         (Parameters in upstream's order, so positional calls mean the same.)
 
@@ -442,11 +451,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=True without one starts a DynamicCache. The output carries it in the installed transformers'
         cache field (`compat.OUTPUT_CACHE_FIELD`). generate() reaches this through `prepare_inputs_for_generation`.
         loss_only=True (training, no cache, no padding mask): the same loss without logits where there is no
-        target (`logits` is None); see `_loss_only_forward`.
+        target (`logits` is None); see `_loss_only_forward`. first_target, target_index: `target_positions(labels)`
+        computed beforehand (on the CPU), so that this path makes no device->host sync; None: found here.
         return_dict: accepted because generate() passes it; the output is always a ModelOutput.
         """
         if loss_only and labels is not None and past_key_values is None and not use_cache and attention_mask is None:
-            return self._loss_only_forward(input_ids, inputs_embeds, labels)
+            return self._loss_only_forward(input_ids, inputs_embeds, labels, first_target, target_index)
         cache = self._cache_for(past_key_values, use_cache)
         hidden_states, aux_loss = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                              inputs_embeds=inputs_embeds)
@@ -469,19 +479,22 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                             f"{type(past_key_values).__name__} (lists of (k, v) pairs are not supported)")
         return past_key_values
 
-    def _loss_only_forward(self, input_ids, inputs_embeds, labels):
+    def _loss_only_forward(self, input_ids, inputs_embeds, labels, first_target=None, target_index=None):
         """forward's loss with the vocabulary projection applied only where a target exists. Positions before the
         first target of the batch feed the loss only through attention, so the last layer computes keys and values
         there but no outputs (not with MoE, whose aux loss sees every token)."""
-        first = 0 if self.config.use_moe else first_target_position(labels)
+        if first_target is None or target_index is None:
+            first_target, target_index = target_positions(labels)
+        first = 0 if self.config.use_moe else first_target
         if first:
             hidden_states, aux_loss = self.model.forward_from(first, input_ids=input_ids, inputs_embeds=inputs_embeds)
         else:
             hidden_states, aux_loss = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
-        targets = labels[:, first + 1:]  # position t predicts token t + 1
-        has_target = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden_states[:, :-1][has_target])  # [N targets, vocab]
-        loss = F.cross_entropy(logits.float(), targets[has_target])
+        # Position t predicts token t + 1; hidden_states start at position `first`. Index tensors, not a boolean
+        # mask: no device->host sync for the number of targets.
+        rows, columns = target_index // (labels.shape[1] - 1), target_index % (labels.shape[1] - 1)
+        logits = self.lm_head(hidden_states[rows, columns - first])  # [N targets, vocab]
+        loss = F.cross_entropy(logits.float(), labels[rows, columns + 1])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, hidden_states=hidden_states)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, logits_to_keep=None,

@@ -77,11 +77,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"{image.mode} image: {error}") from None
 
 
-def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+def preprocess_image(image: Image.Image, size: int, normalize: bool = True) -> torch.Tensor:
     """PIL image (any mode) -> CLIP input [3, size, size] float32.
 
     Same steps as CLIPImageProcessor: RGB; shortest side to `size` (bicubic, long side truncated); centre
-    crop; scale to [0, 1]; normalise with the CLIP mean/std.
+    crop; scale to [0, 1]; normalise with the CLIP mean/std (`normalize_pixels`). normalize=False stops before
+    the last two steps and returns the uint8 pixels [3, size, size]: training sends those between processes and
+    to the device (a quarter of the bytes) and calls `normalize_pixels` there.
     """
     image = to_rgb(image)
     width, height = image.size
@@ -93,9 +95,17 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
         raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
     image = image.resize((new_width, new_height), resample=Image.BICUBIC)
     top, left = (new_height - size) // 2, (new_width - size) // 2
-    pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size]  # [size, size, 3]
-    pixels = (pixels * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, size, size]
+    pixels = np.asarray(image, dtype=np.uint8)[top:top + size, left:left + size]  # [size, size, 3]
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, size, size]
+    return normalize_pixels(pixels) if normalize else pixels
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 CLIP input of the same shape, on the pixels' device: scaled to
+    [0, 1] and normalised with the CLIP mean/std."""
+    mean = torch.from_numpy(CLIP_MEAN).to(pixels.device).view(3, 1, 1)
+    std = torch.from_numpy(CLIP_STD).to(pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) * np.float32(1 / 255) - mean) / std
 
 
 def expand_image_markers(text: str, image_special_token: str) -> str:
