@@ -193,6 +193,28 @@ def test_config_round_trip_and_explicit_head_dim(tmp_path):
         assert torch.allclose(wide(ids).logits, reference_logits(wide.state_dict(), ids), atol=LOGITS_TOLERANCE)
 
 
+def test_random_init_is_upstreams_post_init():
+    """Upstream's MiniMind-3 calls post_init(): transformers' default init, N(0, 0.02) for every matrix."""
+    model = MiniMindForCausalLM(MiniMindConfig(**minimind3_config_kwargs(64, 2, True)))
+    layer = model.model.layers[0]
+    for weight in (model.lm_head.weight, layer.self_attn.q_proj.weight, layer.mlp.experts[1].down_proj.weight,
+                   layer.mlp.gate.weight):
+        assert abs(weight.std().item() - 0.02) < 0.004 and abs(weight.mean().item()) < 0.004
+    assert torch.equal(layer.self_attn.k_norm.weight, torch.ones(8))
+    minimind2 = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1))
+    assert minimind2.model.layers[0].self_attn.q_proj.weight.std() > 0.05  # PyTorch's own init, as before
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = minimind3(64, 2, True, seed=18)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.lm_family == "minimind3" and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(3, 6400, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_rmsnorm_scales_before_cast_as_minimind3():
     x = torch.randn(2, 5, 16).bfloat16()
     weight = torch.rand(16) + 0.5
