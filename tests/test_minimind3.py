@@ -390,6 +390,38 @@ def test_minimind3_file_into_minimind2_model_names_keys_and_fitting_flags(tmp_pa
     assert "q_norm" in message and "--preset minimind-3v --hidden_size 64 --num_hidden_layers 2" in message
 
 
+def test_each_generation_is_recognised_from_its_keys():
+    """G2 (MiniMind2-V), G1 (its Feb-2025 keys, e.g. tok_embeddings, attention.wq) and a file of something else."""
+    g2 = {k: v.half() for k, v in MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=3,
+                                                                      use_moe=True)).state_dict().items()}
+    g2["vision_proj.vision_proj.0.weight"], g2["vision_proj.vision_proj.0.bias"] = torch.zeros(64, 32), torch.zeros(64)
+    found = describe_state_dict(g2)
+    assert (found["generation"], found["lm_family"], found["legacy"]) == ("G2", "minimind2", False)
+    assert (found["hidden_size"], found["num_hidden_layers"], found["intermediate_size"]) == (64, 3, 192)
+    assert (found["use_moe"], found["n_routed_experts"], found["n_shared_experts"]) == (True, 4, 1)
+    assert (found["projector"], found["image_hidden_size"], found["head_dim"]) == ("linear", 32, None)
+    assert found["config_kwargs"] == dict(lm_family="minimind2", hidden_size=64, num_hidden_layers=3, use_moe=True,
+                                          vocab_size=6400, intermediate_size=192, n_routed_experts=4,
+                                          n_shared_experts=1)
+    g1_names = [("model.embed_tokens.", "tok_embeddings."), ("lm_head.", "output."), ("model.norm.", "norm."),
+                ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"),
+                ("input_layernorm", "attention_norm"), ("mlp.experts.", "feed_forward.experts."),
+                ("mlp.gate.", "feed_forward.gate."), ("mlp.shared_experts.0.", "feed_forward.shared_experts."),
+                ("gate_proj", "w1")]
+    g1 = {}
+    for key, tensor in g2.items():
+        for new, old in g1_names:
+            key = key.replace(new, old)
+        g1[key] = tensor
+    g1["layers.0.attention.mask"] = torch.zeros(1, 1, 4, 4)
+    found = describe_state_dict(g1)
+    assert (found["generation"], found["lm_family"], found["legacy"]) == ("G1", "minimind2", True)
+    assert (found["hidden_size"], found["num_hidden_layers"], found["use_moe"]) == (64, 3, True)
+    assert (found["intermediate_size"], found["n_routed_experts"], found["n_shared_experts"]) == (192, 4, 1)
+    other = describe_state_dict({"encoder.weight": torch.zeros(3, 3)})
+    assert other["hidden_size"] is None and other["config_kwargs"] == {}
+
+
 # ------------------------------------------------------------------------------- the real MiniMind-3 tokenizer
 
 def test_real_tokenizer_ids_and_prompt_through_the_model(real_minimind3_tokenizer_dir):
