@@ -335,7 +335,6 @@ def upstream_file(path, hidden, layers, use_moe, seed):
             sd[key] = (torch.rand(shape, generator=generator) + 0.5).half()
         else:
             sd[key] = (torch.randn(shape, generator=generator) / math.sqrt(shape[-1])).half()
-    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * 20  # logits of a few units
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     torch.save(sd, path)
     return sd
