@@ -205,6 +205,40 @@ def test_training_attention_fits_a_fused_cuda_kernel(monkeypatch, use_moe):
     assert last == ((20, 20, False, True, True) if use_moe else (9, 20, True, False, False))  # targets from 12: queries from 11
 
 
+def test_compile_reuses_its_graphs_for_new_lengths_and_gives_eager_losses():
+    """The trainer's torch.compile: the plain forward is one graph (no break in attention), and after the first
+    length two new ones compile nothing more, in both the plain and the loss-only path. (aot_eager: graph breaks
+    and recompiles are dynamo's, decided before the backend; inductor would only add minutes of C++ here.)"""
+    from torch._dynamo.utils import counters
+    from trainer.training import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(7)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY)).train()
+    compiled = compile_model(model, backend="aot_eager")
+
+    def losses(length, loss_only):
+        ids = torch.randint(3, 6400, (2, length), generator=torch.Generator().manual_seed(length))
+        labels = ids.clone()
+        labels[:, :length // 3] = -100  # targets never as many as positions (dynamo would guard on that)
+        compiled_loss = compiled(ids, labels=labels, loss_only=loss_only).loss
+        compiled_loss.backward()
+        return compiled_loss.detach(), model(ids, labels=labels, loss_only=loss_only).loss.detach()
+
+    got, want = losses(23, loss_only=False)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    got, want = losses(23, loss_only=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for length in (30, 41):
+        for loss_only in (False, True):
+            got, want = losses(length, loss_only)
+            assert torch.allclose(got, want, atol=1e-5), (length, loss_only)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_only_a_transformers_cache_is_accepted():
     model = MiniMindForCausalLM(MiniMindConfig(**TINY)).eval()
     ids = torch.randint(3, 6400, (1, 4))
