@@ -155,7 +155,8 @@ def main(argv):
     except (FileNotFoundError, WeightsMismatchError, InferenceError) as error:
         st.error(f"Cannot load {label}: {error}")
         st.stop()
-    st.caption(f"{label} on {loaded.device} ({str(loaded.model.dtype).removeprefix('torch.')}). Attach images with the + in the message box (up to "
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    st.caption(f"{label} on {loaded.device} ({dtype}). Attach images with the + in the message box (up to "
                f"{args.max_upload_mb} MB each); the send button turns into a stop button while an answer is written.")
 
     session = st.session_state.get("chat")

@@ -202,7 +202,8 @@ def test_training_attention_fits_a_fused_cuda_kernel(monkeypatch, use_moe):
     assert calls and not any(mask and gqa for _, _, mask, _, gqa in calls)
     *earlier, last = calls
     assert all(call == (20, 20, False, True, True) for call in earlier)
-    assert last == ((20, 20, False, True, True) if use_moe else (9, 20, True, False, False))  # targets from 12: queries from 11
+    # targets from position 12, so the last layer's queries start at 11 (MoE: every position, for the aux loss)
+    assert last == ((20, 20, False, True, True) if use_moe else (9, 20, True, False, False))
 
 
 def test_compile_reuses_its_graphs_for_new_lengths_and_gives_eager_losses():
