@@ -194,10 +194,10 @@ class Attention(nn.Module):
         if cache is not None:
             past_len = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+T, d]: cached keys (already rotated), then new
-        # Without a mask: causal from position 0 (training, a prefill), or the decoding step's one new token, which
-        # sees every cached one. A plain bool (no SymBool under torch.compile), so SDPA stays in the graph.
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)  # built in the stream's dtype; q may be autocast's
+        # Without a mask: causal from position 0 (training, a prefill), or the decoding step's one new token, which
+        # sees every cached one. A plain bool (no SymBool under torch.compile), so SDPA stays in the graph.
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and past_len == 0, enable_gqa=self.num_heads != self.num_kv_heads,
