@@ -267,9 +267,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, x, position_embeddings, attn_mask=None, cache=None):
         """x [B, T, hidden] -> [B, T, hidden]; `cache` (a transformers Cache) gets this layer's keys and values
-        appended and supplies the earlier ones; attention_mask [B, P+T] 0/1 marks padding."""
+        appended and supplies the earlier ones; attn_mask: `attention_bias`'s [B, 1, T, P+T] mask, or None."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
@@ -278,15 +278,17 @@ class Attention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        past_len = 0
         if cache is not None:
+            past_len = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+T, d]: cached keys (already rotated), then new
-
-        past_len = k.shape[2] - seq_len
-        needs_mask = past_len > 0 or (attention_mask is not None and not bool(attention_mask.all()))
-        mask = self._additive_mask(attention_mask, bsz, seq_len, past_len, q.dtype, q.device) if needs_mask else None
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)  # built in the stream's dtype; q may be autocast's
+        # Without a mask: causal from position 0 (training, a prefill), or the decoding step's one new token, which
+        # sees every cached one. A plain bool (no SymBool under torch.compile), so SDPA stays in the graph.
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and seq_len > 1, enable_gqa=self.num_heads != self.num_kv_heads,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past_len == 0, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)  # [B, T, H*d]
         return self.resid_dropout(self.o_proj(out))
@@ -303,26 +305,42 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos[query_from:], sin[query_from:]), apply_rotary(k, cos, sin)
-        mask = self._additive_mask(None, bsz, new_len, query_from, q.dtype, q.device)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, H, T', d]
+        # The key/value heads repeated for every query head: on CUDA, SDPA with grouped-query attention runs only on
+        # the flash or math kernels, and flash takes no mask; without GQA the fused memory-efficient kernel takes it.
+        groups = self.num_heads // self.num_kv_heads
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, H, T, d]
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, H, T, d]
+        mask = causal_mask(query_from, new_len, q.dtype, q.device)  # [T', T]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)  # [B, H, T', d]
         out = out.transpose(1, 2).reshape(bsz, new_len, -1)  # [B, T', H*d]
         return self.resid_dropout(self.o_proj(out))
 
-    @staticmethod
-    def _additive_mask(attention_mask, bsz, seq_len, past_len, dtype, device):
-        """[B, 1, T, P+T] float mask: causal over the new tokens, plus padding from a [B, P+T] 0/1 mask."""
-        total_len = past_len + seq_len
-        query_pos = torch.arange(past_len, total_len, device=device).unsqueeze(1)  # [T, 1]
-        key_pos = torch.arange(total_len, device=device).unsqueeze(0)  # [1, P+T]
-        mask = torch.zeros(seq_len, total_len, dtype=dtype, device=device)
-        mask = mask.masked_fill(key_pos > query_pos, float("-inf")).expand(bsz, 1, seq_len, total_len)
-        if attention_mask is not None:
-            pad = (attention_mask[:, -total_len:] == 0).view(bsz, 1, 1, total_len)
-            mask = mask.masked_fill(pad & (key_pos <= query_pos), torch.finfo(dtype).min)
-        return mask
+
+def causal_mask(past_len, seq_len, dtype, device):
+    """[T, P+T] additive mask: new token t (position P+t) sees positions up to its own."""
+    query_pos = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(1)  # [T, 1]
+    key_pos = torch.arange(past_len + seq_len, device=device).unsqueeze(0)  # [1, P+T]
+    return torch.zeros(seq_len, past_len + seq_len, dtype=dtype, device=device).masked_fill(key_pos > query_pos,
+                                                                                            float("-inf"))
+
+
+def attention_bias(attention_mask, past_len: int, seq_len: int, dtype, device):
+    """The [B, 1, T, P+T] additive mask for T new tokens after P cached ones, built once for every layer, or None
+    where SDPA needs none: no padding, and either nothing cached (is_causal) or one new token (sees everything).
+
+    attention_mask [B, P+T] 0/1 marks padding (checked on the host once per forward, not once per layer); a padded
+    key gets finfo.min rather than -inf, so a row of padding only (a left-padded prompt's first rows) stays finite.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_len == 0 or seq_len == 1):
+        return None
+    total_len = past_len + seq_len
+    mask = causal_mask(past_len, seq_len, dtype, device)[None, None]  # [1, 1, T, P+T]
+    if padded:
+        pad = (attention_mask[:, -total_len:] == 0).view(-1, 1, 1, total_len)  # [B, 1, 1, P+T]
+        mask = mask.masked_fill(pad & (mask == 0), torch.finfo(dtype).min)  # [B, 1, T, P+T]
+    return mask
 
 
 class FeedForward(nn.Module):
@@ -417,10 +435,10 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = rms_norm_for(config, config.hidden_size)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attn_mask=None, cache=None):
         """[B, T, hidden] -> [B, T, hidden]: pre-norm attention, then pre-norm FFN, each added to the stream."""
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                                       attention_mask=attention_mask, cache=cache)
+                                                       attn_mask=attn_mask, cache=cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
     def forward_from(self, hidden_states, position_embeddings, query_from: int):
@@ -455,9 +473,11 @@ class MiniMindModel(nn.Module):
         position_ids: left padding shifts positions, in training and generation alike).
         """
         hidden_states = self._embed(input_ids, inputs_embeds)
-        position_embeddings = self._rope(cached_length(cache), hidden_states.shape[1])
+        past_len, seq_len = cached_length(cache), hidden_states.shape[1]
+        position_embeddings = self._rope(past_len, seq_len)
+        attn_mask = attention_bias(attention_mask, past_len, seq_len, hidden_states.dtype, hidden_states.device)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache)
+            hidden_states = layer(hidden_states, position_embeddings, attn_mask=attn_mask, cache=cache)
         hidden_states = self.norm(hidden_states)
         return hidden_states, self._moe_aux_loss(hidden_states)
 

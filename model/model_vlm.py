@@ -221,13 +221,19 @@ class MiniMindVLM(MiniMindForCausalLM):
 
         pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224] list in
         reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead. Images belong to
-        the prompt: they come with a call whose cache is empty (generate() passes them on the prefill step only).
+        the prompt, spliced on the call whose cache is empty (our generate() passes them on that step only). Code
+        written against upstream passes them on every decoding step: with a non-empty cache they are ignored while
+        the new tokens hold no image placeholder, and a placeholder there raises (its image would go unseen).
         image_positions, first_target, target_index: positions the training collator computed on the CPU
         (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
         """
-        if pixel_values is not None or image_features is not None:
-            if cached_length(past_key_values) > 0:
-                raise ValueError("images go with the prompt: pass pixel_values/image_features only with an empty cache")
+        has_images = pixel_values is not None or image_features is not None
+        if has_images and cached_length(past_key_values) > 0:
+            if input_ids is not None and bool((input_ids == self.image_token_id).any()):
+                raise ValueError("images go with the prompt: image placeholder tokens after the prompt (with a "
+                                 "non-empty cache) cannot take pixel_values/image_features; start a new cache")
+            has_images = False
+        if has_images:
             images_per_sample = None
             if image_features is None:
                 images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])

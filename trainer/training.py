@@ -820,6 +820,12 @@ def make_logger(ctx: RunContext, args, stage: str, run_id: str = None):
     return WandbLogger(args.wandb_project, name, run_id, vars(args))
 
 
+def compile_model(model, backend: str = "inductor"):
+    """torch.compile with dynamic shapes from the first step: batches vary in length (and the first target's
+    position), and a new length then reuses the compiled graphs instead of compiling another set."""
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, stage: str, log=print):
     """Device, feature cache, optimizer, resume state, compile/DDP wrappers, loader and logger."""
     autocast, scaler = autocast_for(ctx.device, args.dtype)
@@ -841,7 +847,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
             log(f"no resume checkpoint at {resume_out}; starting from the beginning")
     wrapped = model
     if args.use_compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = compile_model(wrapped)
     if ctx.distributed:
         # Every step uses every trainable parameter on every rank (a text-only batch still runs vision_proj on
         # its zero images, collate_batch), so DDP need not search the graph for unused ones, except with MoE,
