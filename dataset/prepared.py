@@ -78,10 +78,13 @@ def tokenizer_digest(tokenizer) -> str:
                    "eos": tokenizer.eos_token, "added": len(tokenizer)})
 
 
-def token_key(tokenizer, image_special_token, image_token_id, max_seq_len) -> str:
-    return digest({"tokenizer": tokenizer_digest(tokenizer), "image_special_token": image_special_token,
-                   "image_token_id": image_token_id, "max_seq_len": max_seq_len,
-                   "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION})
+def token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format="minimind2") -> str:
+    key = {"tokenizer": tokenizer_digest(tokenizer), "image_special_token": image_special_token,
+           "image_token_id": image_token_id, "max_seq_len": max_seq_len,
+           "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION}
+    if chat_format != "minimind2":  # MiniMind2's caches keep their names
+        key["chat_format"] = chat_format
+    return digest(key)
 
 
 @contextmanager
@@ -369,7 +372,8 @@ def build_tokens(job: PrepareJob, units, out_dir: Path, workers: int, show_progr
 
 
 def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len, images_path=None,
-                    cache_dir=None, workers=None, log=print, may_build=True) -> "PreparedData":
+                    cache_dir=None, workers=None, log=print, may_build=True,
+                    chat_format="minimind2") -> "PreparedData":
     """The prepared form of `data_path` (module docstring): opened from the cache, or built first.
 
     log: where progress and the summary of a build go (None: quiet, as on every rank but 0).
@@ -382,7 +386,8 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     images_path = (Path(images_path) if images_path else path.parent) if kind == "jsonl" else None
     root = Path(cache_dir) if cache_dir else path.parent / CACHE_FOLDER
     data_dir = root / f"{path.stem}-{data_key(path, images_path)}"
-    tokens_dir = data_dir / f"tokens-{token_key(tokenizer, image_special_token, image_token_id, max_seq_len)}"
+    tokens_key = token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
+    tokens_dir = data_dir / f"tokens-{tokens_key}"
     if not may_build:
         while not (tokens_dir / "manifest.json").is_file():
             time.sleep(WAIT_POLL_S)
@@ -395,12 +400,12 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
         with file_lock(data_dir.with_name(data_dir.name + ".lock")):
             if not (tokens_dir / "manifest.json").is_file():  # another process may have built it meanwhile
                 build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token,
-                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log)
+                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, chat_format)
     return PreparedData(path, kind, data_dir, tokens_dir)
 
 
 def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token, image_token_id,
-          max_seq_len, workers, log):
+          max_seq_len, workers, log, chat_format="minimind2"):
     """Build tokens_dir (and the image units when data_dir has none yet) under temporary names, then rename."""
     started, cpu_started = time.time(), cpu_seconds()
     units = parquet_units(path) if kind == "parquet" else jsonl_units(path)
@@ -414,7 +419,7 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
     tokens_tmp = data_dir / f".{tokens_dir.name}-building-{os.getpid()}"
     remove_stale(data_dir, f".{tokens_dir.name}-building-")
     tokens_tmp.mkdir()
-    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len)
+    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
     token_dtype = "uint16" if len(tokenizer) <= MAX_UINT16_VOCAB else "uint32"
     job = PrepareJob(path, kind, images_path, encoder, token_dtype, images_tmp)
     try:

@@ -12,7 +12,7 @@ import torch
 
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, MAX_SEED, REPO_ROOT,
                     UserError, bounded, count_parameters, quiet_transformers)
-from dataset.processing import check_tokenizer_matches, load_tokenizer
+from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.weights import WeightsMismatchError, describe_state_dict, load_weights, read_state_dict, weight_path
@@ -84,6 +84,13 @@ class LoadedModel:
     device: torch.device
     source: str  # the file or folder the weights came from
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def image_processor(self):
+        """The model config's image processor (dataset.processing.image_processor_for), built once."""
+        if "_image_processor" not in self.__dict__:
+            self.__dict__["_image_processor"] = image_processor_for(self.model.config)
+        return self.__dict__["_image_processor"]
 
     @property
     def max_positions(self) -> int:

@@ -269,7 +269,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def stage_args(spec: dict, extra=()):
     """The stage script's own parser and defaults, pointed at the synthetic assets."""
-    from trainer.training import STAGE_DEFAULTS, build_parser
+    from trainer.training import parse_stage_args
 
     out = Path(spec["work_dir"]) / "runs" / f"{spec['stage']}_{spec['mode']}"
     argv = ["--device", spec["device"], "--dtype", spec["dtype"], "--from_weight", "none",
@@ -279,7 +279,7 @@ def stage_args(spec: dict, extra=()):
             "--batch_size", str(spec["batch_size"]), "--num_workers", str(spec["num_workers"]),
             "--epochs", "2", "--max_steps", str(spec.get("steps", 1)), "--log_interval", "1",
             "--save_interval", str(10 ** 9), "--seed", str(spec["seed"]), *extra]
-    return build_parser(None, **STAGE_DEFAULTS[spec["stage"]]).parse_args(argv)
+    return parse_stage_args(spec["stage"], argv)
 
 
 class UpstreamPixelsDataset:

@@ -29,8 +29,9 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
                     atomic_save, quiet_transformers, run_cli, torch_dtype)
 from inference.loading import read_checkpoint
-from model.model_vlm import CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.processing_minimind_v import CHAT_TEMPLATE
+from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from dataset.processing import image_processor_for
+from model.processing_minimind_v import CHAT_TEMPLATES, placeholder_unit
 from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_state_dict, load_weights
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
@@ -87,11 +88,13 @@ def write_processor_files(out_dir: Path, config: VLMConfig):
     the processor was not saved)."""
     write_json(out_dir / PROCESSOR_CONFIG, {
         "processor_class": "MiniMindVProcessor", "auto_map": PROCESSOR_AUTO_MAP,
-        "image_placeholder": config.image_special_token[0], "image_seq_length": len(config.image_ids)})
+        "image_placeholder": placeholder_unit(config.image_special_token), "image_seq_length": len(config.image_ids)})
+    image_processor = image_processor_for(config)  # the one training used, as its settings
     write_json(out_dir / PREPROCESSOR_CONFIG, {
         "image_processor_type": "MiniMindVImageProcessor", "processor_class": "MiniMindVProcessor",
-        "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": CLIP_IMAGE_SIZE})
-    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATE})
+        "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": image_processor.image_size,
+        "image_processing": image_processor.image_processing})
+    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATES[config.chat_format]})
 
 
 def copy_tokenizer(tokenizer_path: Path, out_dir: Path):

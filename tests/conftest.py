@@ -40,6 +40,21 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    """Random SiglipVisionModel folder (fp16, as siglip2-base-p32-256-ve) with its geometry (64 tokens out) and
+    preprocessing (256x256, bilinear, (x - 0.5) / 0.5): the minimind-3v encoder's stand-in."""
+    out_dir = tmp_path_factory.mktemp("tiny_siglip")
+    return synthetic.build_tiny_siglip(out_dir, TINY_CLIP_HIDDEN_SIZE, TINY_CLIP_NUM_LAYERS, ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_minimind3_tokenizer_dir(tmp_path_factory) -> Path:
+    """MiniMind-3-structured tokenizer (36 specials, `<|image_pad|>` = 12, the MiniMind-3 chat format)."""
+    out_dir = tmp_path_factory.mktemp("tiny_minimind3_tokenizer")
+    return synthetic.build_minimind3_tokenizer(out_dir, synthetic.tokenizer_corpus(ASSET_SEED))
+
+
+@pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
     """Paths of the synthetic shapes dataset (keys as returned by synthetic.build_shapes_dataset)."""
     out_dir = tmp_path_factory.mktemp("shapes_data")

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import DataError, VLMDataset
 from model.model_vlm import VLMConfig
+from dataset.processing import image_processor_for
 from scripts import check_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def test_training_start_up_on_parquet_lists_the_same_problems(defect_data):
     config = VLMConfig()
     with pytest.raises(DataError) as error:
         VLMDataset(defect_data["parquet"], tokenizer, config.image_special_token, config.image_ids[0], MAX_SEQ_LEN,
-                   log=None)
+                   log=None, image_processor=image_processor_for(config))
     lines = str(error.value).splitlines()
     assert lines[0] == "data.parquet: 3 malformed record(s):"
     assert_reasons(parse_problem_lines(lines[1:-1]), parquet_expected(PARQUET_ERRORS - DECODE_KINDS))

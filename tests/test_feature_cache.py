@@ -16,6 +16,7 @@ from dataset import feature_cache
 from dataset.feature_cache import attach_feature_cache, list_shards
 from dataset.lm_dataset import VLMDataset
 from dataset.processing import ImageError
+from dataset.processing import image_processor_for
 from model.model_vlm import MiniMindVLM, VLMConfig
 from trainer.training import RunContext
 
@@ -38,7 +39,7 @@ def vlm(tiny_clip_dir):
 
 def make_dataset(path, tokenizer, vlm, images_path=None):
     return VLMDataset(path, tokenizer, vlm.config.image_special_token, vlm.image_token_id, 640,
-                      images_path=images_path, log=None)
+                      images_path=images_path, log=None, image_processor=image_processor_for(vlm.config))
 
 
 def attach(dataset, model, cache_dir, log=None, **kwargs):

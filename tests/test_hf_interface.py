@@ -10,12 +10,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
-from dataset.processing import IMAGE_MARKER, build_prompt, load_pixel_values, open_image, preprocess_image
+from dataset.processing import (IMAGE_MARKER, build_prompt, image_processor_for, load_pixel_values, open_image,
+                                preprocess_image)
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from model.model_vlm import CLIP_IMAGE_SIZE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import MiniMindVImageProcessor, MiniMindVProcessor
 from conftest import export_fp32_folder, save_random_tiny_vlm
+
+CLIP_PROCESSOR = image_processor_for(VLMConfig())
 
 MODEL_SEED = 5
 ANSWER_TOKENS = 12
@@ -100,20 +103,20 @@ def test_tokenized_chat_expands_each_image_part_to_the_placeholder_run(processor
     is_image = (ids == IMAGE_PLACEHOLDER_ID).int()
     assert int(is_image.sum()) == 2 * IMAGE_TOKENS_PER_IMAGE
     assert int((is_image[1:] - is_image[:-1] == 1).sum()) == 2  # two separate runs
-    assert torch.equal(inputs["pixel_values"], load_pixel_values(image_paths[:2]))
+    assert torch.equal(inputs["pixel_values"], load_pixel_values(image_paths[:2], CLIP_PROCESSOR))
 
 
 def test_pixel_values_are_the_projects_preprocessing(folder, processor, image_paths):
     grey16 = Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)  # mode I;16
     rgba = Image.new("RGBA", (50, 20), (10, 200, 30, 128))
     images = [open_image(image_paths[0]), grey16, rgba]
-    expected = torch.stack([preprocess_image(image) for image in images])
+    expected = torch.stack([preprocess_image(image, CLIP_PROCESSOR) for image in images])
     text = " ".join([IMAGE_MARKER] * len(images))
     assert torch.equal(processor(images=images, text=text, return_tensors="pt").pixel_values, expected)
     image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     assert torch.equal(image_processor(images, return_tensors="pt").pixel_values, expected)
     assert torch.equal(processor(images=[str(p) for p in image_paths], text=IMAGE_MARKER * 3).pixel_values,
-                       load_pixel_values(image_paths))
+                       load_pixel_values(image_paths, CLIP_PROCESSOR))
 
 
 def test_images_and_markers_must_agree(processor, image_paths):

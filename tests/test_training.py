@@ -12,7 +12,8 @@ import torch
 
 from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, assistant_label_mask, collate_batch
 from model.model_vlm import MiniMindVLM, VLMConfig
-from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, build_parser, lr_at, set_trainable
+from dataset.processing import image_processor_for
+from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, lr_at, parse_stage_args, set_trainable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FLAGS = ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0"]
@@ -83,14 +84,14 @@ def test_missing_start_weights_is_one_line_error(assets, tmp_path):
 
 def test_both_stage_parsers_have_the_same_flags_and_upstream_defaults():
 
-    pre = build_parser("", **STAGE_DEFAULTS["pretrain"]).parse_args([])
-    sft = build_parser("", **STAGE_DEFAULTS["sft"]).parse_args([])
+    pre = parse_stage_args("pretrain", [])
+    sft = parse_stage_args("sft", [])
     assert vars(pre).keys() == vars(sft).keys()
     assert (pre.epochs, pre.batch_size, pre.learning_rate, pre.max_seq_len, pre.from_weight) == (4, 16, 4e-4, 640, "llm")
     assert (sft.epochs, sft.batch_size, sft.learning_rate, sft.max_seq_len, sft.from_weight) == \
         (2, 4, 1e-6, 1536, "pretrain_vlm")
     differing = {k for k in vars(pre) if vars(pre)[k] != vars(sft)[k]}
-    assert differing == set(STAGE_DEFAULTS["pretrain"]) - {"log_interval", "save_interval"}
+    assert differing == set(STAGE_DEFAULTS["pretrain"]) - {"log_interval", "save_interval"} | {"trainable"}
     assert pre.save_dir.endswith("out") and pre.trainable == "projector_last_layer" and sft.trainable == "all"
 
 
@@ -251,7 +252,8 @@ def test_loss_masks_on_the_real_chat_template(real_tokenizer_dir, tmp_path):
     import json
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     config = VLMConfig()
-    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None)
+    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None,
+                         image_processor=image_processor_for(config))
     for index, answers in [(0, ["A red square."]), (1, ["Yes.", "Quite sure."])]:
         item = dataset[index]
         ids, labels = item["input_ids"], item["labels"]
@@ -274,16 +276,17 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
     config = VLMConfig()
     # Pretrain records all carry an image (the SFT file also has text-only rows, which no limit here cuts).
     full = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 2048,
-                      images_path=shapes_data["pretrain_images"], log=None)
+                      images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
     shortest = int(full.lengths.min())
     # Cut inside every image run: all samples are left out and counted, none trained without its image.
     with pytest.raises(Exception, match="no usable sample"):
         VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 100,
-                   images_path=shapes_data["pretrain_images"], log=None)
+                   images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
     # A limit that keeps the images but cuts some answers entirely drops exactly those samples.
     limit = shortest - 3
     partial = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, limit,
-                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True)
+                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True,
+                         image_processor=image_processor_for(config))
     assert partial.stats.usable + partial.stats.answer_cut_by_max_seq_len + partial.stats.image_cut_by_max_seq_len \
         == full.stats.usable
     for index in range(len(partial)):

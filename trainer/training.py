@@ -22,19 +22,20 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH,
+from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR,
                     DTYPE_NAMES, MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters,
                     format_duration, quiet_transformers, torch_dtype, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
-from dataset.processing import chat_template_warning
-from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
+from dataset.processing import chat_template_warning, image_processor_for
+from model.model_vlm import MiniMindVLM, VLMConfig
 from dataset.processing import load_tokenizer
+from model.presets import add_preset_flags, apply_preset, config_from_args
 from model.weights import WeightsMismatchError, load_weights, weight_path
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
-TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
+TRAINABLE_CHOICES = ("projector", "projector_last_layer", "projector_first_last_layers", "all")
 STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
 STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
@@ -44,7 +45,6 @@ STAGE_DEFAULTS = {
         from_weight="llm",  # the MiniMind2 language model
         data_path=DEFAULT_DATA_DIR / "pretrain_i2t.parquet",
         images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl --data_path
-        trainable="projector_last_layer",
         epochs=4,
         batch_size=16,
         learning_rate=4e-4,
@@ -58,7 +58,6 @@ STAGE_DEFAULTS = {
         from_weight="pretrain_vlm",  # stage 1's output
         data_path=DEFAULT_DATA_DIR / "sft_i2t.parquet",
         images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl --data_path
-        trainable="all",
         epochs=2,
         batch_size=4,
         learning_rate=1e-6,
@@ -97,8 +96,9 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                     help="start from {save_dir}/{from_weight}_{hidden}.pth, a .pth path, or 'none'")
     io.add_argument("--data_path", default=str(d["data_path"]), help="a .parquet file or a .jsonl file")
     io.add_argument("--images_path", default=str(d["images_path"]), help="image folder for a .jsonl dataset")
-    io.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH), help="CLIP ViT-B/16 folder")
-    io.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH), help="folder with tokenizer.json")
+    io.add_argument("--vision_model_path", default=None,
+                    help="vision encoder folder (default: the preset's, e.g. model/vision_model/clip-vit-base-patch16)")
+    io.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
     io.add_argument("--checkpoint_dir", default=str(DEFAULT_CHECKPOINT_DIR), help="resume checkpoints")
     io.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
                     help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
@@ -110,13 +110,14 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     io.add_argument("--prepare_workers", type=bounded(int, 1), default=os.cpu_count() or 1,
                     help="processes that prepare the data the first time (default: one per CPU core)")
     model = p.add_argument_group("model")
-    model.add_argument("--hidden_size", type=bounded(int, 1), default=512)
-    model.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
+    add_preset_flags(model)
     model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
                        help="tokens per sample, at most")
-    model.add_argument("--trainable", default=d["trainable"], choices=TRAINABLE_CHOICES,
-                       help="parameters that train: projector, projector + last LM layer, or projector + LM")
+    model.add_argument("--trainable", default=None, choices=TRAINABLE_CHOICES,
+                       help="parameters that train: projector, projector + last LM layer, projector + first and "
+                            "last LM layers (upstream's --freeze_llm 1), or projector + LM (default: the preset's "
+                            "for this stage)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=bounded(int, 1), default=d["epochs"])
     opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"],
@@ -146,6 +147,12 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     log.add_argument("--wandb_project", default=d["wandb_project"])
     return p
+
+
+def parse_stage_args(stage: str, argv=None, description: str = None):
+    """A stage's flags with the preset's choices filled in where no flag gave one."""
+    return apply_preset(build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv),
+                        stage)
 
 
 # ------------------------------------------------------------------------------------- processes and precision
@@ -219,8 +226,7 @@ def resolve_from_weight(from_weight: str, save_dir, hidden_size, use_moe):
 
 
 def build_model(args, log=print) -> MiniMindVLM:
-    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                       max_seq_len=args.max_seq_len, use_moe=bool(args.use_moe))
+    config = config_from_args(args, max_seq_len=args.max_seq_len)
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
     source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
@@ -233,13 +239,16 @@ def build_model(args, log=print) -> MiniMindVLM:
 
 
 def set_trainable(model: MiniMindVLM, policy: str):
-    """projector: vision_proj only; projector_last_layer: + the last LM block; all: + the whole LM."""
+    """projector: vision_proj only; projector_last_layer: + the last LM block; projector_first_last_layers: + the
+    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM."""
     if policy not in TRAINABLE_CHOICES:
         raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
     model.requires_grad_(policy == "all")
     model.vision_proj.requires_grad_(True)
-    if policy == "projector_last_layer":
+    if policy in ("projector_last_layer", "projector_first_last_layers"):
         model.model.layers[-1].requires_grad_(True)
+    if policy == "projector_first_last_layers":
+        model.model.layers[0].requires_grad_(True)
 
 
 def build_optimizer(model, lr: float):
@@ -391,14 +400,15 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     """The prepared dataset: each machine's local rank 0 builds the cache once (a file lock serialises several
     on one machine), the other ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
     main_log = log if ctx.is_main else None
-    warning = chat_template_warning(tokenizer)
+    warning = chat_template_warning(tokenizer, config.chat_format)
     if warning and main_log is not None:
         main_log(warning)
     started = time.time()
     dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
                          args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
                          log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
-                         may_build=ctx.local_rank == 0)
+                         may_build=ctx.local_rank == 0, image_processor=image_processor_for(config),
+                         chat_format=config.chat_format)
     if main_log is not None:
         main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
                  f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
@@ -711,7 +721,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
 
 def run_stage(stage: str, description: str, argv=None):
     """A training stage from the command line to its last checkpoint (train_pretrain_vlm.py, train_sft_vlm.py)."""
-    args = build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv)
+    args = parse_stage_args(stage, argv, description)
     # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
     ctx = init_distributed(args.device)
     seed_everything(args.seed + ctx.rank)
