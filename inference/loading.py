@@ -126,9 +126,9 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
     if not found["has_vision_proj"]:  # its projection would be random: the images would mean nothing
         raise WeightsMismatchError(f"{weight_file} has no vision_proj (a language-model-only file?): use "
                                    f"pretrain_vlm_* or sft_vlm_* weights")
-    config = VLMConfig(hidden_size=found["hidden_size"] if hidden_size is None else hidden_size,
-                       num_hidden_layers=found["num_hidden_layers"] if num_hidden_layers is None else num_hidden_layers,
-                       use_moe=found["use_moe"] if use_moe is None else bool(use_moe))
+    flags = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                 use_moe=None if use_moe is None else bool(use_moe))
+    config = VLMConfig(**{**found["config_kwargs"], **{k: v for k, v in flags.items() if v is not None}})
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=vision_model_path)
     try:

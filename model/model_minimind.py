@@ -1,14 +1,18 @@
-"""MiniMind causal language model (the MiniMind2 generation), weight- and logit-compatible with upstream.
+"""MiniMind causal language model, weight- and logit-compatible with upstream: MiniMind2 (the default) and
+MiniMind-3 (`lm_family="minimind3"`, built with `minimind3_config_kwargs`; the LM of minimind-3v).
 
 Module and parameter names follow upstream exactly, so `state_dict()` keys match released `.pth` files:
 `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
-`model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head` (tied to the embedding).
+`model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head` (tied to the embedding);
+MiniMind-3 adds `model.layers.{i}.self_attn.{q,k}_norm`.
 
 Shapes: B batch, T new tokens, P cached tokens, H query heads, Hkv key/value heads, d head_dim.
 The KV cache has one format, a transformers `Cache` (per layer [B, Hkv, P, d], keys stored after RoPE).
 """
 import math
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,37 @@ YARN_ROPE_SCALING = {
     "beta_fast": 32, "beta_slow": 1, "factor": 16,
     "original_max_position_embeddings": 2048, "attention_factor": 1.0, "type": "yarn",
 }
-# The FFN width rule: 8/3 of the hidden size, rounded up to a multiple of this.
+# The FFN width rules (MiniMind2: 8/3 of the hidden size; MiniMind-3: pi times it) round up to a multiple of this.
 FFN_WIDTH_MULTIPLE = 64
 IGNORE_INDEX = -100
+
+
+def round_up_to_ffn_multiple(width: float) -> int:
+    return FFN_WIDTH_MULTIPLE * math.ceil(width / FFN_WIDTH_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class LMFamily:
+    """What a MiniMind generation's LM does differently, beyond the sizes in its config."""
+    ffn_width: Callable[[int], int]  # intermediate_size from hidden_size, when the config leaves it None
+    qk_norm: bool  # an RMSNorm over each head of q and k before RoPE (keys self_attn.{q,k}_norm.weight [head_dim])
+    norm_scales_before_cast: bool  # RMSNorm multiplies by its weight in fp32, then casts (else casts, then scales)
+    ffn_dropout: bool  # dropout on the FFN output
+    renormalise_top1: bool  # norm_topk_prob applies at top-1 too: every routed weight is then 1.0
+    aux_loss_per_token: bool  # without seq_aux, an expert's load counts top-k slots per token (else per slot)
+
+
+LM_FAMILIES = {
+    # int() before rounding: upstream's rule, which truncates 8/3*hidden first (512 -> 1408, 768 -> 2048).
+    "minimind2": LMFamily(ffn_width=lambda hidden: round_up_to_ffn_multiple(int(hidden * 8 / 3)), qk_norm=False,
+                          norm_scales_before_cast=False, ffn_dropout=True, renormalise_top1=False,
+                          aux_loss_per_token=False),
+    # 768 -> 2432, 256 -> 832.
+    "minimind3": LMFamily(ffn_width=lambda hidden: round_up_to_ffn_multiple(hidden * math.pi), qk_norm=True,
+                          norm_scales_before_cast=True, ffn_dropout=False, renormalise_top1=True,
+                          aux_loss_per_token=True),
+}
+DEFAULT_LM_FAMILY = "minimind2"
 
 
 class MiniMindConfig(PretrainedConfig):
@@ -59,8 +91,12 @@ class MiniMindConfig(PretrainedConfig):
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
         tie_word_embeddings: bool = True,
+        head_dim: int = None,
+        lm_family: str = DEFAULT_LM_FAMILY,
         **kwargs,
     ):
+        if lm_family not in LM_FAMILIES:
+            raise ValueError(f"unknown lm_family {lm_family!r}: choose one of {', '.join(LM_FAMILIES)}")
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         # Always stated: transformers 5 has no default for it (absent reads as False, which would leave lm_head
         # untied and uninitialised when loading a folder whose config.json, written by 4.x, omits the default).
@@ -73,6 +109,8 @@ class MiniMindConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_hidden_layers = num_hidden_layers
         self.num_key_value_heads = num_key_value_heads
+        # Width of one attention head (None: hidden_size / num_attention_heads, always so in MiniMind2).
+        self.head_dim = hidden_size // num_attention_heads if head_dim is None else head_dim
         self.vocab_size = vocab_size
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
@@ -89,26 +127,60 @@ class MiniMindConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
+        # Which generation's LM: "minimind2" (MiniMind2 / MiniMind2-V) or "minimind3" (minimind-3 / minimind-3v).
+        self.lm_family = lm_family
+
+
+def lm_family_of(config: MiniMindConfig) -> LMFamily:
+    return LM_FAMILIES[config.lm_family]
+
+
+def minimind3_config_kwargs(hidden_size: int = 768, num_hidden_layers: int = 8, use_moe: bool = False) -> dict:
+    """Every MiniMindConfig setting that upstream's MiniMind-3 config (minimind-3v, 9595617) implies for this size.
+
+    The default size is minimind-3v's 768x8 (63.9M LM parameters; with use_moe, 4 experts of which each token
+    uses 1). Upstream's names map onto this config's: num_experts -> n_routed_experts, router_aux_loss_coef ->
+    aux_loss_alpha, moe_intermediate_size -> intermediate_size; it has no shared experts and its aux loss is the
+    per-token one (seq_aux False).
+    """
+    num_attention_heads = 8
+    return dict(
+        lm_family="minimind3", hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe),
+        num_attention_heads=num_attention_heads, num_key_value_heads=4, head_dim=hidden_size // num_attention_heads,
+        intermediate_size=LM_FAMILIES["minimind3"].ffn_width(hidden_size), hidden_act="silu", dropout=0.0,
+        vocab_size=6400, bos_token_id=1, eos_token_id=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1e6, inference_rope_scaling=False, flash_attn=True, tie_word_embeddings=True,
+        n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0, norm_topk_prob=True, scoring_func="softmax",
+        aux_loss_alpha=5e-4, seq_aux=False,
+    )
 
 
 def resolve_intermediate_size(config: MiniMindConfig) -> int:
-    """FFN width: upstream computes 8/3·hidden rounded up to 64 and writes it back into the config."""
+    """FFN width: upstream computes it by the family's rule and writes it back into the config."""
     if config.intermediate_size is None:
-        width = int(config.hidden_size * 8 / 3)
-        config.intermediate_size = FFN_WIDTH_MULTIPLE * ((width + FFN_WIDTH_MULTIPLE - 1) // FFN_WIDTH_MULTIPLE)
+        config.intermediate_size = lm_family_of(config).ffn_width(config.hidden_size)
     return config.intermediate_size
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, scale_before_cast: bool = False):
         super().__init__()
         self.eps = eps
+        self.scale_before_cast = scale_before_cast
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back, then scale: the order upstream's weights were trained with.
+        # Normalise in fp32; then cast back and scale (MiniMind2), or scale in fp32 and cast (MiniMind-3): the
+        # order each generation's weights were trained with (they differ under bf16/fp16).
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_before_cast:
+            return (self.weight * normed).type_as(x)
         return self.weight * normed.type_as(x)
+
+
+def rms_norm_for(config: MiniMindConfig, dim: int) -> RMSNorm:
+    """The RMSNorm of the config's family (eps and the order of scale and cast)."""
+    return RMSNorm(dim, eps=config.rms_norm_eps, scale_before_cast=lm_family_of(config).norm_scales_before_cast)
 
 
 def precompute_freqs_cis(dim: int, end: int, rope_base: float = 1e6, rope_scaling: dict = None):
@@ -171,11 +243,15 @@ class Attention(nn.Module):
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_attention_heads {self.num_heads} must be a multiple of num_key_value_heads "
                              f"{self.num_kv_heads}")
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # MiniMind-3's QK-norm, per head, before RoPE (MiniMind2: none, and no keys).
+        qk_norm = lm_family_of(config).qk_norm
+        self.q_norm = rms_norm_for(config, self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = rms_norm_for(config, self.head_dim) if qk_norm else nn.Identity()
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -187,6 +263,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
         v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
@@ -212,6 +289,7 @@ class Attention(nn.Module):
         q = self.q_proj(x[:, query_from:]).view(bsz, new_len, self.num_heads, self.head_dim)  # [B, T', H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
         v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos[query_from:], sin[query_from:]), apply_rotary(k, cos, sin)
         mask = self._additive_mask(None, bsz, new_len, query_from, q.dtype, q.device)
@@ -243,7 +321,7 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if lm_family_of(config).ffn_dropout else nn.Identity()
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -260,6 +338,9 @@ class MoEGate(nn.Module):
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
         self.norm_topk_prob = config.norm_topk_prob
+        family = lm_family_of(config)
+        self.renormalise_top1 = family.renormalise_top1
+        self.aux_loss_per_token = family.aux_loss_per_token
         self.weight = nn.Parameter(torch.empty((self.n_routed_experts, config.hidden_size)))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
@@ -269,7 +350,7 @@ class MoEGate(nn.Module):
         logits = F.linear(hidden_states.view(-1, hidden), self.weight)  # [B*T, E]
         scores = logits.softmax(dim=-1)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.renormalise_top1):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
 
         aux_loss = scores.new_zeros(())
@@ -284,6 +365,8 @@ class MoEGate(nn.Module):
             else:
                 one_hot = F.one_hot(idx_per_seq.view(-1), num_classes=self.n_routed_experts)
                 fraction = one_hot.float().mean(0) * self.n_routed_experts
+                if self.aux_loss_per_token:  # each token's k slots count in full: k times the per-slot share
+                    fraction = fraction * self.top_k
                 aux_loss = (scores.mean(0) * fraction).sum() * self.alpha
         return topk_idx, topk_weight, aux_loss
 
@@ -319,8 +402,8 @@ class MiniMindBlock(nn.Module):
     def __init__(self, layer_id: int, config: MiniMindConfig):
         super().__init__()
         self.self_attn = Attention(config, layer_id)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = rms_norm_for(config, config.hidden_size)
+        self.post_attention_layernorm = rms_norm_for(config, config.hidden_size)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
@@ -343,13 +426,13 @@ class MiniMindModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = rms_norm_for(config, config.hidden_size)
         self._register_rope_buffers()
 
     def _register_rope_buffers(self):
         # Non-persistent: never part of state_dict, rebuilt from the config (also after meta-device init).
         freqs_cos, freqs_sin = precompute_freqs_cis(
-            self.config.hidden_size // self.config.num_attention_heads, self.config.max_position_embeddings,
+            self.config.head_dim, self.config.max_position_embeddings,
             self.config.rope_theta, self.config.rope_parameters)
         self.register_buffer("freqs_cos", freqs_cos, persistent=False)
         self.register_buffer("freqs_sin", freqs_sin, persistent=False)
@@ -425,8 +508,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         # Weights come from the modules' own constructors (as upstream); only the RoPE tables need rebuilding
         # when transformers materialises the model from the meta device.
         if isinstance(module, MiniMindModel):
-            cos, sin = precompute_freqs_cis(module.config.hidden_size // module.config.num_attention_heads,
-                                            module.config.max_position_embeddings, module.config.rope_theta,
+            cos, sin = precompute_freqs_cis(module.config.head_dim, module.config.max_position_embeddings, module.config.rope_theta,
                                             module.config.rope_parameters)
             with torch.no_grad():
                 if module.freqs_cos.device.type != "meta":
@@ -547,30 +629,39 @@ def interleaved_to_half_rows(weight: torch.Tensor, num_heads: int) -> torch.Tens
     return per_head.transpose(1, 2).reshape(out_features, in_features)
 
 
+def is_legacy_buffer(key: str) -> bool:
+    """Non-persistent buffers some Feb-2025 saves contain (no weights)."""
+    return key.endswith(".mask") or key == "mask" or "pos_cis" in key
+
+
+def legacy_key_name(key: str) -> str:
+    """The current name of a Feb-2025 key."""
+    if not key.startswith("layers."):
+        for old, new in LEGACY_KEY_RENAMES:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    new_key = "model." + key
+    for old, new in LEGACY_LAYER_RENAMES:
+        if old in new_key:
+            new_key = new_key.replace(old, new, 1)
+            break
+    if ".mlp.experts." in new_key or ".mlp.shared_experts." in new_key:
+        for old, new in LEGACY_EXPERT_RENAMES:
+            new_key = new_key.replace(old, new)
+    if ".mlp.shared_experts." in new_key and not re.search(r"\.shared_experts\.\d+\.", new_key):
+        # Legacy kept one shared FFN as an attribute; current code keeps a list of them.
+        new_key = new_key.replace(".mlp.shared_experts.", ".mlp.shared_experts.0.")
+    return new_key
+
+
 def convert_legacy_state_dict(state_dict, config: MiniMindConfig):
     """Map a Feb-2025 MiniMind-V state_dict onto the current key names and RoPE layout (logits preserved)."""
     converted = {}
     for key, tensor in state_dict.items():
-        if key.endswith(".mask") or key == "mask" or "pos_cis" in key:
-            continue  # non-persistent buffers some old saves contain
-        new_key = key
-        if key.startswith("layers."):
-            new_key = "model." + key
-            for old, new in LEGACY_LAYER_RENAMES:
-                if old in new_key:
-                    new_key = new_key.replace(old, new, 1)
-                    break
-            if ".mlp.experts." in new_key or ".mlp.shared_experts." in new_key:
-                for old, new in LEGACY_EXPERT_RENAMES:
-                    new_key = new_key.replace(old, new)
-            if ".mlp.shared_experts." in new_key and not re.search(r"\.shared_experts\.\d+\.", new_key):
-                # Legacy kept one shared FFN as an attribute; current code keeps a list of them.
-                new_key = new_key.replace(".mlp.shared_experts.", ".mlp.shared_experts.0.")
-        else:
-            for old, new in LEGACY_KEY_RENAMES:
-                if key.startswith(old):
-                    new_key = new + key[len(old):]
-                    break
+        if is_legacy_buffer(key):
+            continue
+        new_key = legacy_key_name(key)
         if new_key.endswith("self_attn.q_proj.weight"):
             tensor = interleaved_to_half_rows(tensor, config.num_attention_heads)
         elif new_key.endswith("self_attn.k_proj.weight"):

@@ -11,9 +11,12 @@ import torch
 
 from common import UserError
 
-from .model_minimind import convert_legacy_state_dict, is_legacy_state_dict
+from .model_minimind import (DEFAULT_LM_FAMILY, convert_legacy_state_dict, is_legacy_buffer, is_legacy_state_dict,
+                             legacy_key_name, minimind3_config_kwargs)
 
 VISION_PROJ_PREFIX = "vision_proj."
+# The projector kinds, told apart by their keys: MiniMind2-V's Linear, minimind-3v's LayerNorm-Linear-GELU-Linear.
+PROJECTOR_INPUT_KEYS = {"linear": "vision_proj.vision_proj.0.weight", "mlp": "vision_proj.mlp.0.weight"}
 # Prefixes that wrappers add in front of every key: DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -51,19 +54,77 @@ def read_state_dict(path) -> dict:
 
 
 def describe_state_dict(state_dict) -> dict:
-    """Architecture a (current-scheme) state_dict implies: hidden size, layer count, MoE, vision_proj."""
-    layer_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"model\.layers\.(\d+)\.", k))}
-    embed = state_dict.get("model.embed_tokens.weight", state_dict.get("lm_head.weight"))
-    return {
-        "hidden_size": int(embed.shape[1]) if embed is not None else None,
+    """The architecture a state_dict's keys and shapes imply: the one reading of a weight file's architecture.
+
+    Recognises MiniMind2(-V) (G2), its Feb-2025 legacy keys (G1: `tok_embeddings`, read under their current
+    names) and MiniMind-3 / minimind-3v (G3: `q_norm` keys). Returns
+      generation ("G1", "G2" or "G3"), lm_family ("minimind2" for G1 and G2, "minimind3"), legacy (G1 keys),
+      hidden_size (None: no MiniMind embedding in the file), num_hidden_layers, vocab_size, intermediate_size,
+      head_dim, num_attention_heads, num_key_value_heads (G3 only; None for G1/G2, whose files do not show them),
+      use_moe, n_routed_experts, n_shared_experts (0 without MoE),
+      has_vision_proj, projector ("linear", "mlp" or None), image_hidden_size (the projector's input width),
+      config_kwargs: MiniMindConfig kwargs that build an LM these tensors fit (what the keys cannot show comes
+      from the family: MiniMind2's config defaults, or `minimind3_config_kwargs`).
+    """
+    legacy = is_legacy_state_dict(state_dict)
+    shapes = {(legacy_key_name(k) if legacy else k): tuple(v.shape) for k, v in state_dict.items()
+              if not (legacy and is_legacy_buffer(k))}
+    layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    embed = shapes.get("model.embed_tokens.weight", shapes.get("lm_head.weight"))
+    layer0 = "model.layers.0."
+    use_moe = any(".mlp.experts." in k for k in shapes)
+    ffn = shapes.get(layer0 + ("mlp.experts.0.gate_proj.weight" if use_moe else "mlp.gate_proj.weight"))
+    shared_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.",
+                                                                       k))}
+    q_norm = shapes.get(layer0 + "self_attn.q_norm.weight")
+    head_dim = q_norm[0] if q_norm else None
+    projector = next((kind for kind, key in PROJECTOR_INPUT_KEYS.items() if key in shapes), None)
+    info = {
+        "generation": "G3" if q_norm else "G1" if legacy else "G2",
+        "lm_family": "minimind3" if q_norm else DEFAULT_LM_FAMILY,
+        "legacy": legacy,
+        "hidden_size": embed[1] if embed else None,
         "num_hidden_layers": max(layer_ids) + 1 if layer_ids else 0,
-        "use_moe": any(".mlp.experts." in k for k in state_dict),
-        "has_vision_proj": any(k.startswith(VISION_PROJ_PREFIX) for k in state_dict),
+        "vocab_size": embed[0] if embed else None,
+        "intermediate_size": ffn[0] if ffn else None,
+        "head_dim": head_dim,
+        "num_attention_heads": _rows(shapes, layer0 + "self_attn.q_proj.weight", head_dim),
+        "num_key_value_heads": _rows(shapes, layer0 + "self_attn.k_proj.weight", head_dim),
+        "use_moe": use_moe,
+        "n_routed_experts": shapes[layer0 + "mlp.gate.weight"][0] if layer0 + "mlp.gate.weight" in shapes else 0,
+        "n_shared_experts": len(shared_ids),
+        "has_vision_proj": any(k.startswith(VISION_PROJ_PREFIX) for k in shapes),
+        "projector": projector,
+        "image_hidden_size": shapes[PROJECTOR_INPUT_KEYS[projector]][-1] if projector else None,
     }
+    info["config_kwargs"] = _config_kwargs(info)
+    return info
+
+
+def _rows(shapes: dict, key: str, head_dim):
+    """Heads of a q/k projection: its output rows over head_dim (None where head_dim is not known)."""
+    return shapes[key][0] // head_dim if head_dim and key in shapes else None
+
+
+def _config_kwargs(info: dict) -> dict:
+    """MiniMindConfig kwargs for a described file: its family's settings, overridden by what the file shows."""
+    if info["hidden_size"] is None:
+        return {}
+    if info["lm_family"] == "minimind3":
+        kwargs = minimind3_config_kwargs(info["hidden_size"], info["num_hidden_layers"], info["use_moe"])
+    else:
+        kwargs = dict(lm_family=info["lm_family"], hidden_size=info["hidden_size"],
+                      num_hidden_layers=info["num_hidden_layers"], use_moe=info["use_moe"])
+    shown = ("vocab_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+    kwargs.update({name: info[name] for name in shown if info[name] is not None})
+    if info["use_moe"]:
+        kwargs.update(n_routed_experts=info["n_routed_experts"], n_shared_experts=info["n_shared_experts"])
+    return kwargs
 
 
 def fitting_flags(info: dict) -> str:
-    return (f"--hidden_size {info['hidden_size']} --num_hidden_layers {info['num_hidden_layers']} "
+    preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
+    return (f"{preset}--hidden_size {info['hidden_size']} --num_hidden_layers {info['num_hidden_layers']} "
             f"--use_moe {int(info['use_moe'])}")
 
 

@@ -29,10 +29,10 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
                     atomic_save, quiet_transformers, run_cli, torch_dtype)
 from inference.loading import read_checkpoint
-from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from dataset.processing import image_processor_for
+from model.model_vlm import CLIP_HIDDEN_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import CHAT_TEMPLATES, placeholder_unit
-from model.weights import VISION_PROJ_PREFIX, WeightsMismatchError, describe_state_dict, load_weights
+from model.weights import WeightsMismatchError, describe_state_dict, load_weights
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
@@ -71,11 +71,9 @@ def parse_args(argv=None):
 def config_for(state_dict) -> VLMConfig:
     """The VLMConfig a (current-scheme) state_dict was made with; the embedding is tied as in every MiniMind."""
     found = describe_state_dict(state_dict)
-    projection = state_dict.get(VISION_PROJ_PREFIX + "vision_proj.0.weight")
     # tie_word_embeddings makes save_pretrained store the shared matrix once and from_pretrained re-tie it.
-    return VLMConfig(hidden_size=found["hidden_size"], num_hidden_layers=found["num_hidden_layers"],
-                     use_moe=found["use_moe"], tie_word_embeddings=True,
-                     ve_hidden_size=projection.shape[1] if projection is not None else CLIP_HIDDEN_SIZE)
+    return VLMConfig(**{**found["config_kwargs"], "tie_word_embeddings": True},
+                     ve_hidden_size=found["image_hidden_size"] or CLIP_HIDDEN_SIZE)
 
 
 def write_json(path: Path, settings: dict):

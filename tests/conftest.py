@@ -16,6 +16,7 @@ from dataset import synthetic  # noqa: E402  (needs the sys.path entry above)
 # The real MiniMind2 tokenizer lives outside the repo (it must never be copied in); tests that compare
 # against it skip when it is absent.
 REAL_TOKENIZER_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "minimind2_tokenizer"
+REAL_MINIMIND3_TOKENIZER_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "minimind3_tokenizer"
 
 ASSET_SEED = 0
 # Small enough to build in about a second, large enough that every question kind and both image-marker
@@ -66,6 +67,13 @@ def real_tokenizer_dir() -> Path:
     if not REAL_TOKENIZER_DIR.is_dir():
         pytest.skip(f"real MiniMind2 tokenizer fixture not found at {REAL_TOKENIZER_DIR}")
     return REAL_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def real_minimind3_tokenizer_dir() -> Path:
+    if not REAL_MINIMIND3_TOKENIZER_DIR.is_dir():
+        pytest.skip(f"real MiniMind-3 tokenizer fixture not found at {REAL_MINIMIND3_TOKENIZER_DIR}")
+    return REAL_MINIMIND3_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")
