@@ -164,7 +164,7 @@ def load_tokenizer(tokenizer_path):
 
     if not (Path(tokenizer_path) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python -m scripts.download --what "
-                                f"tokenizer` or pass --tokenizer_path")
+                                f"tokenizer` (with --preset minimind-3v for MiniMind-3's) or pass --tokenizer_path")
     return AutoTokenizer.from_pretrained(str(tokenizer_path))
 
 

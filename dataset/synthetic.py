@@ -54,7 +54,8 @@ from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER
                              SIGLIP_PATCH_SIZE)
 from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
 
-ASSET_PARTS = ("tokenizer", "clip", "data")
+ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer")
+DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
@@ -803,8 +804,9 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
 
 def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, seed: int = 0,
               n_sft_multi=None, vocab_size: int = DEFAULT_VOCAB_SIZE, clip_hidden_size: int = 64,
-              clip_num_layers: int = 2, parts=ASSET_PARTS) -> dict:
-    """Build the requested `parts` under out_dir/{tokenizer,clip,data}; returns name -> path."""
+              clip_num_layers: int = 2, parts=DEFAULT_ASSET_PARTS) -> dict:
+    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer}; returns name ->
+    path. The SigLIP stand-in gets the CLIP one's width and depth."""
     out_dir = Path(out_dir)
     unknown = set(parts) - set(ASSET_PARTS)
     if unknown:
@@ -814,6 +816,11 @@ def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, 
         paths["tokenizer"] = build_tokenizer(out_dir / "tokenizer", tokenizer_corpus(seed), vocab_size)
     if "clip" in parts:
         paths["clip"] = build_tiny_clip(out_dir / "clip", clip_hidden_size, clip_num_layers, seed)
+    if "siglip" in parts:
+        paths["siglip"] = build_tiny_siglip(out_dir / "siglip", clip_hidden_size, clip_num_layers, seed)
+    if "minimind3_tokenizer" in parts:
+        paths["minimind3_tokenizer"] = build_minimind3_tokenizer(out_dir / "minimind3_tokenizer",
+                                                                 tokenizer_corpus(seed), vocab_size)
     if "data" in parts:
         paths.update(build_shapes_dataset(out_dir / "data", n_pretrain, n_sft, n_eval, seed, n_sft_multi))
     return paths

@@ -107,6 +107,8 @@ class VisionProj(nn.Module):
     """MiniMind2-V's projector: one Linear (with bias, as upstream's code) from vision features to the LM width.
     Keys vision_proj.vision_proj.0.{weight,bias}."""
 
+    INPUT_WEIGHT = "vision_proj.0.weight"  # [hidden, ve_hidden]: tells this kind's files apart, gives the input width
+
     def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 512):
         super().__init__()
         self.vision_proj = nn.Sequential(nn.Linear(ve_hidden_size, hidden_size))
@@ -120,6 +122,7 @@ class MLPVisionProj(nn.Module):
     Keys vision_proj.mlp.{0,1,3}.* (index 2 is the parameter-free GELU)."""
 
     LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as upstream builds it
+    INPUT_WEIGHT = "mlp.0.weight"  # the LayerNorm's [ve_hidden]
 
     def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 768):
         super().__init__()

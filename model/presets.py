@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import DEFAULT_TOKENIZER_PATH, REPO_ROOT, bounded
 
+from .model_minimind import minimind3_config_kwargs
 from .model_vlm import PROJECTORS, VISION_ENCODERS, VISION_MODEL_DIR, VLMConfig
 
 DEFAULT_PRESET = "minimind2-v"
@@ -54,17 +55,18 @@ def lm_config_kwargs(lm_family: str, hidden_size: int, num_hidden_layers: int, u
     """The LM fields of a VLMConfig for a family and shape (MiniMind-3's defaults are upstream's 3v ones)."""
     if lm_family == "minimind2":
         return dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
-    from .model_minimind import minimind3_config_kwargs
-
     return minimind3_config_kwargs(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
 
 
 def vlm_config(preset: str = DEFAULT_PRESET, hidden_size: int = None, num_hidden_layers: int = None,
-               use_moe: bool = False, vision_encoder: str = None, projector: str = None, **extra) -> VLMConfig:
-    """The VLMConfig of a preset, with any part given here instead of the preset's (None: the preset's)."""
+               use_moe: bool = False, vision_encoder: str = None, projector: str = None, lm_kwargs: dict = None,
+               **extra) -> VLMConfig:
+    """The VLMConfig of a preset, with any part given here instead of the preset's (None: the preset's);
+    `lm_kwargs` replaces the LM part whole (weights.describe_state_dict's config_kwargs of a file)."""
     chosen = PRESETS[preset]
-    kwargs = lm_config_kwargs(chosen.lm_family, hidden_size or chosen.hidden_size,
-                              num_hidden_layers or chosen.num_hidden_layers, bool(use_moe))
+    kwargs = dict(lm_kwargs) if lm_kwargs else lm_config_kwargs(
+        chosen.lm_family, hidden_size or chosen.hidden_size, num_hidden_layers or chosen.num_hidden_layers,
+        bool(use_moe))
     kwargs.update(extra)
     return VLMConfig(vision_encoder=vision_encoder or chosen.vision_encoder, projector=projector or chosen.projector,
                      image_special_token=chosen.image_placeholder * chosen.image_token_count,
@@ -72,11 +74,33 @@ def vlm_config(preset: str = DEFAULT_PRESET, hidden_size: int = None, num_hidden
                      image_feature_count=chosen.image_token_count, chat_format=chosen.chat_format, **kwargs)
 
 
+def preset_for(lm_family: str, projector: str = None) -> str:
+    """The preset of a file's LM family and projector (None: an LM-only file), as weights.describe_state_dict
+    reads them; the default preset when none matches."""
+    for name, preset in PRESETS.items():
+        if preset.lm_family == lm_family and projector in (None, preset.projector):
+            return name
+    return DEFAULT_PRESET
+
+
+def default_vision_model_path(config, trained_with=None) -> Path:
+    """The encoder folder a model gets when none is given: the one it was trained with if it is still there, else
+    where scripts/download.py puts its kind."""
+    if trained_with is not None and (Path(trained_with) / "config.json").is_file():
+        return Path(trained_with)
+    return VISION_MODEL_DIR / VISION_ENCODERS[config.vision_encoder].folder
+
+
+# The flags add_preset_flags and the trainer add that say what the model is (None: not given on the command line).
+ARCHITECTURE_FLAGS = ("preset", "hidden_size", "num_hidden_layers", "use_moe", "vision_encoder", "projector")
+
+
 def add_preset_flags(parser_or_group, with_shape: bool = True):
     """--preset and the part flags that override it (defaults None: the preset's); `apply_preset` fills them."""
     group = parser_or_group
-    group.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                       help="the model: " + ", ".join(sorted(PRESETS)) + " (part flags override its choices)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help=f"the model: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET}; part flags "
+                            f"override its choices)")
     group.add_argument("--vision_encoder", default=None, choices=sorted(VISION_ENCODERS),
                        help="vision encoder kind (default: the preset's)")
     group.add_argument("--projector", default=None, choices=sorted(PROJECTORS),
@@ -90,7 +114,12 @@ def add_preset_flags(parser_or_group, with_shape: bool = True):
 
 def apply_preset(args, stage: str = None, fill_tokenizer: bool = True):
     """Fill the flags left at None from args.preset: shape, parts, vision folder, tokenizer (unless the caller
-    picks it itself), and the stage's trainable set."""
+    picks it itself), and the stage's trainable set. `args.architecture_given` lists the ARCHITECTURE_FLAGS given."""
+    args.architecture_given = [name for name in ARCHITECTURE_FLAGS if getattr(args, name, None) is not None]
+    args.vision_model_path_given = getattr(args, "vision_model_path", None) is not None
+    args.trainable_given = getattr(args, "trainable", None) is not None
+    if args.preset is None:
+        args.preset = DEFAULT_PRESET
     chosen = PRESETS[args.preset]
     for name in ("hidden_size", "num_hidden_layers", "vision_encoder", "projector"):
         if getattr(args, name, chosen) is None:
@@ -99,6 +128,8 @@ def apply_preset(args, stage: str = None, fill_tokenizer: bool = True):
         args.vision_model_path = str(VISION_MODEL_DIR / VISION_ENCODERS[args.vision_encoder].folder)
     if fill_tokenizer and getattr(args, "tokenizer_path", "") is None:
         args.tokenizer_path = str(chosen.tokenizer_path)
+    if getattr(args, "use_moe", 0) is None:
+        args.use_moe = 0
     if stage is not None and getattr(args, "trainable", "") is None:
         args.trainable = chosen.trainable[stage]
     return args

@@ -348,7 +348,7 @@ def test_minimind3_lm_file_converts_with_no_flag(tmp_path):
     saved = {k: v for k, v in upstream_file(tmp_path / "all.pth", 64, 2, True, seed=3).items() if is_lm_key(k)}
     path = tmp_path / "llm_64_moe.pth"
     torch.save(saved, path)
-    config = convert_vlm.config_for(read_state_dict(path))
+    config = convert_vlm.architecture_for(path, read_state_dict(path)).config
     assert (config.lm_family, config.hidden_size, config.use_moe, config.head_dim) == ("minimind3", 64, True, 8)
     model = MiniMindForCausalLM(config).eval()
     info = load_weights(model, path, log=None)

@@ -29,8 +29,9 @@ from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDa
 from dataset.processing import chat_template_warning, image_processor_for
 from model.model_vlm import MiniMindVLM, VLMConfig
 from dataset.processing import load_tokenizer
-from model.presets import add_preset_flags, apply_preset, config_from_args
-from model.weights import WeightsMismatchError, load_weights, weight_path
+from model.presets import PRESETS, add_preset_flags, apply_preset, config_from_args, default_vision_model_path
+from model.weights import (WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path,
+                           write_architecture)
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
@@ -111,7 +112,7 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                     help="processes that prepare the data the first time (default: one per CPU core)")
     model = p.add_argument_group("model")
     add_preset_flags(model)
-    model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    model.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="MoE FFNs (default 0)")
     model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
                        help="tokens per sample, at most")
     model.add_argument("--trainable", default=None, choices=TRAINABLE_CHOICES,
@@ -226,14 +227,28 @@ def resolve_from_weight(from_weight: str, save_dir, hidden_size, use_moe):
 
 
 def build_model(args, log=print) -> MiniMindVLM:
+    """The model the flags describe, or, when the start weights have an architecture file and no architecture
+    flag was given (SFT after pretraining), the start weights' architecture; then the start weights, strictly."""
+    source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
+                                f"llm`), train the previous stage first, or pass --from_weight none")
     config = config_from_args(args, max_seq_len=args.max_seq_len)
+    if source is not None and architecture_path(source).is_file() and not args.architecture_given:
+        architecture = read_architecture(source)
+        config = architecture.config
+        config.max_seq_len = args.max_seq_len
+        args.preset, args.hidden_size, args.num_hidden_layers = architecture.preset, config.hidden_size, \
+            config.num_hidden_layers
+        args.use_moe, args.vision_encoder, args.projector = int(config.use_moe), config.vision_encoder, config.projector
+        if not args.vision_model_path_given:
+            args.vision_model_path = str(default_vision_model_path(config, architecture.vision_model_path))
+        log(f"architecture of {source.name} ({architecture_path(source).name}): {args.preset}, "
+            f"{config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
+            f"{config.vision_encoder} + {config.projector} projector")
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
-    source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
     if source is not None:
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
-                                    f"llm`), train the previous stage first, or pass --from_weight none")
         load_weights(model, source, log=log)
     return model
 
@@ -663,7 +678,9 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
         model.eval()
         try:
             atomic_save(inference_state_dict(model), setup.weights_out)
+            write_architecture(setup.weights_out, model.config, args.preset, args.vision_model_path)
             save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args)
+            write_architecture(setup.resume_out, model.config, args.preset, args.vision_model_path)
         except SaveError as error:
             failed = error
             if not final:
@@ -694,7 +711,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
 
         attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
     total, trainable = count_parameters(model)
-    log(f"{stage}: {total / 1e6:.3f}M parameters without CLIP, {trainable / 1e6:.3f}M trainable ({args.trainable})")
+    log(f"{stage}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M trainable ({args.trainable})")
     optimizer = build_optimizer(model, args.learning_rate)
     resume_out = resume_path(args.checkpoint_dir, args.save_weight, args.hidden_size, args.use_moe)
     state = TrainState()
@@ -729,6 +746,8 @@ def run_stage(stage: str, description: str, argv=None):
     # 2. Tokenizer; model with CLIP frozen, start weights loaded strictly; what trains
     tokenizer = load_tokenizer(args.tokenizer_path)
     model = build_model(args, log=log)
+    if not args.trainable_given:  # the preset's, which the start weights' architecture may have changed
+        args.trainable = PRESETS[args.preset].trainable[stage]
     set_trainable(model, args.trainable)
     # 3. Data: every record checked and tokenised
     dataset = build_dataset(args, tokenizer, model.config, ctx, log=log)
