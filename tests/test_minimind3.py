@@ -62,10 +62,11 @@ def minimind3(hidden, layers, use_moe, seed):
 
 # ------------------------------------------------------------------- upstream's G3 math, re-derived from the spec
 
-def reference_hidden(sd, input_ids, attention_mask=None, aux=None):
+def reference_hidden(sd, input_ids, attention_mask=None, aux=None, inputs_embeds=None):
     """Final normed hidden states by upstream's G3 math: QK-norm per head before RoPE, repeat_kv, manual attention
     with an fp32 softmax, a token-by-token top-1 MoE with a plain linear gate. `aux` (a list) gets each MoE
-    layer's load-balancing loss, computed as in training."""
+    layer's load-balancing loss, computed as in training. `inputs_embeds` replaces the embedding lookup (a VLM's
+    prompt with its image features spliced in)."""
     hidden = sd["model.embed_tokens.weight"].shape[1]
     d = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
     heads = sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // d
@@ -92,7 +93,7 @@ def reference_hidden(sd, input_ids, attention_mask=None, aux=None):
         return (F.silu(x @ sd[prefix + "gate_proj.weight"].T) * (x @ sd[prefix + "up_proj.weight"].T)) \
             @ sd[prefix + "down_proj.weight"].T
 
-    h = sd["model.embed_tokens.weight"][input_ids]
+    h = sd["model.embed_tokens.weight"][input_ids] if inputs_embeds is None else inputs_embeds
     B = h.shape[0]
     for i in range(layers):
         p = f"model.layers.{i}."
