@@ -41,6 +41,7 @@ SIGLIP2_IMAGE_PROCESSING = {**SIGLIP_PROCESSOR_DEFAULTS, "size": [SIGLIP_IMAGE_S
 class VisionEncoderKind:
     """One family of vision towers: the transformers class that loads its folder and which outputs the LM sees."""
     model_class: str  # a transformers class name, loaded with from_pretrained(folder)
+    image_processor_class: str  # transformers' image processor of the family (what upstream preprocesses with)
     leading_tokens: int  # tokens of last_hidden_state before the patch features (CLIP's CLS); dropped
     folder: str  # the default checkout under VISION_MODEL_DIR (scripts/download.py fetches it)
     features: str  # what the LM sees, in words (feature-cache fingerprints, error messages)
@@ -50,12 +51,12 @@ class VisionEncoderKind:
 VISION_ENCODERS = {
     # openai/clip-vit-base-patch16 (MiniMind2-V): last_hidden_state is the last layer's output before
     # post_layernorm (HF applies that to the pooled CLS only); the CLS token is dropped -> [M, 196, 768].
-    "clip": VisionEncoderKind("CLIPVisionModel", 1, "clip-vit-base-patch16",
+    "clip": VisionEncoderKind("CLIPVisionModel", "CLIPImageProcessor", 1, "clip-vit-base-patch16",
                               "last_hidden_state without the CLS token (before post_layernorm)",
                               CLIP_IMAGE_PROCESSING),
     # siglip2-base-p32-256-ve (minimind-3v), loaded as upstream does with SiglipVisionModel: last_hidden_state is
     # post_layernorm, no CLS, every token -> [M, 64, 768]. Not hidden_states[-1]: that differs between 4.57 and 5.x.
-    "siglip": VisionEncoderKind("SiglipVisionModel", 0, "siglip2-base-p32-256-ve",
+    "siglip": VisionEncoderKind("SiglipVisionModel", "SiglipImageProcessor", 0, "siglip2-base-p32-256-ve",
                                 "last_hidden_state, every token (after post_layernorm)", SIGLIP2_IMAGE_PROCESSING),
 }
 DEFAULT_VISION_ENCODER = "clip"

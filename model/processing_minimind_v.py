@@ -5,8 +5,9 @@ chat, web demo and API, and scripts/convert_vlm.py ships this file in exported f
 `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
 prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
 transformers 4.x copies only a remote module's direct relative imports: this one imports torch, numpy, PIL,
-transformers and compat.py (which imports nothing of the project). The model's facts (image size, placeholder, run length) stay in model_vlm.py and reach the
-folder's processor through processor_config.json and preprocessor_config.json.
+transformers and compat.py (which imports nothing of the project). The model's facts (its preprocessing, placeholder,
+run length) stay in its config and reach the folder's processor through processor_config.json and
+preprocessor_config.json.
 """
 import json
 import os
@@ -289,7 +290,7 @@ class MiniMindVProcessor(ProcessorMixin):
     """Tokenizer + MiniMindVImageProcessor. Text carries one `<image>` per image (the chat template writes one per
     {"type": "image"} part); each becomes the run of `image_seq_length` `image_placeholder` characters the model
     fills with that image's features (both from the model's config: scripts/convert_vlm.py writes them into
-    processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, 224, 224]."""
+    processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, H, W]."""
 
     attributes = ["image_processor", "tokenizer"]
 

@@ -66,6 +66,9 @@ def parse_args(argv=None):
                         help=f"vision encoder folder whose tower is copied into the folder's {VISION_SUBFOLDER}/ "
                              f"(--to transformers; default: the one the weights were trained with, else the "
                              f"preset's; if absent, the folder has no vision encoder)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="whose tokenizer and encoder folder to ship by default (default: the weights' own, from "
+                             "their architecture file or recognised from their keys)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="dtype written (default: bfloat16 for --to transformers, float16 for --to torch)")
     return parser.parse_args(argv)
@@ -122,16 +125,18 @@ def attach_clip(model: MiniMindVLM, vision_model_path, log) -> bool:
     return True
 
 
-def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path, dtype: torch.dtype, log=print):
+def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path, dtype: torch.dtype, log=print,
+                          preset=None):
     """Write the folder: config.json with auto_map, code, weights, vision tower, tokenizer, processor."""
     state_dict = read_checkpoint(torch_path)
     architecture = architecture_for(torch_path, state_dict)
     model = MiniMindVLM(architecture.config, vision_model_path=None)
     load_weights(model, state_dict, log=None)
     if vision_model_path is None:
-        vision_model_path = default_vision_model_path(model.config, architecture.vision_model_path)
+        vision_model_path = (PRESETS[preset].vision_model_path if preset else
+                             default_vision_model_path(model.config, architecture.vision_model_path))
     if tokenizer_path is None:
-        tokenizer_path = PRESETS[architecture.preset].tokenizer_path
+        tokenizer_path = PRESETS[preset or architecture.preset].tokenizer_path
     with_clip = attach_clip(model, vision_model_path, log)
     model = model.to(dtype)  # the CLIP encoder too
     out_dir = Path(out_dir)
@@ -171,7 +176,7 @@ def main(argv=None):
     dtype = torch_dtype(args.dtype or DEFAULT_DTYPE[args.to])
     if args.to == "transformers":
         torch_to_transformers(args.torch_path, args.transformers_dir, args.tokenizer_path, args.vision_model_path,
-                              dtype)
+                              dtype, preset=args.preset)
     else:
         transformers_to_torch(args.transformers_dir, args.torch_path, dtype)
 

@@ -91,6 +91,23 @@ def tiny_vlm_save_dir(tmp_path_factory, tiny_clip_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm3_save_dir(tmp_path_factory, tiny_siglip_dir) -> Path:
+    """A random tiny minimind-3v (MiniMind-3 LM 64x2, MLP projector on the tiny SigLIP) saved as upstream saves
+    weights: {dir}/sft_vlm_64.pth in fp16, no architecture file (it is recognised from its keys)."""
+    import torch
+
+    from model.model_vlm import MiniMindVLM
+    from model.presets import vlm_config
+    from model.weights import weight_path
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(vlm_config("minimind-3v", 64, 2), vision_model_path=tiny_siglip_dir)
+    out = tmp_path_factory.mktemp("tiny_vlm3_out")
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
+    return out
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or launches several processes (tens of seconds or more); "
                                        "`-m 'not slow'` gives a quick run")

@@ -1,5 +1,6 @@
 """The CLIP feature cache: hits and misses, reuse across datasets, invalidation, crash safety, workers, DDP,
 and training with the cache against training without it."""
+import json
 import multiprocessing
 import pickle
 import re
@@ -61,6 +62,29 @@ def test_features_are_the_encoder_output_rounded_to_fp16(tmp_path, shapes_data, 
         item = dataset[index]
         assert "pixel_values" not in item and item["image_features"].shape == (1, 196, 64)
         assert_fp16_close(item["image_features"], vlm.encode_images(dataset.load_pixels(index)))
+
+
+def test_minimind3v_features_are_sized_by_the_encoder(tmp_path, shapes_data, tiny_siglip_dir,
+                                                      tiny_minimind3_tokenizer_dir):
+    """The store holds the encoder's 64 SigLIP features per image (its own count, not the LM's placeholder run),
+    made from the SigLIP preprocessing; a CLIP cache in the same folder is another fingerprint."""
+    from model.presets import vlm_config
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(vlm_config("minimind-3v", **TINY_LM), vision_model_path=tiny_siglip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_minimind3_tokenizer_dir))
+    dataset = VLMDataset(shapes_data["pretrain_parquet"], tokenizer, model.config.image_special_token,
+                         model.image_token_id, 640, log=None, image_processor=image_processor_for(model.config),
+                         chat_format=model.config.chat_format)
+    assert dataset.load_pixels(0).shape == (1, 3, 256, 256)
+    store = attach(dataset, model, tmp_path)
+    assert store.tokens == model.config.image_feature_count == 64
+    item = dataset[0]
+    assert item["image_features"].shape == (1, 64, 64)
+    assert_fp16_close(item["image_features"], model.encode_images(dataset.load_pixels(0)))
+    fingerprint = json.loads((store.folder / "fingerprint.json").read_text())
+    assert fingerprint["image_size"] == 256 and fingerprint["encoder_class"] == "SiglipVisionModel"
+    assert "every token" in fingerprint["features"] and fingerprint["image_processing"]["resize"] == "exact"
 
 
 def test_images_shared_by_two_datasets_and_two_runs_are_encoded_once(tmp_path, shapes_data, tokenizer, vlm):

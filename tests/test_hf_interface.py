@@ -157,3 +157,51 @@ def test_pipeline_answers_as_the_native_model_does(folder, processor, random_pth
     answer = pipe(images=open_image(image_paths[1]), text=prompt, max_new_tokens=ANSWER_TOKENS,
                   generate_kwargs=generate_kwargs(), return_full_text=False)
     assert answer[0]["generated_text"] == expected
+
+
+# ------------------------------------------------------------------------------------ a minimind-3v folder
+
+@pytest.fixture(scope="module")
+def pth_3v(tmp_path_factory, tiny_siglip_dir):
+    """An upstream-format minimind-3v file (no architecture file: recognised from its keys)."""
+    from test_minimind3v import upstream_3v_file
+
+    path = tmp_path_factory.mktemp("hf_interface_3v") / "sft_vlm_64.pth"
+    upstream_3v_file(path, tiny_siglip_dir, MODEL_SEED)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder_3v(pth_3v, tiny_minimind3_tokenizer_dir, tiny_siglip_dir):
+    return export_fp32_folder(pth_3v, pth_3v.parent / "minimind-3v-tiny", tiny_minimind3_tokenizer_dir,
+                              tiny_siglip_dir)
+
+
+def test_3v_folder_through_auto_classes_and_pipeline(folder_3v, pth_3v, tiny_minimind3_tokenizer_dir,
+                                                     tiny_siglip_dir, image_paths):
+    processor = AutoProcessor.from_pretrained(folder_3v, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder_3v, trust_remote_code=True)
+    assert type(model).__name__ == "MiniMindVLM" and type(model.vision_encoder).__name__ == "SiglipVisionModel"
+    native = load_model(pth_3v, False, tiny_minimind3_tokenizer_dir, tiny_siglip_dir, "cpu", log=None)
+    config = native.model.config
+    tokenizer = native.tokenizer
+    for hf_messages, project_messages in CONVERSATIONS:
+        expected = build_prompt(tokenizer, project_messages, config.image_special_token, True, chat_format="minimind3")
+        rendered = processor.apply_chat_template(hf_messages, add_generation_prompt=True)
+        images = [Image.new("RGB", (32, 32))] * rendered.count(IMAGE_MARKER) or None
+        assert processor(images=images, text=rendered).input_ids[0] == \
+            tokenizer(expected, add_special_tokens=False).input_ids
+    inputs = processor(images=[str(image_paths[0])], return_tensors="pt",
+                       text=processor.apply_chat_template(chat(IMAGE_MARKER, QUESTION)[0], add_generation_prompt=True))
+    assert inputs.pixel_values.shape == (1, 3, 256, 256)
+    assert torch.equal(inputs.pixel_values, load_pixel_values(image_paths[:1], native.image_processor))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, native.model(**inputs).logits)
+    expected, _ = answer_once(native, QUESTION, [image_paths[1]],
+                              GenerationSettings(max_new_tokens=ANSWER_TOKENS, temperature=0.0))
+    assert expected
+    pipe = pipeline("image-text-to-text", model=str(folder_3v), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(image_paths[1])},
+                                             {"type": "text", "text": QUESTION}]}]
+    answer = pipe(text=messages, max_new_tokens=ANSWER_TOKENS, generate_kwargs={"do_sample": False})
+    assert answer[0]["generated_text"][-1] == {"role": "assistant", "content": expected}

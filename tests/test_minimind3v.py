@@ -273,3 +273,20 @@ def test_a_3v_file_in_a_minimind2_model_names_the_keys_that_differ(tmp_path, tin
         load_weights(model, path, log=None)
     message = str(error.value)
     assert "missing from the file" in message and "unexpected key" in message and "--preset minimind-3v" in message
+
+
+def test_loss_mask_is_upstream_g3s(real_minimind3_tokenizer_dir):
+    """Trained: each answer with its think block, `<|im_end|>` and the newline after it (upstream G3's span
+    after `<|im_start|>assistant\\n` through `<|im_end|>\\n`), nothing of the user's turns or the image."""
+    from dataset.lm_dataset import SampleEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(real_minimind3_tokenizer_dir)
+    config = vlm_config("minimind-3v")
+    encoder = SampleEncoder(tokenizer, config.image_special_token, 12, 1024, chat_format="minimind3")
+    chat = [{"role": "user", "content": f"<image>\n{QUESTION}"}, {"role": "assistant", "content": "A red square."},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    sample, = encoder.encode_chats([(chat, 1)])
+    trained = sample.ids[encoder.label_mask(sample.ids)].tolist()
+    expected = tokenizer("<think>\n\n</think>\n\nA red square.<|im_end|>\n<think>\n\n</think>\n\nYes.<|im_end|>\n",
+                         add_special_tokens=False).input_ids
+    assert trained == expected and 12 not in trained
