@@ -331,7 +331,8 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     if len(mine):
         if num_workers is None:
             num_workers = min(4, max((os.cpu_count() or 1) - 1, 0))
-        label = f"encoding images with {vlm.config.vision_encoder.upper()}" + (f" (rank {ctx.rank})" if ctx.distributed else "")
+        label = f"encoding images with {vlm.config.vision_encoder.upper()}"
+        label += f" (rank {ctx.rank})" if ctx.distributed else ""
         with _progress(len(mine), log, label) as progress:
             for start in range(0, len(mine), SHARD_IMAGES):
                 part = mine[start:start + SHARD_IMAGES]

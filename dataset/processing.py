@@ -173,5 +173,5 @@ def check_tokenizer_matches(tokenizer, config):
     ids = tokenizer(config.image_special_token, add_special_tokens=False).input_ids
     if ids != config.image_ids:
         raise ValueError(f"the tokenizer encodes the image placeholder as {ids[:3]}... (x{len(ids)}), the model "
-                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the tokenizer the model was trained "
-                         f"with (MiniMind2's for minimind2-v, MiniMind-3's for minimind-3v)")
+                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the tokenizer the model was "
+                         f"trained with (MiniMind2's for minimind2-v, MiniMind-3's for minimind-3v)")

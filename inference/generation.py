@@ -206,7 +206,8 @@ def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens:
             return ids, first, count_image_markers(messages[:first])
         if len(kept) <= 1:
             raise InferenceError(f"the question alone is {ids.shape[1]} tokens (images count "
-                                 f"{image_token_count or len(image_special_token)} each), over the {max_prompt_tokens} left for the "
+                                 f"{image_token_count or len(image_special_token)} each), over the "
+                                 f"{max_prompt_tokens} left for the "
                                  f"prompt: raise --max_seq_len or lower --max_new_tokens")
         first += 2
 

@@ -48,7 +48,8 @@ def add_model_flags(parser):
                             "else the preset's; with --load 1, only for a folder without its own vision_model/)")
     files.add_argument("--tokenizer_path", default=None,
                        help=f"folder with tokenizer.json (default: the model's preset's, e.g. "
-                            f"{DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, or the transformers folder with --load 1)")
+                            f"{DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, or the transformers folder with "
+                            f"--load 1)")
     shape = parser.add_argument_group("model (--load 0; the weights' own architecture file or keys decide what is "
                                       "not given)")
     add_preset_flags(shape)

@@ -318,8 +318,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         in upstream's order for the VLM, which differs from its LM's).
 
         pixel_values: [B, N, 3, H, W], upstream's [B, N, 1, 3, H, W], or a flat [M, 3, H, W] list in reading
-        order; image_features: precomputed encoder features [M, image_feature_count, ve_hidden] instead. Images belong to
-        the prompt: they come with a call whose cache is empty (generate() passes them on the prefill step only).
+        order; image_features: precomputed encoder features [M, image_feature_count, ve_hidden] instead. Images
+        belong to the prompt: they come with a call whose cache is empty (generate() passes them on the prefill step only).
         """
         if pixel_values is not None or image_features is not None:
             if cached_length(past_key_values) > 0:

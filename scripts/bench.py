@@ -494,8 +494,8 @@ def generation_worker(conn, spec):
                           chat_format=model.config.chat_format)
     input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
     blobs = pq.read_table(spec["data_path"]).column("image_bytes").to_pylist()
-    processor = pil_image_processor_class(VISION_ENCODERS[model.config.vision_encoder].image_processor_class).from_pretrained(
-        str(spec["clip_path"]))
+    processor_class = pil_image_processor_class(VISION_ENCODERS[model.config.vision_encoder].image_processor_class)
+    processor = processor_class.from_pretrained(str(spec["clip_path"]))
     image_processor = image_processor_for(model.config)
     TokenClock = _token_clock_class()  # noqa: N806
 
@@ -805,7 +805,8 @@ def side_by_side_table(reports: dict) -> str:
 
 def time_generation(args, preset, paths, model_preset=DEFAULT_PRESET) -> dict:
     return run_alone("generation", generation_worker, dict(
-        model_preset=model_preset, device=args.device, dtype=args.dtype_name, seed=args.seed, hidden_size=preset["hidden_size"],
+        model_preset=model_preset, device=args.device, dtype=args.dtype_name, seed=args.seed,
+        hidden_size=preset["hidden_size"],
         num_hidden_layers=preset["num_hidden_layers"], clip_path=str(paths["clip"]),
         tokenizer_path=str(paths["tokenizer"]), data_path=str(paths["pretrain"]),
         gen_new_tokens=preset["gen_new_tokens"], gen_repeats=preset["gen_repeats"]))

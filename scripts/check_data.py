@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     print(f"{prepared.data_path}: {counts['records']} records, {well_formed} well-formed, "
           f"{int(row_images.sum())} images", flush=True)
     # 3. Images, in parallel
-    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, image_processor_for(config), args.workers)
+    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, image_processor_for(config),
+                                                                           args.workers)
     decode_examples = [DataProblem(prepared.origin(row), reason, KIND_UNDECODABLE) for row, reason in examples]
     malformed_examples, malformed = prepared.problems()
     decode_failed_usable = int((status[np.asarray(failed_rows, dtype=np.int64)] == STATUS_OK).sum())

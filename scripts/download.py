@@ -6,7 +6,7 @@ ModelScope over plain HTTPS (`--source modelscope`; MODELSCOPE_ENDPOINT override
     python -m scripts.download                                   # clip, tokenizer, llm_512.pth, parquet data
     python -m scripts.download --what clip tokenizer llm         # everything but the dataset
     python -m scripts.download --what llm vlm --hidden_size 768  # llm_768.pth, pretrain_vlm_768.pth, sft_vlm_768.pth
-    python -m scripts.download --preset minimind-3v              # siglip2-base-p32-256-ve, MiniMind-3 tokenizer, llm_768.pth, data
+    python -m scripts.download --preset minimind-3v              # SigLIP2, MiniMind-3 tokenizer, llm_768.pth, data
     python -m scripts.download --preset minimind-3v --what vlm   # minimind-3v's pretrain_vlm_768.pth, sft_vlm_768.pth
     python -m scripts.download --what data_jsonl                 # the older jsonl files + image zips, unzipped
     python -m scripts.download --source modelscope               # from ModelScope instead of the HF Hub

@@ -204,7 +204,8 @@ def test_history_system_prompt_and_several_images_reach_the_prompt(client, loade
     # The answer this process gets from the same prompt and the three images in their order.
     prompt = build_prompt(loaded.tokenizer, as_markers, loaded.model.config.image_special_token, True)
     input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    pixel_values = load_pixel_values(images[:3], image_processor_for(loaded.model.config)).unsqueeze(0)  # [1, 3, 3, 224, 224]
+    pixels = load_pixel_values(images[:3], image_processor_for(loaded.model.config))
+    pixel_values = pixels.unsqueeze(0)  # [1, 3, 3, 224, 224]
     expected = "".join(stream_generation(loaded, input_ids, pixel_values, GenerationSettings(8, 0.0, 1.0),
                                          threading.Event(), lambda text, stats: None))
     reply = ask(client, messages, temperature=0, max_tokens=8)

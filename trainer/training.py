@@ -711,7 +711,8 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
 
         attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
     total, trainable = count_parameters(model)
-    log(f"{stage}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M trainable ({args.trainable})")
+    log(f"{stage}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M trainable "
+        f"({args.trainable})")
     optimizer = build_optimizer(model, args.learning_rate)
     resume_out = resume_path(args.checkpoint_dir, args.save_weight, args.hidden_size, args.use_moe)
     state = TrainState()
