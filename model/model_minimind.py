@@ -47,6 +47,9 @@ class LMFamily:
     ffn_dropout: bool  # dropout on the FFN output
     renormalise_top1: bool  # norm_topk_prob applies at top-1 too: every routed weight is then 1.0
     aux_loss_per_token: bool  # without seq_aux, an expert's load counts top-k slots per token (else per slot)
+    # Linear, embedding and router weights drawn from N(0, init_std) (MiniMind-3 calls post_init(), which applies
+    # transformers' default init, std 0.02); None: the modules' own PyTorch init, as MiniMind2.
+    init_std: float = None
 
 
 LM_FAMILIES = {
@@ -57,7 +60,7 @@ LM_FAMILIES = {
     # 768 -> 2432, 256 -> 832.
     "minimind3": LMFamily(ffn_width=lambda hidden: round_up_to_ffn_multiple(hidden * math.pi), qk_norm=True,
                           norm_scales_before_cast=True, ffn_dropout=False, renormalise_top1=True,
-                          aux_loss_per_token=True),
+                          aux_loss_per_token=True, init_std=0.02),
 }
 DEFAULT_LM_FAMILY = "minimind2"
 
@@ -494,6 +497,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Tied as upstream does it: the embedding is the lm_head Parameter (init = Linear's init).
         self.model.embed_tokens.weight = self.lm_head.weight
+        # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on; runs _init_weights
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -505,11 +510,19 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def _init_weights(self, module):
-        # Weights come from the modules' own constructors (as upstream); only the RoPE tables need rebuilding
-        # when transformers materialises the model from the meta device.
+        # MiniMind2: weights come from the modules' own constructors (as upstream); only the RoPE tables need
+        # rebuilding when transformers materialises the model from the meta device. MiniMind-3 draws its matrices
+        # from N(0, init_std), as upstream's post_init() does.
+        std = lm_family_of(self.config).init_std
+        if std is not None and isinstance(module, (nn.Linear, nn.Embedding, MoEGate)) and \
+                not getattr(module.weight, "_is_hf_initialized", False):  # not a weight transformers has loaded
+            with torch.no_grad():
+                module.weight.normal_(mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
         if isinstance(module, MiniMindModel):
-            cos, sin = precompute_freqs_cis(module.config.head_dim, module.config.max_position_embeddings, module.config.rope_theta,
-                                            module.config.rope_parameters)
+            cos, sin = precompute_freqs_cis(module.config.head_dim, module.config.max_position_embeddings,
+                                            module.config.rope_theta, module.config.rope_parameters)
             with torch.no_grad():
                 if module.freqs_cos.device.type != "meta":
                     module.freqs_cos.copy_(cos)

@@ -140,8 +140,7 @@ def describe_state_dict(state_dict) -> dict:
     layer0 = "model.layers.0."
     use_moe = any(".mlp.experts." in k for k in shapes)
     ffn = shapes.get(layer0 + ("mlp.experts.0.gate_proj.weight" if use_moe else "mlp.gate_proj.weight"))
-    shared_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.",
-                                                                       k))}
+    shared_ids = {m.group(1) for k in shapes if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
     q_norm = shapes.get(layer0 + "self_attn.q_norm.weight")
     head_dim = q_norm[0] if q_norm else None
     projector = next((kind for kind, key in PROJECTOR_INPUT_KEYS.items() if key in shapes), None)

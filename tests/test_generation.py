@@ -2,15 +2,15 @@
 
 Greedy `generate` with a KV cache must give exactly the tokens of greedy decoding by full recomputation (argmax
 of a forward pass over the whole sequence, no cache, at every step), and must really use the cache: after the
-prefill each step feeds the model one new token. Checked for the language model (dense, MoE), the VLM loaded
-from a `.pth` file (one image, two images), left-padded batches, and the exported transformers folder loaded
-with AutoModelForCausalLM.
+prefill each step feeds the model one new token. Checked for the language model (MiniMind2 and MiniMind-3, dense
+and MoE), the VLM loaded from a `.pth` file (one image, two images), left-padded batches, and the exported
+transformers folder loaded with AutoModelForCausalLM.
 """
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, minimind3_config_kwargs
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.weights import load_weights, weight_path
 from scripts import convert_vlm
@@ -79,6 +79,16 @@ def test_lm_generate_equals_recomputation(use_moe):
 def test_lm_generate_left_padded_batch():
     torch.manual_seed(5)
     model = MiniMindForCausalLM(MiniMindConfig(**TINY)).eval()
+    input_ids, attention_mask = left_pad([torch.randint(3, 6400, (11,)).tolist(),
+                                          torch.randint(3, 6400, (6,)).tolist()])
+    assert_generate_equals_recomputation(model, input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_minimind3_lm_generate_equals_recomputation(use_moe):
+    torch.manual_seed(9)
+    model = MiniMindForCausalLM(MiniMindConfig(**minimind3_config_kwargs(64, 2, use_moe))).eval()
+    assert_generate_equals_recomputation(model, torch.randint(3, 6400, (1, 9)))
     input_ids, attention_mask = left_pad([torch.randint(3, 6400, (11,)).tolist(),
                                           torch.randint(3, 6400, (6,)).tolist()])
     assert_generate_equals_recomputation(model, input_ids, attention_mask)

@@ -194,6 +194,28 @@ def test_config_round_trip_and_explicit_head_dim(tmp_path):
         assert torch.allclose(wide(ids).logits, reference_logits(wide.state_dict(), ids), atol=LOGITS_TOLERANCE)
 
 
+def test_random_init_is_upstreams_post_init():
+    """Upstream's MiniMind-3 calls post_init(): transformers' default init, N(0, 0.02) for every matrix."""
+    model = MiniMindForCausalLM(MiniMindConfig(**minimind3_config_kwargs(64, 2, True)))
+    layer = model.model.layers[0]
+    for weight in (model.lm_head.weight, layer.self_attn.q_proj.weight, layer.mlp.experts[1].down_proj.weight,
+                   layer.mlp.gate.weight):
+        assert abs(weight.std().item() - 0.02) < 0.004 and abs(weight.mean().item()) < 0.004
+    assert torch.equal(layer.self_attn.k_norm.weight, torch.ones(8))
+    minimind2 = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1))
+    assert minimind2.model.layers[0].self_attn.q_proj.weight.std() > 0.05  # PyTorch's own init, as before
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = minimind3(64, 2, True, seed=18)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.lm_family == "minimind3" and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(3, 6400, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_rmsnorm_scales_before_cast_as_minimind3():
     x = torch.randn(2, 5, 16).bfloat16()
     weight = torch.rand(16) + 0.5
@@ -367,6 +389,38 @@ def test_minimind3_file_into_minimind2_model_names_keys_and_fitting_flags(tmp_pa
         load_weights(MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)), path, log=None)
     message = str(error.value)
     assert "q_norm" in message and "--preset minimind-3v --hidden_size 64 --num_hidden_layers 2" in message
+
+
+def test_each_generation_is_recognised_from_its_keys():
+    """G2 (MiniMind2-V), G1 (its Feb-2025 keys, e.g. tok_embeddings, attention.wq) and a file of something else."""
+    g2 = {k: v.half() for k, v in MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=3,
+                                                                      use_moe=True)).state_dict().items()}
+    g2["vision_proj.vision_proj.0.weight"], g2["vision_proj.vision_proj.0.bias"] = torch.zeros(64, 32), torch.zeros(64)
+    found = describe_state_dict(g2)
+    assert (found["generation"], found["lm_family"], found["legacy"]) == ("G2", "minimind2", False)
+    assert (found["hidden_size"], found["num_hidden_layers"], found["intermediate_size"]) == (64, 3, 192)
+    assert (found["use_moe"], found["n_routed_experts"], found["n_shared_experts"]) == (True, 4, 1)
+    assert (found["projector"], found["image_hidden_size"], found["head_dim"]) == ("linear", 32, None)
+    assert found["config_kwargs"] == dict(lm_family="minimind2", hidden_size=64, num_hidden_layers=3, use_moe=True,
+                                          vocab_size=6400, intermediate_size=192, n_routed_experts=4,
+                                          n_shared_experts=1)
+    g1_names = [("model.embed_tokens.", "tok_embeddings."), ("lm_head.", "output."), ("model.norm.", "norm."),
+                ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"),
+                ("input_layernorm", "attention_norm"), ("mlp.experts.", "feed_forward.experts."),
+                ("mlp.gate.", "feed_forward.gate."), ("mlp.shared_experts.0.", "feed_forward.shared_experts."),
+                ("gate_proj", "w1")]
+    g1 = {}
+    for key, tensor in g2.items():
+        for new, old in g1_names:
+            key = key.replace(new, old)
+        g1[key] = tensor
+    g1["layers.0.attention.mask"] = torch.zeros(1, 1, 4, 4)
+    found = describe_state_dict(g1)
+    assert (found["generation"], found["lm_family"], found["legacy"]) == ("G1", "minimind2", True)
+    assert (found["hidden_size"], found["num_hidden_layers"], found["use_moe"]) == (64, 3, True)
+    assert (found["intermediate_size"], found["n_routed_experts"], found["n_shared_experts"]) == (192, 4, 1)
+    other = describe_state_dict({"encoder.weight": torch.zeros(3, 3)})
+    assert other["hidden_size"] is None and other["config_kwargs"] == {}
 
 
 # ------------------------------------------------------------------------------- the real MiniMind-3 tokenizer
