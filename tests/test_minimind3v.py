@@ -39,10 +39,11 @@ def photos(seed=0):
     return images
 
 
-def tiny_3v(siglip_dir, seed, use_moe=False, hidden=64):
-    """A random minimind-3v (MiniMind-3 LM hidden x 2, MLP projector) on the tiny SigLIP, norm weights not all ones."""
+def tiny_3v(siglip_dir, seed, use_moe=False, hidden=64, layers=2):
+    """A random minimind-3v (MiniMind-3 LM hidden x layers, MLP projector) on the tiny SigLIP, norm weights not all
+    ones."""
     torch.manual_seed(seed)
-    model = MiniMindVLM(vlm_config("minimind-3v", hidden, 2, use_moe), vision_model_path=siglip_dir).eval()
+    model = MiniMindVLM(vlm_config("minimind-3v", hidden, layers, use_moe), vision_model_path=siglip_dir).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
@@ -214,7 +215,7 @@ def test_real_shape_768x8_logits_match_the_spec(tmp_path, real_minimind3_tokeniz
 
     siglip_dir = build_tiny_siglip(tmp_path / "siglip768", hidden_size=768, num_layers=1, num_heads=12)
     tokenizer = AutoTokenizer.from_pretrained(real_minimind3_tokenizer_dir)
-    model = tiny_3v(siglip_dir, seed=4, hidden=768)
+    model = tiny_3v(siglip_dir, seed=4, hidden=768, layers=8)
     assert sum(p.numel() for p in model.parameters()) == 65_094_912  # the spec's minimind-3v size
     prompt = build_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{QUESTION}"}],
                           model.config.image_special_token, True, chat_format="minimind3")
