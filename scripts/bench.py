@@ -210,9 +210,11 @@ def train_step_flops(shape: dict, policy: str, lengths, pad_len: int, targets: i
         layer_bwd, head_bwd = (layers - 2) + 4.0, 1.0
     else:
         layer_bwd, head_bwd = float(layers), 1.0
-    # Linear: ve x h per token; MLP: + h x h (LayerNorm and GELU are not matmuls). Forward + dW.
-    proj_params = shape["ve_hidden_size"] * h + (h * h if shape["projector"] == "mlp" else 0)
-    proj = 2 * proj_params * shape["image_tokens"] * images * 2
+    # Per image token. Linear: forward + dW of ve x h. MLP (ve x h, then h x h): forward, dW and dX of both, the
+    # gradient flowing back to its trainable LayerNorm (LayerNorm and GELU are not matmuls).
+    ve = shape["ve_hidden_size"]
+    proj_macs = 3 * (ve * h + h * h) if shape["projector"] == "mlp" else 2 * ve * h
+    proj = 2 * proj_macs * shape["image_tokens"] * images
 
     def lm(tokens, pairs, logit_positions):
         fwd_linear = 2 * layer_params * tokens
