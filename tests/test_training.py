@@ -101,7 +101,10 @@ def test_trainable_parameter_counts_at_26m():
     for policy in TRAINABLE_CHOICES:
         set_trainable(model, policy)
         counts[policy] = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800, "all": 26_223_616}
+    # projector_first_last_layers (upstream 3v's --freeze_llm 1): the projector and two of the 2,819,072-parameter
+    # blocks.
+    assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800,
+                      "projector_first_last_layers": 393_728 + 2 * 2_819_072, "all": 26_223_616}
 
 
 def test_learning_rate_schedule_matches_upstream_formula():
