@@ -80,9 +80,10 @@ def weight_choices(args) -> dict:
 
 
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
-def cached_model(source: str, is_folder: bool, tokenizer_path, vision_model_path: str, device: str):
-    """One model per (weights, tokenizer, vision encoder, device) and process, shared by every browser session."""
-    return load_model(source, is_folder, tokenizer_path, vision_model_path, device, log=None)
+def cached_model(source: str, is_folder: bool, tokenizer_path, vision_model_path: str, device: str, dtype_name: str):
+    """One model per (weights, tokenizer, vision encoder, device, dtype) and process, shared by every browser
+    session."""
+    return load_model(source, is_folder, tokenizer_path, vision_model_path, device, log=None, dtype_name=dtype_name)
 
 
 # ------------------------------------------------------------------------------------------------------ page
@@ -150,11 +151,13 @@ def main(argv):
     label, settings = sidebar(args, choices)
     source, is_folder = choices[label]
     try:
-        loaded = cached_model(str(source), is_folder, args.tokenizer_path, args.vision_model_path, args.device)
+        loaded = cached_model(str(source), is_folder, args.tokenizer_path, args.vision_model_path, args.device,
+                              args.dtype)
     except (FileNotFoundError, WeightsMismatchError, InferenceError) as error:
         st.error(f"Cannot load {label}: {error}")
         st.stop()
-    st.caption(f"{label} on {loaded.device}. Attach images with the + in the message box (up to "
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    st.caption(f"{label} on {loaded.device} ({dtype}). Attach images with the + in the message box (up to "
                f"{args.max_upload_mb} MB each); the send button turns into a stop button while an answer is written.")
 
     session = st.session_state.get("chat")

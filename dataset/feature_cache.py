@@ -190,7 +190,7 @@ class FeatureStore:
 # --------------------------------------------------------------------------------------- computing features
 
 class _PixelsToEncode(torch.utils.data.Dataset):
-    """(index, pixels [3, H, W], decoded ok) for each image reference; decoding runs in loader workers."""
+    """(index, uint8 pixels [3, H, W], decoded ok) for each image reference; decoding runs in loader workers."""
 
     def __init__(self, source, refs, image_processor):
         self.source, self.refs, self.image_processor = source, refs, image_processor
@@ -202,7 +202,7 @@ class _PixelsToEncode(torch.utils.data.Dataset):
         try:
             return i, load_image(self.source, self.refs[i], self.image_processor), True
         except ImageError:
-            return i, torch.zeros(self.image_processor.pixel_shape), False
+            return i, torch.zeros(self.image_processor.pixel_shape, dtype=torch.uint8), False
 
 
 def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) -> int:
@@ -217,7 +217,8 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
     try:
         for indices, pixels, decoded in loader:
             with autocast():
-                batch = model.encode_images(pixels.to(ctx.device))  # [n, image_feature_count, hidden]
+                pixels = loader.dataset.image_processor.normalize(pixels.to(ctx.device))
+                batch = model.encode_images(pixels)  # [n, image_feature_count, hidden]
             if features is None:
                 features = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE,
                                                      shape=(len(keys),) + tuple(batch.shape[1:]))

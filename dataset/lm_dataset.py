@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from common import UserError
-from model.model_minimind import IGNORE_INDEX
+from model.model_minimind import IGNORE_INDEX, target_positions
+from model.model_vlm import image_token_positions
 
 from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
                          count_image_markers, is_placeholder_image, open_image, preprocess_image, roles_by_parity)
@@ -337,7 +338,8 @@ def image_runs_intact(ids: np.ndarray, image_token_id: int, run_length: int, num
 
 
 def load_image(source, ref, image_processor) -> torch.Tensor:
-    """One image of a record as the encoder input [3, H, W]; ImageError if it cannot be read or decoded."""
+    """One image of a record as uint8 pixels [3, H, W], resized and cropped for the encoder
+    (image_processor.normalize finishes its input on the device); ImageError if it cannot be read or decoded."""
     name = source.image_name(ref)
     try:
         data = source.image_bytes(ref)
@@ -347,7 +349,7 @@ def load_image(source, ref, image_processor) -> torch.Tensor:
         raise ImageError(f"{name}: no image bytes (found {type(data).__name__})")
     image = open_image(data, name=name)
     try:
-        return preprocess_image(image, image_processor)
+        return preprocess_image(image, image_processor, normalize=False)
     except ImageError as error:
         raise ImageError(f"{name}: {error}") from None
 
@@ -513,9 +515,10 @@ class VLMDataset(Dataset):
         return self.prepared.token_ids(index)
 
     def load_pixels(self, index):
-        """[N, 3, H, W] for the record's images (N may be 0)."""
+        """uint8 [N, 3, H, W] for the record's images (N may be 0); see load_image."""
         images = [load_image(self.source, ref, self.image_processor) for ref in self.records[index].images]
-        return torch.stack(images) if images else torch.zeros((0,) + self.image_processor.pixel_shape)
+        return torch.stack(images) if images else torch.zeros((0,) + self.image_processor.pixel_shape,
+                                                               dtype=torch.uint8)
 
     def __getitem__(self, index):
         # An image that fails to decode is reported once and replaced by the next good sample.
@@ -543,8 +546,16 @@ class VLMDataset(Dataset):
         return item
 
 
-def collate_batch(items, pad_token_id: int, pad_to: int = None):
-    """Right-pad to the longest sample (or to `pad_to`); images of the batch flattened in reading order."""
+def collate_batch(items, pad_token_id: int, pad_to: int = None, image_token_id: int = None,
+                  image_run_length: int = None):
+    """Right-pad to the longest sample (or to `pad_to`); images of the batch flattened in reading order.
+
+    With `image_token_id` and `image_run_length` the batch also carries what the training forward would
+    otherwise find on the device, each lookup a device->host sync (MiniMindVLM.forward): `image_positions`
+    (the image tokens, checked against the images), `first_target` and `target_index` (target_positions).
+    Images are then kept for a text-only batch too (M = 0), so that vision_proj runs on every step of every
+    rank, as DDP without find_unused_parameters needs.
+    """
     length = pad_to or max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -553,22 +564,32 @@ def collate_batch(items, pad_token_id: int, pad_to: int = None):
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
     batch = {"input_ids": input_ids, "labels": labels, "replaced": sum(item.get("replaced", 0) for item in items)}
+    positions = image_token_id is not None
     for key in ("pixel_values", "image_features"):
         if key in items[0]:
             stacked = torch.cat([item[key] for item in items])  # [M, ...] in reading order
-            batch[key] = stacked if len(stacked) else None
+            batch[key] = stacked if len(stacked) or positions else None
+            if positions:
+                batch["image_positions"] = image_token_positions(
+                    input_ids, image_token_id, image_run_length, images_per_sample=[len(item[key]) for item in items])
+    if positions:
+        batch["first_target"], batch["target_index"] = target_positions(labels)
     return batch
 
 
 class Collator:
-    """Picklable collate function for DataLoader workers."""
+    """Picklable collate function for DataLoader workers; with the image token and run length, batches carry
+    precomputed positions (collate_batch)."""
 
-    def __init__(self, pad_token_id: int, pad_to: int = None):
+    def __init__(self, pad_token_id: int, pad_to: int = None, image_token_id: int = None,
+                 image_run_length: int = None):
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
+        self.image_token_id = image_token_id
+        self.image_run_length = image_run_length
 
     def __call__(self, items):
-        return collate_batch(items, self.pad_token_id, self.pad_to)
+        return collate_batch(items, self.pad_token_id, self.pad_to, self.image_token_id, self.image_run_length)
 
 
 class GlobalBatchSampler(Sampler):

@@ -24,17 +24,23 @@ and pyarrow memory maps: start-up is milliseconds, a process holds a few bytes p
 shared between processes through the page cache. Parquet itself has no random access below a row group (often
 100 MB and more), hence the one-time copy of the image column to uncompressed Arrow IPC.
 
-Builders take a file lock, so concurrent processes on one machine (DDP ranks, two torchrun nodes) build once
-and the others wait; a folder is built under a temporary name and renamed when complete, so a crash leaves
-nothing that is ever read. A changed data file, tokenizer, prompt format or max_seq_len gives a new key and
+Builders take a lock that works on any filesystem and across machines (`BuildLock`: an atomic mkdir with a
+heartbeat, not flock, which NFS, Lustre and FUSE mounts may keep per machine or refuse), so concurrent
+processes (DDP ranks, torchrun nodes sharing the folder) build once and the others wait. A folder is built
+under a temporary name of its own builder and renamed when complete, so a crash leaves nothing that is ever
+read, and two builders at once (where a lock does not hold) never touch each other's files: the first rename
+wins, the second builder drops its copy. Only a builder whose lock went stale (it died) has its leftovers
+deleted, by the process that takes the lock over. A changed data file, tokenizer, prompt format or max_seq_len gives a new key and
 folder; old folders are not read again (delete `prepared/` to free the space).
 """
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
-from contextlib import contextmanager
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +61,9 @@ READ_BATCH_ROWS = 2048  # parquet rows decoded at a time inside a row group: bou
 JSONL_UNIT_BYTES = 8 << 20
 KEY_CHARS = 16
 WAIT_POLL_S = 0.5  # how often a process waiting for another one's build looks for it
+LOCK_HEARTBEAT_S = 10.0  # how often a builder renews its lock
+# A lock whose heartbeat has not moved for this long, on the waiter's own clock, belongs to a builder that died.
+LOCK_STALE_S = 120.0
 MAX_UINT16_VOCAB = 1 << 16
 
 
@@ -87,20 +96,114 @@ def token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_
     return digest(key)
 
 
-@contextmanager
-def file_lock(path: Path):
-    """Exclusive lock on `path` for processes on this machine (a no-op where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per machine is the supported case there
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+class BuildLock:
+    """The right to build in one prepared folder, for processes on one machine or many sharing the folder.
+
+    Taking it is creating the folder `path` (mkdir is atomic on every filesystem, network ones included). The
+    holder writes `heartbeat` (its token and a counter) there every LOCK_HEARTBEAT_S from a thread. A waiter
+    that sees the heartbeat unchanged for LOCK_STALE_S by its own clock (no clocks compared across machines)
+    takes the lock over and deletes the dead builder's temporary folders, found by its token, and nothing else.
+    """
+
+    def __init__(self, path: Path, cleanup_folder: Path):
+        self.path, self.cleanup_folder = Path(path), Path(cleanup_folder)
+        self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        seen, seen_since = None, time.monotonic()
+        while True:
+            try:
+                self.path.mkdir()
+                break
+            except FileExistsError:
+                beat = self._read_heartbeat()
+                if beat != seen:
+                    seen, seen_since = beat, time.monotonic()
+                elif time.monotonic() - seen_since > LOCK_STALE_S:
+                    self._take_over(seen)
+                    seen, seen_since = None, time.monotonic()
+                time.sleep(WAIT_POLL_S)
+            except OSError as error:
+                raise DataError(f"cannot lock the prepared-data folder: creating {self.path} failed "
+                                f"({error.strerror or error}); pass a writable folder with --prepared_dir") from None
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            self._write_heartbeat(0)
+        except OSError as error:
+            self._remove(self.path)
+            raise DataError(f"cannot lock the prepared-data folder: this filesystem refused to write and rename a "
+                            f"file in {self.path} ({error.strerror or error}); pass a folder on another filesystem "
+                            f"with --prepared_dir") from None
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="prepared-data lock heartbeat")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        beat = self._read_heartbeat()
+        if beat is not None and beat[0] == self.token:  # still ours (not taken over meanwhile)
+            self._remove(self.path)
+
+    def _beat(self):
+        count = 0
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            count += 1
+            try:
+                self._write_heartbeat(count)
+            except OSError:  # taken over, or the filesystem hiccupped: the build itself stays safe
+                pass
+
+    def _write_heartbeat(self, count: int):
+        tmp = self.path / f".heartbeat-{self.token}"
+        tmp.write_text(f"{self.token} {count}")
+        os.replace(tmp, self.path / "heartbeat")
+
+    def _read_heartbeat(self):
+        """(owner token, counter), or None while there is none (just created, or being removed)."""
+        try:
+            token, count = (self.path / "heartbeat").read_text().split()
+            return token, int(count)
+        except (OSError, ValueError):
+            return None
+
+    def _take_over(self, stale_beat):
+        """Move the stale lock aside (atomic: of several waiters, one succeeds) and delete what its owner left."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except OSError:  # another waiter took it over first
+            return
+        if stale_beat is not None:
+            for leftover in self.cleanup_folder.glob(f".*-building-{stale_beat[0]}"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self._remove(aside)
+
+    @staticmethod
+    def _remove(folder: Path):
+        aside = folder.with_name(f"{folder.name}.removed-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(folder, aside)
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Rename a complete temporary folder to its final name. False (and `tmp` deleted) when another builder
+    published the same folder first."""
+    try:
+        os.rename(tmp, final)
+        return True
+    except OSError as error:
+        if (final / "manifest.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        if final.exists():
+            raise DataError(f"{final} exists but is incomplete (no manifest.json): delete it and run again") from None
+        raise DataError(f"cannot rename {tmp.name} to {final} ({error.strerror or error}): the prepared data needs "
+                        f"a filesystem that renames folders; pass another with --prepared_dir") from None
 
 
 # ----------------------------------------------------------------------------------------- units of work
@@ -377,15 +480,14 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     """The prepared form of `data_path` (module docstring): opened from the cache, or built first.
 
     log: where progress and the summary of a build go (None: quiet, as on every rank but 0).
-    may_build: False makes this process wait for another one to build it (DDP ranks other than each machine's
-    local rank 0), so that the process that shows progress is the one doing the work.
+    may_build: False makes this process wait for another one to build it (DDP ranks other than the one builder
+    per prepared folder), so that the process that shows progress is the one doing the work.
     """
     path = Path(data_path)
     check_data_path(path)
     kind = "parquet" if path.suffix in PARQUET_SUFFIXES else "jsonl"
     images_path = (Path(images_path) if images_path else path.parent) if kind == "jsonl" else None
-    root = Path(cache_dir) if cache_dir else path.parent / CACHE_FOLDER
-    data_dir = root / f"{path.stem}-{data_key(path, images_path)}"
+    data_dir = prepared_root(path, cache_dir) / f"{path.stem}-{data_key(path, images_path)}"
     tokens_key = token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
     tokens_dir = data_dir / f"tokens-{tokens_key}"
     if not may_build:
@@ -397,27 +499,30 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
         except OSError as error:
             raise DataError(f"cannot create the prepared-data folder {data_dir} ({error.strerror or error}); "
                             f"pass a writable folder with --prepared_dir") from None
-        with file_lock(data_dir.with_name(data_dir.name + ".lock")):
+        with BuildLock(data_dir.with_name(data_dir.name + ".build-lock"), data_dir) as lock:
             if not (tokens_dir / "manifest.json").is_file():  # another process may have built it meanwhile
                 build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token,
-                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, chat_format)
+                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, lock.token, chat_format)
     return PreparedData(path, kind, data_dir, tokens_dir)
 
 
+def prepared_root(data_path, cache_dir=None) -> Path:
+    """Where the prepared folders of `data_path` go: --prepared_dir, else prepared/ beside the data file."""
+    return Path(cache_dir) if cache_dir else Path(data_path).parent / CACHE_FOLDER
+
+
 def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token, image_token_id,
-          max_seq_len, workers, log, chat_format="minimind2"):
-    """Build tokens_dir (and the image units when data_dir has none yet) under temporary names, then rename."""
+          max_seq_len, workers, log, builder: str, chat_format="minimind2"):
+    """Build tokens_dir (and the image units when data_dir has none yet) under temporary names of this
+    `builder` (BuildLock.token), then rename them; another builder's files are never touched."""
     started, cpu_started = time.time(), cpu_seconds()
     units = parquet_units(path) if kind == "parquet" else jsonl_units(path)
     images_dir = data_dir / "images"
     images_tmp = None
     if not (images_dir / "manifest.json").is_file():
-        images_tmp = data_dir / f".images-building-{os.getpid()}"
-        shutil.rmtree(images_dir, ignore_errors=True)
-        remove_stale(data_dir, ".images-building-")
+        images_tmp = data_dir / f".images-building-{builder}"
         images_tmp.mkdir()
-    tokens_tmp = data_dir / f".{tokens_dir.name}-building-{os.getpid()}"
-    remove_stale(data_dir, f".{tokens_dir.name}-building-")
+    tokens_tmp = data_dir / f".{tokens_dir.name}-building-{builder}"
     tokens_tmp.mkdir()
     encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
     token_dtype = "uint16" if len(tokenizer) <= MAX_UINT16_VOCAB else "uint32"
@@ -427,13 +532,13 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
         if images_tmp is not None:
             (images_tmp / "manifest.json").write_text(json.dumps(
                 {"kind": kind, "units": [[u.first_row, u.rows] for u in units]}))
-            os.replace(images_tmp, images_dir)
+            publish(images_tmp, images_dir)
         elapsed = time.time() - started
         manifest.update(max_seq_len=max_seq_len, data_path=str(path), seconds=round(elapsed, 2),
                         rows_per_second=round(manifest["rows"] / max(elapsed, 1e-9), 1),
                         cpu_seconds=round(cpu_seconds() - cpu_started, 2), workers=workers)
         (tokens_tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tokens_tmp, tokens_dir)
+        publish(tokens_tmp, tokens_dir)
     finally:
         for tmp in (images_tmp, tokens_tmp):
             if tmp is not None and tmp.exists():
@@ -449,12 +554,6 @@ def cpu_seconds() -> float:
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def remove_stale(folder: Path, prefix: str):
-    """Leftovers of a build that crashed (we hold the lock, so no build is running)."""
-    for leftover in folder.glob(f"{prefix}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- reading it back

@@ -59,11 +59,13 @@ def image_processor_for(config) -> MiniMindVImageProcessor:
     return MiniMindVImageProcessor(image_processing=config.image_processing)
 
 
-def preprocess_image(image: Image.Image, image_processor: MiniMindVImageProcessor) -> torch.Tensor:
-    """PIL image (any mode) -> encoder input [3, H, W] float32 (image_processor_for(config)), with the
-    project's ImageError (a UserError: one line at the command line) for an unusable image."""
+def preprocess_image(image: Image.Image, image_processor: MiniMindVImageProcessor,
+                     normalize: bool = True) -> torch.Tensor:
+    """PIL image (any mode) -> encoder input [3, H, W] float32 (image_processor_for(config)), or uint8 pixels with
+    normalize=False (for `image_processor.normalize` on the device), with the project's ImageError (a UserError:
+    one line at the command line) for an unusable image."""
     try:
-        return image_processor.pixels(image)
+        return image_processor.pixels(image, normalize)
     except processing_minimind_v.ImageError as error:
         raise ImageError(str(error)) from None
 

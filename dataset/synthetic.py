@@ -699,7 +699,8 @@ def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
 
 def write_pope_parquet(path, n_images: int, seed: int = 0, all_questions: bool = False) -> Path:
     """Held-out yes/no questions about fresh pictures in the lmms-lab/POPE schema (id, question_id, question,
-    answer, image_source, image struct<bytes, path>, category = the question's kind).
+    answer, image_source, image struct<bytes, path>, category = the question's kind), with the `datasets` features
+    of the Hub's files (all strings, `image` an Image).
 
     all_questions: 18 questions per picture (every colour and shape, two phrasings; POPE's 9,000 questions
     about 500 images is n_images=500), else 4 (balanced yes/no).
@@ -721,6 +722,11 @@ def write_pope_parquet(path, n_images: int, seed: int = 0, all_questions: bool =
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table({name: pa.array(values, image_type if name == "image" else pa.string())
                       for name, values in columns.items()})
+    # The `datasets` feature record that files pushed to the Hub with `datasets` carry (its Features.arrow_schema):
+    # with it `datasets`, and so lmms-eval's POPE task, decodes the image column into PIL images.
+    features = {name: {"_type": "Image"} if name == "image" else {"dtype": "string", "_type": "Value"}
+                for name in columns}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, MAX_SEED, REPO_ROOT,
-                    UserError, bounded, count_parameters, quiet_transformers)
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, MAX_SEED,
+                    REPO_ROOT, UserError, bounded, count_parameters, quiet_transformers, torch_dtype)
 from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 from model.model_vlm import VISION_ENCODERS, MiniMindVLM, VLMConfig
@@ -64,7 +64,21 @@ def add_model_flags(parser):
     sampling.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), default=DEFAULT_TOP_P)
     sampling.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=DEFAULT_SEED)
     sampling.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sampling.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                          help="weights and activations (default: bfloat16 on a CUDA GPU that supports it, else "
+                               "float16 on CUDA; float32 on CPU)")
     return parser
+
+
+def inference_dtype(device, name: str = None) -> torch.dtype:
+    """The dtype a model runs in for generation and scoring: `name` (one of DTYPE_NAMES) if given; else bf16 on
+    CUDA where the GPU has it (fused attention kernels, half the memory), fp16 on older GPUs, fp32 on CPU."""
+    if name is not None:
+        return torch_dtype(name)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def check_flags(parser, args):
@@ -125,9 +139,10 @@ def read_checkpoint(weight_file) -> dict:
 
 
 def load_native_model(weight_file, vision_model_path, device, hidden_size=None, num_hidden_layers=None,
-                      use_moe=None, log=print, vision_encoder=None, projector=None) -> MiniMindVLM:
-    """MiniMindVLM with its vision encoder from a .pth file: the architecture from the file's sidecar, or read off
-    its keys (model/weights.py read_architecture); a shape given here overrides it."""
+                      use_moe=None, log=print, vision_encoder=None, projector=None,
+                      dtype=torch.float32) -> MiniMindVLM:
+    """MiniMindVLM with its vision encoder from a .pth file, in `dtype`: the architecture from the file's sidecar,
+    or read off its keys (model/weights.py read_architecture); a shape given here overrides it."""
     state_dict = read_checkpoint(weight_file)
     found = describe_state_dict(state_dict)
     if found["hidden_size"] is None:
@@ -153,11 +168,12 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
     except WeightsMismatchError as error:
         raise WeightsMismatchError(str(error).replace("state_dict", str(weight_file), 1)) from None
     if log is not None:
-        log(f"loaded {weight_file}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision encoder)")
-    return model.eval().to(device)
+        log(f"loaded {weight_file}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision "
+            f"encoder), {str(dtype).removeprefix('torch.')} on {device}")
+    return model.eval().to(device=device, dtype=dtype)
 
 
-def load_transformers_model(folder, vision_model_path, device, log=print) -> MiniMindVLM:
+def load_transformers_model(folder, vision_model_path, device, log=print, dtype=torch.float32) -> MiniMindVLM:
     """A folder written by scripts/convert_vlm.py, read with this repo's class (no remote code runs), with the
     folder's own CLIP (vision_model/) or, for a folder without one, CLIP from `vision_model_path`."""
     folder = Path(folder)
@@ -172,24 +188,28 @@ def load_transformers_model(folder, vision_model_path, device, log=print) -> Min
         except ValueError as error:  # a CLIP of another width than the folder's vision_proj
             raise WeightsMismatchError(str(error)) from None
     if log is not None:
-        log(f"loaded {folder}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision encoder)")
-    return model.eval().to(device)
+        log(f"loaded {folder}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision encoder), "
+            f"{str(dtype).removeprefix('torch.')} on {device}")
+    return model.eval().to(device=device, dtype=dtype)
 
 
 def load_model(source, load_transformers: bool, tokenizer_path, vision_model_path, device, hidden_size=None,
-               num_hidden_layers=None, use_moe=None, log=print, vision_encoder=None, projector=None) -> LoadedModel:
-    """Tokenizer first when given (a quick failure), then the model; without one, the transformers folder's, else
-    the model's preset's; checks the two agree on the image placeholder."""
+               num_hidden_layers=None, use_moe=None, log=print, vision_encoder=None, projector=None,
+               dtype_name: str = None) -> LoadedModel:
+    """Tokenizer first when given (a quick failure), then the model in `inference_dtype(device, dtype_name)`;
+    without a tokenizer, the transformers folder's, else the model's preset's; checks the two agree on the image
+    placeholder."""
     source = Path(source)
     if tokenizer_path is None and load_transformers and (source / "tokenizer.json").is_file():
         tokenizer_path = source
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     device = torch.device(device)
+    dtype = inference_dtype(device, dtype_name)
     if load_transformers:
-        model = load_transformers_model(source, vision_model_path, device, log=log)
+        model = load_transformers_model(source, vision_model_path, device, log=log, dtype=dtype)
     else:
         model = load_native_model(source, vision_model_path, device, hidden_size, num_hidden_layers, use_moe, log=log,
-                                  vision_encoder=vision_encoder, projector=projector)
+                                  vision_encoder=vision_encoder, projector=projector, dtype=dtype)
     if tokenizer is None:
         tokenizer_path = PRESETS[preset_for(model.config.lm_family, model.config.projector)].tokenizer_path
         tokenizer = load_tokenizer(tokenizer_path)
@@ -204,12 +224,12 @@ def load_model_from_flags(args, log=print) -> LoadedModel:
     """`load_model` for the flags of `add_model_flags`: the shape flags apply to native weights only."""
     if args.load == 1:
         return load_model(args.transformers_dir, True, args.tokenizer_path, args.vision_model_path, args.device,
-                          log=log)
+                          log=log, dtype_name=args.dtype)
     weight_file = weight_file_from_flags(args.save_dir, args.weight, args.model_mode, args.hidden_size,
                                          args.use_moe, args.preset)
     return load_model(weight_file, False, args.tokenizer_path, args.vision_model_path, args.device,
                       args.hidden_size, args.num_hidden_layers, args.use_moe, log=log,
-                      vision_encoder=args.vision_encoder, projector=args.projector)
+                      vision_encoder=args.vision_encoder, projector=args.projector, dtype_name=args.dtype)
 
 
 def is_transformers_folder(path: Path) -> bool:

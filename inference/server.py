@@ -6,9 +6,11 @@
 
 Requests are checked before they wait (every problem is a 4xx with an OpenAI-style error body), then wait for
 one of `max_concurrency` generation slots in arrival order; when `max_queue` are already waiting the answer is
-429. Each slot is a view of the same model (weights shared, one KV cache per generation), so with the default
-of one slot the model answers one request at a time. A client that leaves mid-answer stops its generation at
-the next token, which frees its slot.
+429 with a `Retry-After` (about the wait a queued request would have had, from recent answer times; the `openai`
+client waits that long and retries). The default queue holds an evaluation harness's burst (HARNESS_BURST) while
+the one slot answers. Each slot is a view of the same model (weights shared, one KV cache per generation), so
+with the default of one slot the model answers one request at a time. A client that leaves mid-answer stops its
+generation at the next token, which frees its slot.
 """
 import asyncio
 import base64
@@ -16,6 +18,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -51,6 +54,13 @@ SSE_DONE = "data: [DONE]\n\n"
 SERVING_ANNOUNCEMENT = re.compile(r"serving '.*' at (http://[\d.]+:\d+)/v1")
 SERVER_POLL_S = 0.25
 LOG_TAIL_CHARS = 2000
+# lmms-eval's `openai` model sends this many requests at once (its num_concurrent default, lmms_eval/models/simple/
+# openai.py in 0.7.3): the default queue takes them all while the default single slot is busy.
+HARNESS_BURST = 32
+# Retry-After, in whole seconds (HTTP's delay-seconds): at least 1; at most 60, the longest wait the `openai`
+# client honours in 1.30, the oldest tests/requirements.txt allows (3.60 honours up to 120 s; longer: no retry).
+RETRY_AFTER_S = (1, 60)
+ANSWER_TIME_WEIGHT = 0.2  # weight of the newest answer in the running mean of answer times behind Retry-After
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -63,7 +73,7 @@ class ServerSettings:
     max_seq_len: int  # prompt + answer tokens, at most
     api_key: str = None  # None: no key needed
     max_concurrency: int = 1
-    max_queue: int = 16
+    max_queue: int = HARNESS_BURST
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 50_000_000
@@ -73,18 +83,20 @@ class ServerSettings:
 
 
 class APIError(Exception):
-    """A request the server refuses: sent as {"error": {"message", "type", "param", "code"}} with `status`."""
+    """A request the server refuses: sent as {"error": {"message", "type", "param", "code"}} with `status`
+    (and `headers`, such as a 429's Retry-After)."""
 
     def __init__(self, status: int, message: str, param: str = None, code: str = None,
-                 error_type: str = "invalid_request_error"):
+                 error_type: str = "invalid_request_error", headers: dict = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str = None, code: str = None) -> APIError:
@@ -353,6 +365,7 @@ class SlotPool:
         self.size = len(slots)
         self.max_queue = max_queue
         self.waiting = deque()  # futures, oldest first
+        self.answer_s = None  # running mean of the seconds an answer holds its slot; None before the first
 
     @property
     def running(self) -> int:
@@ -378,7 +391,11 @@ class SlotPool:
             if future in self.waiting:
                 self.waiting.remove(future)
 
-    def release(self, slot):
+    def release(self, slot, busy_s: float = None):
+        """Hand `slot` to the oldest waiter, or free it; `busy_s`: how long a finished answer held it."""
+        if busy_s is not None:
+            self.answer_s = busy_s if self.answer_s is None else \
+                (1 - ANSWER_TIME_WEIGHT) * self.answer_s + ANSWER_TIME_WEIGHT * busy_s
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -389,10 +406,21 @@ class SlotPool:
     def is_full(self) -> bool:
         return not self.free and len(self.waiting) >= self.max_queue
 
+    def retry_after_s(self) -> int:
+        """Whole seconds a refused request should wait: about the wait it would have had at the back of the queue
+        (the waiting requests and it, answered `size` at a time). Retried then, it loses no time to the queue and
+        finds it drained, where a shorter wait would spend the client's few retries on more 429s."""
+        lowest, highest = RETRY_AFTER_S
+        if self.answer_s is None:
+            return lowest
+        return min(highest, max(lowest, math.ceil(self.answer_s * (len(self.waiting) + 1) / self.size)))
+
 
 def queue_full(pool: SlotPool) -> APIError:
-    return APIError(429, f"the server is busy ({pool.running} answering, {len(pool.waiting)} waiting): retry later",
-                    None, "queue_full", "rate_limit_error")
+    retry_after = pool.retry_after_s()
+    return APIError(429, f"the server is busy ({pool.running} answering, {len(pool.waiting)} waiting): retry in "
+                         f"{retry_after} s, or start it with a larger --max_queue", None, "queue_full",
+                    "rate_limit_error", {"Retry-After": str(retry_after)})
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -417,6 +445,7 @@ class GenerationRun:
         self.slot, self.release, self.settings = slot, release, settings
         self.args = (input_ids, pixel_values, settings)
         self.abandoned = False  # the client left before the end
+        self.started = time.monotonic()
         threading.Thread(target=self._run, name="minimind-serve", daemon=True).start()
 
     def _run(self):
@@ -436,7 +465,8 @@ class GenerationRun:
         if self.abandoned and finished.stats is not None:
             log.info(f"client left: generation stopped after {finished.stats.tokens} of "
                      f"{self.settings.max_new_tokens} tokens")
-        self.release(self.slot)
+        answered = finished.stats is not None and not self.abandoned  # a stopped run says little about answer times
+        self.release(self.slot, time.monotonic() - self.started if answered else None)
         self.events.put_nowait(finished)
 
     def stop(self):

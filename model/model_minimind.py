@@ -232,6 +232,14 @@ def first_target_position(labels) -> int:
     return int(columns[0]) if len(columns) else labels.shape[1] - 1
 
 
+def target_positions(labels):
+    """(first_target_position, target_index): target_index [N] are the flat row-major indices into [B, T-1] of
+    the positions whose next token is a target. The loss-only forward would find both on the device (each a
+    device->host sync); the training collator computes them on the CPU and the batch carries them."""
+    has_target = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    return first_target_position(labels), has_target.flatten().nonzero().flatten()
+
+
 def cached_length(cache) -> int:
     """Tokens already in a transformers Cache (0 for None)."""
     return 0 if cache is None else cache.get_seq_length()
@@ -259,9 +267,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, x, position_embeddings, attn_mask=None, cache=None):
         """x [B, T, hidden] -> [B, T, hidden]; `cache` (a transformers Cache) gets this layer's keys and values
-        appended and supplies the earlier ones; attention_mask [B, P+T] 0/1 marks padding."""
+        appended and supplies the earlier ones; attn_mask: `attention_bias`'s [B, 1, T, P+T] mask, or None."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
@@ -270,15 +278,17 @@ class Attention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        past_len = 0
         if cache is not None:
+            past_len = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+T, d]: cached keys (already rotated), then new
-
-        past_len = k.shape[2] - seq_len
-        needs_mask = past_len > 0 or (attention_mask is not None and not bool(attention_mask.all()))
-        mask = self._additive_mask(attention_mask, bsz, seq_len, past_len, q.dtype, q.device) if needs_mask else None
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)  # built in the stream's dtype; q may be autocast's
+        # Without a mask: causal from position 0 (training, a prefill), or the decoding step's one new token, which
+        # sees every cached one. A plain bool (no SymBool under torch.compile), so SDPA stays in the graph.
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and seq_len > 1, enable_gqa=self.num_heads != self.num_kv_heads,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past_len == 0, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)  # [B, T, H*d]
         return self.resid_dropout(self.o_proj(out))
@@ -295,26 +305,42 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos[query_from:], sin[query_from:]), apply_rotary(k, cos, sin)
-        mask = self._additive_mask(None, bsz, new_len, query_from, q.dtype, q.device)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, H, T', d]
+        # The key/value heads repeated for every query head: on CUDA, SDPA with grouped-query attention runs only on
+        # the flash or math kernels, and flash takes no mask; without GQA the fused memory-efficient kernel takes it.
+        groups = self.num_heads // self.num_kv_heads
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, H, T, d]
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, H, T, d]
+        mask = causal_mask(query_from, new_len, q.dtype, q.device)  # [T', T]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)  # [B, H, T', d]
         out = out.transpose(1, 2).reshape(bsz, new_len, -1)  # [B, T', H*d]
         return self.resid_dropout(self.o_proj(out))
 
-    @staticmethod
-    def _additive_mask(attention_mask, bsz, seq_len, past_len, dtype, device):
-        """[B, 1, T, P+T] float mask: causal over the new tokens, plus padding from a [B, P+T] 0/1 mask."""
-        total_len = past_len + seq_len
-        query_pos = torch.arange(past_len, total_len, device=device).unsqueeze(1)  # [T, 1]
-        key_pos = torch.arange(total_len, device=device).unsqueeze(0)  # [1, P+T]
-        mask = torch.zeros(seq_len, total_len, dtype=dtype, device=device)
-        mask = mask.masked_fill(key_pos > query_pos, float("-inf")).expand(bsz, 1, seq_len, total_len)
-        if attention_mask is not None:
-            pad = (attention_mask[:, -total_len:] == 0).view(bsz, 1, 1, total_len)
-            mask = mask.masked_fill(pad & (key_pos <= query_pos), torch.finfo(dtype).min)
-        return mask
+
+def causal_mask(past_len, seq_len, dtype, device):
+    """[T, P+T] additive mask: new token t (position P+t) sees positions up to its own."""
+    query_pos = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(1)  # [T, 1]
+    key_pos = torch.arange(past_len + seq_len, device=device).unsqueeze(0)  # [1, P+T]
+    return torch.zeros(seq_len, past_len + seq_len, dtype=dtype, device=device).masked_fill(key_pos > query_pos,
+                                                                                            float("-inf"))
+
+
+def attention_bias(attention_mask, past_len: int, seq_len: int, dtype, device):
+    """The [B, 1, T, P+T] additive mask for T new tokens after P cached ones, built once for every layer, or None
+    where SDPA needs none: no padding, and either nothing cached (is_causal) or one new token (sees everything).
+
+    attention_mask [B, P+T] 0/1 marks padding (checked on the host once per forward, not once per layer); a padded
+    key gets finfo.min rather than -inf, so a row of padding only (a left-padded prompt's first rows) stays finite.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_len == 0 or seq_len == 1):
+        return None
+    total_len = past_len + seq_len
+    mask = causal_mask(past_len, seq_len, dtype, device)[None, None]  # [1, 1, T, P+T]
+    if padded:
+        pad = (attention_mask[:, -total_len:] == 0).view(-1, 1, 1, total_len)  # [B, 1, 1, P+T]
+        mask = mask.masked_fill(pad & (mask == 0), torch.finfo(dtype).min)  # [B, 1, T, P+T]
+    return mask
 
 
 class FeedForward(nn.Module):
@@ -409,10 +435,10 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = rms_norm_for(config, config.hidden_size)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attn_mask=None, cache=None):
         """[B, T, hidden] -> [B, T, hidden]: pre-norm attention, then pre-norm FFN, each added to the stream."""
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                                       attention_mask=attention_mask, cache=cache)
+                                                       attn_mask=attn_mask, cache=cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
     def forward_from(self, hidden_states, position_embeddings, query_from: int):
@@ -447,9 +473,11 @@ class MiniMindModel(nn.Module):
         position_ids: left padding shifts positions, in training and generation alike).
         """
         hidden_states = self._embed(input_ids, inputs_embeds)
-        position_embeddings = self._rope(cached_length(cache), hidden_states.shape[1])
+        past_len, seq_len = cached_length(cache), hidden_states.shape[1]
+        position_embeddings = self._rope(past_len, seq_len)
+        attn_mask = attention_bias(attention_mask, past_len, seq_len, hidden_states.dtype, hidden_states.device)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache)
+            hidden_states = layer(hidden_states, position_embeddings, attn_mask=attn_mask, cache=cache)
         hidden_states = self.norm(hidden_states)
         return hidden_states, self._moe_aux_loss(hidden_states)
 
@@ -529,7 +557,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     module.freqs_sin.copy_(sin)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, inputs_embeds=None, loss_only=False, return_dict=True):
+                logits_to_keep=0, inputs_embeds=None, loss_only=False, return_dict=True, first_target=None,
+                target_index=None):
         """Logits for input_ids [B, T] (or inputs_embeds [B, T, hidden]); with labels, the shifted cross-entropy.
         (Parameters in upstream's order, so positional calls mean the same.)
 
@@ -537,11 +566,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=True without one starts a DynamicCache. The output carries it in the installed transformers'
         cache field (`compat.OUTPUT_CACHE_FIELD`). generate() reaches this through `prepare_inputs_for_generation`.
         loss_only=True (training, no cache, no padding mask): the same loss without logits where there is no
-        target (`logits` is None); see `_loss_only_forward`.
+        target (`logits` is None); see `_loss_only_forward`. first_target, target_index: `target_positions(labels)`
+        computed beforehand (on the CPU), so that this path makes no device->host sync; None: found here.
         return_dict: accepted because generate() passes it; the output is always a ModelOutput.
         """
         if loss_only and labels is not None and past_key_values is None and not use_cache and attention_mask is None:
-            return self._loss_only_forward(input_ids, inputs_embeds, labels)
+            return self._loss_only_forward(input_ids, inputs_embeds, labels, first_target, target_index)
         cache = self._cache_for(past_key_values, use_cache)
         hidden_states, aux_loss = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                              inputs_embeds=inputs_embeds)
@@ -564,19 +594,22 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                             f"{type(past_key_values).__name__} (lists of (k, v) pairs are not supported)")
         return past_key_values
 
-    def _loss_only_forward(self, input_ids, inputs_embeds, labels):
+    def _loss_only_forward(self, input_ids, inputs_embeds, labels, first_target=None, target_index=None):
         """forward's loss with the vocabulary projection applied only where a target exists. Positions before the
         first target of the batch feed the loss only through attention, so the last layer computes keys and values
         there but no outputs (not with MoE, whose aux loss sees every token)."""
-        first = 0 if self.config.use_moe else first_target_position(labels)
+        if first_target is None or target_index is None:
+            first_target, target_index = target_positions(labels)
+        first = 0 if self.config.use_moe else first_target
         if first:
             hidden_states, aux_loss = self.model.forward_from(first, input_ids=input_ids, inputs_embeds=inputs_embeds)
         else:
             hidden_states, aux_loss = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
-        targets = labels[:, first + 1:]  # position t predicts token t + 1
-        has_target = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden_states[:, :-1][has_target])  # [N targets, vocab]
-        loss = F.cross_entropy(logits.float(), targets[has_target])
+        # Position t predicts token t + 1; hidden_states start at position `first`. Index tensors, not a boolean
+        # mask: no device->host sync for the number of targets.
+        rows, columns = target_index // (labels.shape[1] - 1), target_index % (labels.shape[1] - 1)
+        logits = self.lm_head(hidden_states[rows, columns - first])  # [N targets, vocab]
+        loss = F.cross_entropy(logits.float(), labels[rows, columns + 1])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, hidden_states=hidden_states)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, logits_to_keep=None,

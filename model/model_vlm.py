@@ -179,6 +179,31 @@ def find_image_runs(input_ids, image_token_id: int):
     return starts[:, 0], starts[:, 1], ends[:, 1] - starts[:, 1] + 1
 
 
+def image_token_positions(input_ids, image_token_id: int, run_length: int, images_per_sample=None,
+                          image_count: int = None):
+    """Flat row-major indices [M * run_length] into input_ids [B, T] of every image token, after checking that
+    each run of image tokens is exactly `run_length` long and that there are as many runs as images (per sample
+    with `images_per_sample`, else `image_count` in total); ValueError otherwise. Every check reads data on the
+    host: free on the CPU (the training collator), a device->host sync on a GPU (forward without positions)."""
+    rows, starts, lengths = find_image_runs(input_ids, image_token_id)
+    bad = (lengths != run_length).nonzero().flatten().tolist()
+    if bad:
+        run = bad[0]
+        raise ValueError(f"sample {int(rows[run])}: a run of {int(lengths[run])} image tokens at position "
+                         f"{int(starts[run])}; each image needs exactly {run_length} consecutive "
+                         f"id-{image_token_id} tokens (was the prompt truncated, or '@' typed next to an image?)")
+    runs_per_sample = torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
+    if images_per_sample is not None:
+        for sample, (runs, images) in enumerate(zip(runs_per_sample, images_per_sample)):
+            if runs != images:
+                raise ValueError(f"sample {sample}: {runs} image placeholder(s) in the text but {images} "
+                                 f"image(s) given")
+    elif sum(runs_per_sample) != image_count:
+        raise ValueError(f"{sum(runs_per_sample)} image placeholder(s) in the batch {runs_per_sample} but "
+                         f"{image_count} image(s) given")
+    return (input_ids.flatten() == image_token_id).nonzero().flatten()
+
+
 def count_images_per_sample(pixel_values, batch_size):
     """Images per sample for batched pixel_values [B, N, (1,) 3, H, W]; None for a flat [M, 3, H, W] list."""
     if pixel_values.dim() == 4:
@@ -277,60 +302,64 @@ class MiniMindVLM(MiniMindForCausalLM):
         CLIP [M, 196, 768] before post_layernorm without CLS; SigLIP2 [M, 64, 768] after it)."""
         if self.vision_encoder is None:
             raise RuntimeError("this model was built without a vision encoder (vision_model_path=None)")
+        if pixel_values.dtype == torch.uint8:
+            raise ValueError("pixel_values are uint8: normalise them first (processing_minimind_v.normalize_pixels)")
+        if len(pixel_values) == 0:  # a text-only training batch: no CLIP call, but vision_proj still runs
+            return pixel_values.new_zeros(0, self.config.image_feature_count, self.config.ve_hidden_size)
         encoder_dtype = next(self.vision_encoder.parameters()).dtype
         hidden = self.vision_encoder(pixel_values=pixel_values.to(encoder_dtype)).last_hidden_state
         return hidden[:, VISION_ENCODERS[self.config.vision_encoder].leading_tokens:, :]
 
-    def splice_image_features(self, input_ids, inputs_embeds, image_features, images_per_sample=None):
+    def splice_image_features(self, input_ids, inputs_embeds, image_features, images_per_sample=None,
+                              image_positions=None):
         """Overwrite every run of image tokens with the projected features of the sample's next image.
 
         input_ids [B, T]; inputs_embeds [B, T, hidden]; image_features [M, n, ve_hidden] in reading order
-        (sample 0's images left to right, then sample 1's, ...). Raises ValueError when a run is not exactly
-        image_token_count tokens long or when the number of runs differs from the number of images (per sample if
-        `images_per_sample` is given, else in total).
+        (sample 0's images left to right, then sample 1's, ...). image_positions: `image_token_positions`
+        computed beforehand (the training collator does it on the CPU); None: found and checked here, which
+        raises ValueError when a run is not exactly image_token_count tokens long or when the number of runs
+        differs from the number of images (per sample if `images_per_sample` is given, else in total).
         """
-        rows, starts, lengths = find_image_runs(input_ids, self.image_token_id)
-        bad = (lengths != self.image_token_count).nonzero().flatten().tolist()
-        if bad:
-            run = bad[0]
-            raise ValueError(f"sample {int(rows[run])}: a run of {int(lengths[run])} image tokens at position "
-                             f"{int(starts[run])}; each image needs exactly {self.image_token_count} consecutive "
-                             f"id-{self.image_token_id} tokens (was the prompt truncated, or '@' typed next to "
-                             f"an image?)")
-        runs_per_sample = torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
-        if images_per_sample is not None:
-            for sample, (runs, images) in enumerate(zip(runs_per_sample, images_per_sample)):
-                if runs != images:
-                    raise ValueError(f"sample {sample}: {runs} image placeholder(s) in the text but {images} "
-                                     f"image(s) given")
-        elif sum(runs_per_sample) != image_features.shape[0]:
-            raise ValueError(f"{sum(runs_per_sample)} image placeholder(s) in the batch {runs_per_sample} but "
-                             f"{image_features.shape[0]} image(s) given")
+        if image_positions is None:
+            image_positions = image_token_positions(input_ids, self.image_token_id, self.image_token_count,
+                                                    images_per_sample, image_features.shape[0])
         projected = self.vision_proj(image_features.to(next(self.vision_proj.parameters()).dtype))
-        is_image = (input_ids == self.image_token_id).unsqueeze(-1)  # [B, T, 1]
-        # Row-major order of masked positions = sample by sample, image by image, patch by patch.
-        return inputs_embeds.masked_scatter(is_image, projected.to(inputs_embeds.dtype))
+        hidden = inputs_embeds.shape[-1]
+        # Row-major order of the positions = sample by sample, image by image, patch by patch.
+        spliced = inputs_embeds.reshape(-1, hidden).index_copy(
+            0, image_positions, projected.reshape(-1, hidden).to(inputs_embeds.dtype))  # [B*T, hidden]
+        return spliced.view_as(inputs_embeds)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,
                 labels=None, pixel_values=None, image_features=None, inputs_embeds=None, loss_only=False,
-                return_dict=True):
+                return_dict=True, image_positions=None, first_target=None, target_index=None):
         """MiniMindForCausalLM.forward, with the prompt's images spliced into the embeddings first (parameters
         in upstream's order for the VLM, which differs from its LM's).
 
         pixel_values: [B, N, 3, H, W], upstream's [B, N, 1, 3, H, W], or a flat [M, 3, H, W] list in reading
         order; image_features: precomputed encoder features [M, image_feature_count, ve_hidden] instead. Images
-        belong to the prompt: they come with a call whose cache is empty (generate() passes them on the prefill step only).
+        belong to the prompt, spliced on the call whose cache is empty (our generate() passes them on that step
+        only). Code written against upstream passes them on every decoding step: with a non-empty cache they are
+        ignored while the new tokens hold no image placeholder, and a placeholder there raises (its image would go
+        unseen). image_positions, first_target, target_index: positions the training collator computed on the
+        CPU (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
         """
-        if pixel_values is not None or image_features is not None:
-            if cached_length(past_key_values) > 0:
-                raise ValueError("images go with the prompt: pass pixel_values/image_features only with an empty cache")
+        has_images = pixel_values is not None or image_features is not None
+        if has_images and cached_length(past_key_values) > 0:
+            if input_ids is not None and bool((input_ids == self.image_token_id).any()):
+                raise ValueError("images go with the prompt: image placeholder tokens after the prompt (with a "
+                                 "non-empty cache) cannot take pixel_values/image_features; start a new cache")
+            has_images = False
+        if has_images:
             images_per_sample = None
             if image_features is None:
                 images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
                 image_features = self.encode_images(flatten_pixel_values(pixel_values))
             if inputs_embeds is None:
                 inputs_embeds = self.model.embed_tokens(input_ids)
-            inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample)
+            inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample,
+                                                       image_positions)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep,
-                               inputs_embeds=inputs_embeds, loss_only=loss_only)
+                               inputs_embeds=inputs_embeds, loss_only=loss_only, first_target=first_target,
+                               target_index=target_index)

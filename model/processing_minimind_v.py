@@ -164,11 +164,13 @@ def output_size(processing: dict) -> tuple:
     raise ValueError("a shortest-edge resize without a crop gives images of varying shape")
 
 
-def preprocess_image(image: Image.Image, processing: dict) -> torch.Tensor:
+def preprocess_image(image: Image.Image, processing: dict, normalize: bool = True) -> torch.Tensor:
     """PIL image (any mode) -> encoder input [3, H, W] float32, with the steps of transformers' PIL image
     processors (CLIPImageProcessor, SiglipImageProcessor) as `processing` configures them: RGB; resize, either
     the shortest side to `size` (long side truncated) or to exactly `size`; centre crop if `crop_size`; rescale;
-    normalise with image_mean / image_std.
+    normalise with image_mean / image_std (`normalize_pixels`). normalize=False stops before the last two steps
+    and returns the uint8 pixels [3, H, W]: training sends those between processes and to the device (a quarter
+    of the bytes) and calls `normalize_pixels` there.
     """
     image = to_rgb(image)
     width, height = image.size
@@ -183,15 +185,21 @@ def preprocess_image(image: Image.Image, processing: dict) -> torch.Tensor:
     if new_width * new_height > MAX_IMAGE_PIXELS:  # a 1 x 100000 strip would be resized to 224 x 22 million
         raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
     image = image.resize((new_width, new_height), resample=Image.Resampling(processing["resample"]))
-    pixels = np.asarray(image, dtype=np.float32)  # [h, w, 3]
+    pixels = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
     if processing.get("crop_size"):
         crop_height, crop_width = processing["crop_size"]
         top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
         pixels = pixels[top:top + crop_height, left:left + crop_width]
-    mean = np.asarray(processing["image_mean"], dtype=np.float32)
-    std = np.asarray(processing["image_std"], dtype=np.float32)
-    pixels = (pixels * np.float32(processing["rescale_factor"]) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
+    return normalize_pixels(pixels, processing) if normalize else pixels
+
+
+def normalize_pixels(pixels: torch.Tensor, processing: dict) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 encoder input of the same shape, on the pixels' device: rescaled
+    and normalised with `processing`'s image_mean / image_std."""
+    mean = torch.tensor(processing["image_mean"], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(processing["image_std"], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) * np.float32(processing["rescale_factor"]) - mean) / std
 
 
 def placeholder_unit(image_special_token: str) -> str:
@@ -274,9 +282,13 @@ class MiniMindVImageProcessor(BaseImageProcessor):
         """(3, H, W) of one preprocessed image."""
         return (3,) + output_size(self.image_processing)
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> [3, H, W]."""
-        return preprocess_image(image, self.image_processing)
+    def pixels(self, image: Image.Image, normalize: bool = True) -> torch.Tensor:
+        """One PIL image -> [3, H, W] float32, or uint8 with normalize=False (then `normalize` on the device)."""
+        return preprocess_image(image, self.image_processing, normalize)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] from pixels(normalize=False) -> the encoder's float32 input."""
+        return normalize_pixels(pixels, self.image_processing)
 
     def preprocess(self, images, return_tensors=None, **kwargs):
         sources = flatten_images(images)

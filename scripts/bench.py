@@ -17,6 +17,8 @@ in what the issue asks to compare:
                  logits only where there is a target (the training loop's loss_only)
     ours_cache   ours plus --cache_vision_features (CLIP features read from the fp16 cache; the cache is built
                  once before timing, and its build time is reported and amortised separately)
+    ours_compiled  ours plus --use_compile 1 (torch.compile, dynamic shapes; the compilation falls in the
+                 warm-up step, reported as warmup_s; a step that compiled again would be timed as it is)
 
 With --preset minimind-3v the model is a MiniMind-3 LM behind a random SigLIP (256 px, 32 px patches: 64 image
 tokens) and an MLP projector, upstream's processor is transformers' SiglipImageProcessor, and upstream pads to its
@@ -65,7 +67,7 @@ from model.presets import PRESETS as MODEL_PRESETS
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
 STAGES = ("pretrain", "sft")
-MODES = ("upstream", "ours", "ours_cache")
+MODES = ("upstream", "ours", "ours_cache", "ours_compiled")
 # Upstream 3v's trainers pad every sample to these (spec: upstream-notes.md 7.8); None: the stage script's default.
 UPSTREAM_MAX_SEQ_LEN = {"minimind2-v": {"pretrain": None, "sft": None}, "minimind-3v": {"pretrain": 450, "sft": 768}}
 GEN_PROMPT = "Describe the picture briefly."
@@ -403,7 +405,7 @@ def train_worker(conn, spec):
         extra.append("--no_length_grouping")
     if mode == "ours_cache":
         extra += ["--cache_vision_features", str(spec["cache_dir"])]
-    if spec["use_compile"] and mode != "upstream":
+    if mode == "ours_compiled":
         extra += ["--use_compile", "1"]
     args = stage_args(spec, extra)
     ctx = RunContext(device=torch.device(args.device))
@@ -640,7 +642,7 @@ def summarise_mode(worker, result, shape, mode):
         "peak_memory_mb": result["peak_memory_mb"], "cpu_s_per_sample": cpu / samples, "other_load": other_load,
         "model_tflop_per_sample": needed / samples / 1e12, "model_flop": needed, "executed_flop": executed,
         "batch_size": result["batch_size"], "max_seq_len": result["max_seq_len"], "trainable": result["trainable"],
-        "setup_s": result["setup_s"],
+        "setup_s": result["setup_s"], "warmup_s": worker.steps[0]["seconds"],
     }
 
 
@@ -665,7 +667,6 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=bounded(int, 0), default=None,
                    help="DataLoader workers, every mode alike (default: 0 on CPU, where workers would only "
                         "take cores from the step being timed; 4 on CUDA)")
-    p.add_argument("--use_compile", action="store_true", help="torch.compile the model in the ours modes")
     p.add_argument("--work_dir", type=Path, default=None, help="keep the synthetic assets here (default: temp)")
     p.add_argument("--tokenizer_path", type=Path, default=None,
                    help="a tokenizer folder to use (default: a small one built locally)")
@@ -690,14 +691,14 @@ def model_shape(spec_model: dict, model_preset: str = DEFAULT_PRESET) -> dict:
 
 
 def format_table(report) -> str:
-    rows = ["| stage | mode | samples/s | real tokens/s | padding | peak memory | MFU | speed-up |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| stage | mode | samples/s | real tokens/s | padding | peak memory | MFU | speed-up | warm-up step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, modes in report["train"].items():
         for mode, r in modes.items():
             speedup = report["speedup"].get(stage, {}).get(mode)
             rows.append(f"| {stage} | {mode} | {r['samples_per_s']:.3f} | {r['real_tokens_per_s']:.0f} | "
                         f"{r['padding_fraction']:.0%} | {r['peak_memory_mb']:.0f} MB | {r['mfu']:.1%} | "
-                        f"{'' if speedup is None else f'{speedup:.2f}x'} |")
+                        f"{'' if speedup is None else f'{speedup:.2f}x'} | {r['warmup_s']:.1f}s |")
     if report.get("generation"):
         rows += ["", "| generation | tokens/s (end to end) | decode tokens/s | time to first token |",
                  "|---|---:|---:|---:|"]
@@ -714,7 +715,7 @@ def time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed, model_
                 tokenizer_path=str(paths["tokenizer"]), clip_path=str(paths["clip"]),
                 hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_hidden_layers"],
                 batch_size=batch_size, device=args.device, dtype=args.dtype_name, num_workers=args.num_workers,
-                cache_dir=str(work_dir / "feature_cache"), use_compile=args.use_compile, seed=args.seed)
+                cache_dir=str(work_dir / "feature_cache"), seed=args.seed)
     cache = None
     if "ours_cache" in args.modes:
         log(f"[{elapsed()}] {stage}: building the feature cache")
@@ -855,7 +856,7 @@ def main(argv=None):
         log(f"[{elapsed()}] matmul peak on {device}: {peak_flops / 1e12:.3f} TFLOP/s ({args.dtype_name})")
         common = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "dtype": args.dtype_name, "preset": "quick" if args.quick else "full",
-                  "settings": preset, "num_workers": args.num_workers, "use_compile": args.use_compile}
+                  "settings": preset, "num_workers": args.num_workers}
         reports = {}
         for model_preset in args.preset:
             model_dir = work_dir if len(args.preset) == 1 else work_dir / model_preset

@@ -19,7 +19,7 @@ from common import MAX_PORT, bounded, run_cli
 from dataset.processing import MAX_IMAGE_PIXELS
 from inference.generation import GenerationSettings
 from inference.loading import add_model_flags, check_flags, load_model_from_flags
-from inference.server import ServerSettings, create_app
+from inference.server import HARNESS_BURST, ServerSettings, create_app
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
 DEFAULT_PORT = 8998
@@ -29,7 +29,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # name: (default, lowest, help)
 LIMIT_FLAGS = {
     "max_concurrency": (1, 1, "answers generated at once (each a thread on the one model, own KV cache)"),
-    "max_queue": (16, 0, "requests waiting for a generation slot, in arrival order; beyond: 429"),
+    "max_queue": (HARNESS_BURST, 0, "requests waiting for a generation slot, in arrival order; beyond: 429 with "
+                                    "Retry-After"),
     "max_request_bytes": (32 * MIB, 1024, "largest request body in bytes; beyond: 413"),
     "max_image_bytes": (10 * MIB, 1, "largest image in bytes (after base64 decoding); beyond: 400"),
     "max_image_pixels": (MAX_IMAGE_PIXELS, 1, "largest image in pixels (width x height), checked before decoding"),

@@ -224,6 +224,29 @@ def test_synthetic_pope_file_has_the_lmms_lab_schema(pope_file):
         ("image_source", pa.string()), ("image", image), ("category", pa.string())]
 
 
+def test_synthetic_pope_file_carries_the_datasets_image_feature(pope_file):
+    """The schema metadata `datasets` writes and reads (b"huggingface" -> info.features), as in the Hub's files:
+    `datasets` takes a feature only where its arrow type is the column's, so each must match."""
+    schema = pq.read_schema(pope_file)
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    string = {"dtype": "string", "_type": "Value"}
+    assert features == {"id": string, "question_id": string, "question": string, "answer": string,
+                        "image_source": string, "image": {"_type": "Image"}, "category": string}
+    arrow_type = {"Value": pa.string(), "Image": IMAGE_TYPE}
+    assert all(schema.field(name).type == arrow_type[feature["_type"]] for name, feature in features.items())
+
+
+def test_datasets_decodes_the_synthetic_pope_images(pope_file):
+    """What lmms-eval's POPE task does with the file: load it with `datasets` and call .convert on each image."""
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_parquet(str(pope_file))
+    table = pq.read_table(pope_file)
+    assert len(rows) == table.num_rows and isinstance(rows.features["image"], datasets.Image)
+    first = rows[0]
+    assert first["image"].convert("RGB").size == Image.open(io.BytesIO(table["image"][0]["bytes"].as_py())).size
+    assert first["id"] == table["id"][0].as_py() and isinstance(first["question_id"], str)
+
+
 @pytest.fixture(scope="module")
 def tiny_loaded_3v(tiny_vlm3_save_dir, tiny_siglip_dir, tiny_minimind3_tokenizer_dir):
     return load_model(weight_path(tiny_vlm3_save_dir, "sft_vlm", 64, False), False, tiny_minimind3_tokenizer_dir,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import torch
 
 import eval_vlm
 from dataset.processing import IMAGE_MARKER, build_prompt
@@ -18,7 +19,7 @@ from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE
 from model.weights import weight_path
 from common import run_cli
 from inference.generation import ChatSession, GenerationSettings, answer_once, fit_prompt
-from inference.loading import InferenceError, load_model
+from inference.loading import InferenceError, inference_dtype, load_model
 from inference.scoring import QuestionScore, is_correct, score_questions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,30 @@ def test_minimind3v_checkpoint_answers_with_no_preset_flag(tiny_vlm3_save_dir, t
                         tiny_siglip_dir, "cpu", log=None)
     expected, _ = answer_once(loaded, "What shape is in the picture?", [image], GREEDY)
     assert loaded.model.config.chat_format == "minimind3" and expected in result.stdout
+
+
+def test_single_shot_answers_in_bfloat16_on_cpu(cli_flags, shapes_data, tmp_path):
+    """--dtype reaches the model: the load line names it, and a bf16 model answers (fp32 is the CPU default)."""
+    image = shapes_data["eval_images"] / "000000.jpg"
+    result = run_eval(cli_flags, "--image", str(image), "--prompt", "What shape is in the picture?", "--dtype",
+                      "bfloat16", "--max_new_tokens", "6", "--temperature", "0", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "bfloat16 on cpu" in result.stderr and result.stdout.strip()
+
+
+def test_inference_dtype_defaults(monkeypatch):
+    assert inference_dtype("cpu") == torch.float32 and inference_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert inference_dtype("cuda:1") == torch.bfloat16 and inference_dtype("cuda", "float32") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert inference_dtype("cuda") == torch.float16
+
+
+def test_loaded_model_and_its_encoder_take_the_dtype(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir):
+    loaded = load_model(weight_path(tiny_vlm_save_dir, "sft_vlm", 64, False), False, tiny_tokenizer_dir,
+                        tiny_clip_dir, "cpu", log=None, dtype_name="bfloat16")
+    assert loaded.model.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.model.vision_encoder.parameters()} == {torch.bfloat16}
 
 
 def test_single_shot_answers_and_exits(cli_flags, shapes_data, tmp_path):

@@ -16,8 +16,7 @@ import train_pretrain_vlm
 from dataset import feature_cache
 from dataset.feature_cache import attach_feature_cache, list_shards
 from dataset.lm_dataset import VLMDataset
-from dataset.processing import ImageError
-from dataset.processing import image_processor_for
+from dataset.processing import ImageError, image_processor_for
 from model.model_vlm import MiniMindVLM, VLMConfig
 from trainer.training import RunContext
 
@@ -61,7 +60,7 @@ def test_features_are_the_encoder_output_rounded_to_fp16(tmp_path, shapes_data, 
     for index in range(len(dataset)):
         item = dataset[index]
         assert "pixel_values" not in item and item["image_features"].shape == (1, 196, 64)
-        assert_fp16_close(item["image_features"], vlm.encode_images(dataset.load_pixels(index)))
+        assert_fp16_close(item["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(index))))
 
 
 def test_minimind3v_features_are_sized_by_the_encoder(tmp_path, shapes_data, tiny_siglip_dir,
@@ -119,7 +118,7 @@ def test_changed_encoder_or_preprocessing_uses_a_fresh_folder(tmp_path, shapes_d
     second = attach(dataset, changed, tmp_path)
     assert second.computed == len(dataset) and second.folder != first.folder
     assert not torch.allclose(dataset[0]["image_features"].float(), before.float(), atol=1e-2)
-    assert_fp16_close(dataset[0]["image_features"], changed.encode_images(dataset.load_pixels(0)))
+    assert_fp16_close(dataset[0]["image_features"], changed.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
 
     monkeypatch.setattr(feature_cache, "PREPROCESS_VERSION", feature_cache.PREPROCESS_VERSION + 1)
     third = attach(dataset, vlm, tmp_path)
@@ -154,7 +153,7 @@ def test_a_crash_mid_build_leaves_nothing_that_is_read(tmp_path, shapes_data, to
 
     store = attach(dataset, vlm, tmp_path)
     assert store.computed == len(dataset)
-    assert_fp16_close(dataset[2]["image_features"], vlm.encode_images(dataset.load_pixels(2)))
+    assert_fp16_close(dataset[2]["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(2))))
 
 
 def test_store_pickles_without_features_and_reopens_its_maps(tmp_path, shapes_data, tokenizer, vlm):

@@ -122,13 +122,51 @@ def test_vlm_generate_left_padded_batch(pth_vlm):
                                          pixel_values=torch.randn(2, 1, 3, 224, 224))
 
 
-def test_images_go_with_the_prompt_only(pth_vlm):
+def greedy_decode_loop(model, input_ids, pixel_values, images_every_step: bool):
+    """Greedy decoding by hand with a KV cache: upstream-style code passes pixel_values on every step, ours on the
+    prefill only. Returns the tokens and each step's logits."""
+    cache, ids, steps = DynamicCache(), input_ids, []
+    new_ids = input_ids
+    for step in range(NEW_TOKENS):
+        images = pixel_values if step == 0 or images_every_step else None
+        logits = model(new_ids, past_key_values=cache, use_cache=True, pixel_values=images).logits[:, -1]
+        steps.append(logits)
+        new_ids = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, new_ids], dim=1)
+    return ids, torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_upstream_style_decode_loop_equals_prefill_only(use_moe, tiny_clip_dir):
+    torch.manual_seed(10)
+    model = MiniMindVLM(VLMConfig(**TINY, use_moe=use_moe), vision_model_path=tiny_clip_dir).eval()
+    input_ids = torch.tensor([[1, 5] + IMG + [6, 7, 2, 1, 8]])
+    pixels = torch.randn(1, 1, 3, 224, 224)
+    with torch.no_grad():
+        upstream_ids, upstream_logits = greedy_decode_loop(model, input_ids, pixels, images_every_step=True)
+        ours_ids, ours_logits = greedy_decode_loop(model, input_ids, pixels, images_every_step=False)
+        generated = model.generate(input_ids, pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   eos_token_id=None, pad_token_id=PAD_ID)
+    assert torch.equal(upstream_logits, ours_logits) and torch.equal(upstream_ids, ours_ids)
+    assert torch.equal(generated, ours_ids)
+    # the image did count: the same prompt without it decodes differently
+    with torch.no_grad():
+        blind = model(input_ids).logits[:, -1]
+    assert not torch.allclose(blind, ours_logits[:, 0])
+
+
+def test_image_placeholders_after_the_prompt_raise(pth_vlm):
     cache = DynamicCache()
     pixels = torch.randn(1, 1, 3, 224, 224)
     with torch.no_grad():
         pth_vlm(torch.tensor([[1] + IMG + [6]]), pixel_values=pixels, past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="only with an empty cache"):
-            pth_vlm(torch.tensor([[7]]), pixel_values=pixels, past_key_values=cache, use_cache=True)
+        pth_vlm(torch.tensor([[7]]), pixel_values=pixels, past_key_values=cache, use_cache=True)  # ignored
+        assert cache.get_seq_length() == 1 + IMAGE_TOKENS_PER_IMAGE + 2
+        with pytest.raises(ValueError, match="image placeholder tokens after the prompt"):
+            pth_vlm(torch.tensor([[8] + IMG]), pixel_values=pixels, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="image placeholder tokens after the prompt"):
+            pth_vlm(torch.tensor([[8] + IMG]), image_features=torch.randn(1, IMAGE_TOKENS_PER_IMAGE, 64),
+                    past_key_values=cache, use_cache=True)
 
 
 # ---------------------------------------------------------- the exported folder, loaded with AutoModelForCausalLM

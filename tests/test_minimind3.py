@@ -49,10 +49,11 @@ def is_lm_key(key):
     return not key.startswith("vision_proj.")
 
 
-def minimind3(hidden, layers, use_moe, seed):
+def minimind3(hidden, layers, use_moe, seed, **overrides):
     """A random MiniMind-3 LM whose norm weights are not all ones (so q_norm/k_norm visibly count)."""
     torch.manual_seed(seed)
-    model = MiniMindForCausalLM(MiniMindConfig(**minimind3_config_kwargs(hidden, layers, use_moe))).eval()
+    config = MiniMindConfig(**{**minimind3_config_kwargs(hidden, layers, use_moe), **overrides})
+    model = MiniMindForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
@@ -186,12 +187,14 @@ def test_config_round_trip_and_explicit_head_dim(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     assert (loaded.lm_family, loaded.head_dim, loaded.n_shared_experts) == ("minimind3", 8, 0)
     # head_dim is a field of its own: heads x head_dim need not be the hidden size
-    wide = MiniMindForCausalLM(MiniMindConfig(**{**minimind3_config_kwargs(64, 1), "head_dim": 16}))
+    wide = minimind3(64, 1, False, seed=10, head_dim=16)
     assert wide.state_dict()["model.layers.0.self_attn.q_proj.weight"].shape == (8 * 16, 64)
     assert wide.model.freqs_cos.shape[1] == 16
     ids = torch.randint(3, 6400, (1, 7))
     with torch.no_grad():
-        assert torch.allclose(wide(ids).logits, reference_logits(wide.state_dict(), ids), atol=LOGITS_TOLERANCE)
+        ours = wide(ids).logits
+        ref = reference_logits(wide.state_dict(), ids)
+    assert ours.abs().max() > 0.1 and (ours - ref).abs().max() <= LOGITS_TOLERANCE
 
 
 def test_random_init_is_upstreams_post_init():
@@ -333,7 +336,6 @@ def upstream_file(path, hidden, layers, use_moe, seed):
             sd[key] = (torch.rand(shape, generator=generator) + 0.5).half()
         else:
             sd[key] = (torch.randn(shape, generator=generator) / math.sqrt(shape[-1])).half()
-    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * 20  # logits of a few units
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     torch.save(sd, path)
     return sd

@@ -148,6 +148,98 @@ def test_cached_decoding_equals_full_recomputation(use_moe):
     assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 9:15], atol=1e-5)
 
 
+def record_attention_calls(monkeypatch):
+    """Every SDPA call from now on, as (query length, key length, mask given, is_causal, grouped-query)."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], attn_mask is not None, is_causal, enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_masks_only_where_needed(monkeypatch):
+    """Prefill and decoding without padding build no mask (a decoding step's one token sees every cached one);
+    a chunk after cached tokens and a padded batch get one, and each still equals the full recomputation."""
+    torch.manual_seed(4)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY)).eval()
+    ids = torch.randint(3, 6400, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        calls = record_attention_calls(monkeypatch)
+        cache = DynamicCache()
+        model(ids[:, :6], past_key_values=cache, use_cache=True)
+        decoded = model(ids[:, 6:7], past_key_values=cache, use_cache=True).logits
+        chunk = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+    layers = TINY["num_hidden_layers"]
+    assert calls == [(6, 6, False, True, True)] * layers + [(1, 7, False, False, True)] * layers + \
+        [(5, 12, True, False, True)] * layers
+    assert torch.allclose(decoded[:, 0], full[:, 6], atol=1e-5) and torch.allclose(chunk, full[:, 7:], atol=1e-5)
+    calls.clear()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # all ones: no padding, no mask
+        mask[0, :3] = 0
+        model(ids, attention_mask=mask)
+    assert [call[2] for call in calls] == [False] * layers + [True] * layers
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_training_attention_fits_a_fused_cuda_kernel(monkeypatch, use_moe):
+    """On CUDA, SDPA with grouped-query attention runs only on flash (no mask) or math: a training step's
+    attention calls pass a mask only without grouped-query heads (the loss-only last layer), and the layers
+    before it no mask at all."""
+    torch.manual_seed(5)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=use_moe)).train()
+    ids = torch.randint(3, 6400, (2, 20))
+    labels = ids.clone()
+    labels[:, :12] = -100
+    calls = record_attention_calls(monkeypatch)
+    model(ids, labels=labels, loss_only=True).loss.backward()
+    assert calls and not any(mask and gqa for _, _, mask, _, gqa in calls)
+    *earlier, last = calls
+    assert all(call == (20, 20, False, True, True) for call in earlier)
+    # targets from position 12, so the last layer's queries start at 11 (MoE: every position, for the aux loss)
+    assert last == ((20, 20, False, True, True) if use_moe else (9, 20, True, False, False))
+
+
+def test_compile_reuses_its_graphs_for_new_lengths_and_gives_eager_losses():
+    """The trainer's torch.compile: the plain forward is one graph (no break in attention), and after the first
+    length two new ones compile nothing more, in both the plain and the loss-only path. (aot_eager: graph breaks
+    and recompiles are dynamo's, decided before the backend; inductor would only add minutes of C++ here.)"""
+    from torch._dynamo.utils import counters
+    from trainer.training import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(7)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY)).train()
+    compiled = compile_model(model, backend="aot_eager")
+
+    def losses(length, loss_only):
+        ids = torch.randint(3, 6400, (2, length), generator=torch.Generator().manual_seed(length))
+        labels = ids.clone()
+        labels[:, :length // 3] = -100  # targets never as many as positions (dynamo would guard on that)
+        compiled_loss = compiled(ids, labels=labels, loss_only=loss_only).loss
+        compiled_loss.backward()
+        return compiled_loss.detach(), model(ids, labels=labels, loss_only=loss_only).loss.detach()
+
+    got, want = losses(23, loss_only=False)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    got, want = losses(23, loss_only=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for length in (30, 41):
+        for loss_only in (False, True):
+            got, want = losses(length, loss_only)
+            assert torch.allclose(got, want, atol=1e-5), (length, loss_only)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_only_a_transformers_cache_is_accepted():
     model = MiniMindForCausalLM(MiniMindConfig(**TINY)).eval()
     ids = torch.randint(3, 6400, (1, 4))

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -214,3 +215,100 @@ def test_a_damaged_row_group_is_a_one_line_error_and_leaves_nothing(tokenizer, t
     with pytest.raises(DataError, match=r"damaged\.parquet: row group 0 cannot be read"):
         open_dataset(data, tokenizer, prepared_dir=tmp_path / "p", prepare_workers=2)
     assert not [p for p in (tmp_path / "p").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+# ------------------------------------------------------------------------ builders on shared filesystems
+
+def build_in_child(path, cache_dir, tokenizer, results, name, no_lock):
+    """One builder process: flock does nothing here (NFS local_lock, Lustre localflock, FUSE); with `no_lock`
+    the build lock does not exclude either, so both processes build at once."""
+    import fcntl
+
+    fcntl.flock = lambda *args, **kwargs: None
+    if no_lock:
+        prepared_module.BuildLock.__enter__ = lambda self: self
+        prepared_module.BuildLock.__exit__ = lambda self, *exc: None
+    run_units = prepared_module.run_units
+
+    def slow_units(job, units, workers):  # a build long enough for the other builder to start meanwhile
+        for result in run_units(job, units, workers):
+            time.sleep(0.5)
+            yield result
+
+    prepared_module.run_units = slow_units
+    try:
+        data = prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 2048, cache_dir=cache_dir,
+                               workers=1, log=lambda message: results.put((name, "log", message)))
+        ids = [data.token_ids(i).tolist() for i in range(len(data))]
+        results.put((name, "ok", (str(data.folder), ids, [data.record(i).images for i in range(len(data))])))
+    except BaseException as error:  # noqa: BLE001 - the parent reports it
+        results.put((name, "error", f"{type(error).__name__}: {error}"))
+
+
+@pytest.mark.parametrize("no_lock", [False, True], ids=["lock", "no_lock"])
+def test_two_builders_with_a_no_op_flock_on_one_folder_both_succeed(published, tokenizer, tmp_path, no_lock):
+    import multiprocessing
+
+    path, facts = published
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    builders = [context.Process(target=build_in_child, args=(path, tmp_path / "shared", tokenizer, results, name,
+                                                             no_lock)) for name in ("a", "b")]
+    for builder in builders:
+        builder.start()
+    outcomes, logs = {}, []
+    while len(outcomes) < 2:
+        name, kind, value = results.get(timeout=300)
+        if kind == "log":
+            logs.append((name, value))
+        else:
+            outcomes[name] = (kind, value)
+    for builder in builders:
+        builder.join(timeout=60)
+    assert {kind for kind, _ in outcomes.values()} == {"ok"}, outcomes
+    (folder_a, ids_a, images_a), (folder_b, ids_b, images_b) = outcomes["a"][1], outcomes["b"][1]
+    assert folder_a == folder_b and ids_a == ids_b and images_a == images_b and len(ids_a) == facts["rows"]
+    built = {name for name, message in logs if message.startswith("prepared ")}
+    assert len(built) == (2 if no_lock else 1)  # with the lock one builds and the other reuses its files
+    leftovers = [p.name for p in (tmp_path / "shared").rglob("*") if re.search(r"building|stale|removed|lock", p.name)]
+    assert not leftovers
+
+
+def test_a_dead_builders_lock_is_taken_over_and_only_its_leftovers_deleted(published, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    path, facts = published
+    monkeypatch.setattr(prepared_module, "LOCK_STALE_S", 1.0)
+    monkeypatch.setattr(prepared_module, "WAIT_POLL_S", 0.1)
+    cache = tmp_path / "cache"
+    data_dir = prepared_module.prepared_root(path, cache) / f"{path.stem}-{prepared_module.data_key(path, None)}"
+    data_dir.mkdir(parents=True)
+    lock = data_dir.with_name(data_dir.name + ".build-lock")
+    lock.mkdir()
+    (lock / "heartbeat").write_text("deadhost-1-cafe 7")  # a builder that died: its heartbeat never moves
+    (data_dir / ".images-building-deadhost-1-cafe").mkdir()
+    (data_dir / ".images-building-otherhost-2-beef").mkdir()  # a live builder's: not ours to delete
+    started = time.monotonic()
+    data = prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 2048, cache_dir=cache,
+                           workers=1, log=None)
+    assert time.monotonic() - started >= 1.0 and len(data) == facts["rows"]
+    assert not (data_dir / ".images-building-deadhost-1-cafe").exists()
+    assert (data_dir / ".images-building-otherhost-2-beef").is_dir()
+    assert not lock.exists()
+
+
+def test_a_filesystem_that_cannot_lock_is_one_line_naming_prepared_dir(published, tokenizer, tmp_path, monkeypatch):
+    path, _ = published
+    replace = os.replace
+
+    def no_rename_into_the_lock(src, dst):
+        if str(dst).endswith("heartbeat"):
+            raise OSError(95, "Operation not supported")
+        return replace(src, dst)
+
+    monkeypatch.setattr(prepared_module.os, "replace", no_rename_into_the_lock)
+    with pytest.raises(DataError) as error:
+        prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 2048, cache_dir=tmp_path,
+                        workers=1, log=None)
+    message = str(error.value)
+    assert "\n" not in message and "--prepared_dir" in message and "Operation not supported" in message
+    assert not list(tmp_path.rglob("*lock*"))  # the half-taken lock is gone again

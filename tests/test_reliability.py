@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -505,8 +506,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path, capsy
     for step, in_row in ((3, 1), (4, 2), (5, 3)):
         assert (f"warning: non-finite loss at step {step}; step skipped ({in_row} in a row, {in_row} in total)"
                 in out)
-    assert err.strip() == ("stopped: 3 optimizer steps in a row had a non-finite loss; the last saved checkpoint "
-                           "is intact. Lower --learning_rate or check the data.")
+    # (the data preparation's progress bar may come first on stderr)
+    assert err.strip().splitlines()[-1] == ("stopped: 3 optimizer steps in a row were skipped (non-finite loss or fp16 gradient "
+                           "overflow); the last saved checkpoint is intact. Lower --learning_rate, try --dtype "
+                           "bfloat16, or check the data.")
     # The checkpoint saved after step 2 is still there, loadable and finite.
     assert resume_step(resume_file(tmp_path)) == 2
     weights = torch.load(weights_file(tmp_path), weights_only=True)
@@ -518,7 +521,110 @@ def test_a_few_non_finite_losses_are_skipped_and_counted(assets, tmp_path, capsy
     code, out, err = train_in_process(train_args(assets, tmp_path, "--max_steps", "4", "--max_bad_steps", "3"),
                                       capsys)
     assert code == 0, out + err
-    assert "done: 4 optimizer steps, 2 skipped (non-finite loss)" in out
+    assert "done: 4 optimizer steps, 2 skipped (non-finite loss or fp16 gradient overflow)" in out
+
+
+def cpu_fp16_with_scale(monkeypatch, init_scale):
+    """fp16 autocast and a GradScaler on the CPU (the trainer uses them on CUDA only), starting at `init_scale`."""
+    from trainer import training
+
+    def autocast_for(device, dtype_name):
+        return (lambda: torch.autocast("cpu", dtype=torch.float16)), torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+    monkeypatch.setattr(training, "autocast_for", autocast_for)
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path, capsys, monkeypatch):
+    # A loss scale of 2^60 overflows every fp16 gradient: the GradScaler skips the step and halves the scale.
+    cpu_fp16_with_scale(monkeypatch, 2.0 ** 60)
+    code, out, err = train_in_process(train_args(assets, tmp_path, "--max_steps", "40", "--max_bad_steps", "3"),
+                                      capsys)
+    assert code == 1, out + err
+    for step in (1, 2, 3):
+        assert (f"warning: fp16 gradient overflow (the GradScaler lowered its scale) at step {step}; step skipped "
+                f"({step} in a row, {step} in total)") in out
+    assert err.strip().splitlines()[-1].startswith("stopped: 3 optimizer steps in a row were skipped")
+    assert " | loss " not in out  # a skipped step is not logged as a trained one
+    assert not resume_file(tmp_path).exists()  # no step was taken, so there was nothing to save
+
+
+def test_fp16_overflow_steps_are_counted_in_the_summary(assets, tmp_path, capsys, monkeypatch):
+    cpu_fp16_with_scale(monkeypatch, 2.0 ** 60)
+    code, out, err = train_in_process(train_args(assets, tmp_path, "--max_steps", "2", "--max_bad_steps", "5"),
+                                      capsys)
+    assert code == 0, out + err
+    assert "done: 2 optimizer steps, 2 skipped (non-finite loss or fp16 gradient overflow)" in out
+    checkpoint = torch.load(resume_file(tmp_path), weights_only=True)
+    assert checkpoint["scaler"]["scale"] == 2.0 ** 58 and checkpoint["skipped_steps"] == 2  # halved twice
+
+
+# ======================================================================= (d') RNG states across device counts
+
+class FakeCudaGenerators:
+    """torch.cuda's RNG calls over `count` fake devices, each generator state a distinct byte tensor."""
+
+    def __init__(self, monkeypatch, count):
+        self.states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(count)}
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self.index(device)].clone())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_state)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[i].clone() for i in range(count)])
+
+    def index(self, device):
+        index = torch.device(device).index
+        if index not in self.states:
+            raise IndexError(f"no CUDA device {index}")  # what real CUDA does for an invisible device
+        return index
+
+    def set_state(self, state, device="cuda"):
+        self.states[self.index(device)] = state.clone()
+
+
+def test_resume_with_fewer_cuda_generators_restores_what_is_visible(monkeypatch):
+    from trainer.training import RunContext, capture_rng, restore_rng
+
+    # A file of the former format from an 8-GPU box: rank 0's states plus all 8 generators (get_rng_state_all).
+    saved_on_8 = FakeCudaGenerators(monkeypatch, 8)
+    saved_on_8.states[0] = torch.full((16,), 42, dtype=torch.uint8)
+    old_format = capture_rng(torch.device("cpu"))
+    old_format["cuda"] = torch.cuda.get_rng_state_all()
+    # Resumed under CUDA_VISIBLE_DEVICES=3: one generator, cuda:0.
+    visible = FakeCudaGenerators(monkeypatch, 1)
+    lines = []
+    restore_rng(old_format, RunContext(device=torch.device("cuda:0")), log=lines.append)
+    assert visible.states[0].tolist() == [42] * 16 and not lines
+
+    # Today's format, per rank and per device: a 2-process run saved on cuda:0 and cuda:1 ...
+    two = FakeCudaGenerators(monkeypatch, 2)
+    per_rank = [capture_rng(torch.device(f"cuda:{rank}")) for rank in range(2)]
+    assert [state["cuda"].tolist()[0] for state in per_rank] == [0, 1]
+    # ... resumed on the same world size: each rank gets its own device's state back.
+    two.states = {0: torch.zeros(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)}
+    restore_rng(per_rank, RunContext(rank=1, local_rank=1, world_size=2, device=torch.device("cuda:1")), lines.append)
+    assert two.states[1].tolist() == [1] * 16 and not lines
+    # ... resumed by one process on one GPU: works, and says in one line what differs.
+    one = FakeCudaGenerators(monkeypatch, 1)
+    restore_rng(per_rank, RunContext(device=torch.device("cuda:0")), log=lines.append)
+    assert one.states[0].tolist() == [0] * 16  # untouched: it starts from --seed
+    assert lines == ["resume: saved by 2 process(es), resumed by 1: random states (dropout) start from --seed; "
+                     "the data order goes on as saved"]
+    # A CPU run resumed on a GPU: the CPU states are restored, the CUDA one starts from --seed.
+    lines.clear()
+    restore_rng([capture_rng(torch.device("cpu"))], RunContext(device=torch.device("cuda:0")), log=lines.append)
+    assert len(lines) == 1 and "no saved CUDA random state for cuda:0" in lines[0]
+
+
+def test_resume_restores_python_numpy_and_torch_states_per_rank():
+    from trainer.training import RunContext, capture_rng, restore_rng
+
+    states = []
+    for rank in range(2):  # two ranks seeded apart, as run_stage seeds them
+        random.seed(rank), np.random.seed(rank), torch.manual_seed(rank)
+        states.append(capture_rng(torch.device("cpu")))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())  # rank 1's next draws
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(states, RunContext(rank=1, world_size=2), log=print)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
 # ========================================================================================= (e) failed saves
@@ -606,3 +712,39 @@ def test_a_pickle_with_code_is_refused(assets, tmp_path, capsys, where):
     assert not marker.exists(), "unpickling ran code"
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "UnpicklingError" in err and str(path) in err
+
+
+# ==================================================================== (f) a container's 64 MB /dev/shm, with workers
+
+def run_with_shm(assets, run_dir, shm_size, *extra):
+    """train_pretrain_vlm.py with DataLoader workers, in a private mount namespace whose /dev/shm is a tmpfs of
+    `shm_size` (what `docker run` gives without --ipc=host / --shm-size)."""
+    command = [sys.executable, str(REPO_ROOT / "train_pretrain_vlm.py"),
+               *train_args(assets, run_dir, "--num_workers", "2", "--batch_size", "4", *extra)]
+    script = f"mount -t tmpfs -o size={shm_size} tmpfs /dev/shm && exec \"$@\""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True,
+                          timeout=600, cwd="/")
+
+
+def private_shm_supported():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not private_shm_supported(), reason="needs root and mount namespaces (unshare -m)")
+def test_a_64mb_dev_shm_trains_with_workers_and_a_full_one_fails_fast(assets, tmp_path):
+    roomy = run_with_shm(assets, tmp_path / "64m", "64m", "--max_steps", "3")
+    assert roomy.returncode == 0, roomy.stdout + roomy.stderr
+    assert "done: 3 optimizer steps" in roomy.stdout and "/dev/shm" not in roomy.stdout
+    # Too small for even one batch (4 images of 147 KB): warned at start, then one line instead of a hang.
+    started = time.monotonic()
+    full = run_with_shm(assets, tmp_path / "300k", "300k", "--max_steps", "3", "--loader_timeout", "15")
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "warning: /dev/shm has 0 MB free" in full.stdout and "--shm-size" in full.stdout
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: no batch from the DataLoader workers") and "--ipc=host" in last
+    assert time.monotonic() - started < 120

@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 from dataset.processing import build_prompt, image_processor_for, load_pixel_values  # noqa: E402
 from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
-from inference.server import (APIError, ServerSettings, StopCutter, read_image_bytes,  # noqa: E402
+from inference.server import (APIError, ServerSettings, SlotPool, StopCutter, read_image_bytes,  # noqa: E402
                               wait_until_serving)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +43,24 @@ LONG_ANSWER_TOKENS = 7500  # minutes of decoding on a CPU: only stopping ends it
 LIMITS = dict(max_concurrency=2, max_queue=8, max_images=3, max_image_bytes=50_000, max_image_pixels=100_000,
               max_request_bytes=300_000)
 STARTUP_SECONDS = 120
+# lmms-eval's `openai` model sends this many requests at once (num_concurrent's default in lmms_eval/models/simple/
+# openai.py, lmms-eval 0.7.3); the server's default queue must hold them.
+LMMS_EVAL_BURST = 32
+CLIENT_RETRIES = 10  # the official client's retries on 429 (its default is 2), for a queue that frees slowly
 QUESTION = "What shape is in the picture?"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tmp_path_factory):
-    """Base URL of a running server (port chosen by the OS) and the path of its log."""
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    limit_flags = [item for name, value in LIMITS.items() for item in (f"--{name}", str(value))]
+def running_server(assets: tuple, log_path: Path, limits: dict):
+    """Yield (base URL, log path) of a server on a port the OS chooses, tiny random weights, `limits` as flags;
+    stop it afterwards."""
+    vlm_dir, tokenizer_dir, clip_dir, image_dir = assets
+    limit_flags = [item for name, value in limits.items() for item in (f"--{name}", str(value))]
     command = [sys.executable, "-m", "scripts.serve_openai_api", "--port", "0", "--device", "cpu",
-               "--weight", str(tiny_vlm_save_dir / f"{MODEL_ID}.pth"), "--hidden_size", "64",
-               "--num_hidden_layers", "2", "--tokenizer_path", str(tiny_tokenizer_dir),
-               "--vision_model_path", str(tiny_clip_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
+               "--weight", str(vlm_dir / f"{MODEL_ID}.pth"), "--hidden_size", "64",
+               "--num_hidden_layers", "2", "--tokenizer_path", str(tokenizer_dir),
+               "--vision_model_path", str(clip_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
                "--max_seq_len", str(MAX_SEQ_LEN), "--temperature", "0", "--api_key", API_KEY,
-               "--image_root", str(shapes_data["eval_images"]), *limit_flags]
+               "--image_root", str(image_dir), *limit_flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -69,6 +73,23 @@ def server(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tm
         except subprocess.TimeoutExpired:
             process.kill()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()  # every test's requests, handled
+
+
+@pytest.fixture(scope="module")
+def server_assets(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data) -> tuple:
+    return tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir, shapes_data["eval_images"]
+
+
+@pytest.fixture(scope="module")
+def server(server_assets, tmp_path_factory):
+    """Base URL of a running server with the test LIMITS and the path of its log."""
+    yield from running_server(server_assets, tmp_path_factory.mktemp("serve") / "server.log", LIMITS)
+
+
+@pytest.fixture(scope="module")
+def default_server(server_assets, tmp_path_factory):
+    """The same, with the default --max_concurrency and --max_queue."""
+    yield from running_server(server_assets, tmp_path_factory.mktemp("serve_defaults") / "server.log", {})
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +344,7 @@ def test_full_queue_is_429_and_leaving_the_queue_frees_places(server, client, im
         wait_until(lambda: health(server)["waiting"] == LIMITS["max_queue"], 30, "the queue to fill")
         refused = post(server, chat_body(question_about(images[0])))
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60  # whole seconds, as long as openai clients wait
         with pytest.raises(openai.RateLimitError):
             ask(client, question_about(images[0]))
     finally:
@@ -330,6 +352,68 @@ def test_full_queue_is_429_and_leaving_the_queue_frees_places(server, client, im
             close_stream(stream)
     wait_until(lambda: health(server)["running"] == 0 and health(server)["waiting"] == 0, 30, "the queue to empty")
     assert ask(client, question_about(images[0]), max_tokens=1).choices[0].message.content is not None
+
+
+def test_official_client_waits_out_retry_after_and_gets_its_answer(server, images):
+    """With the queue full, the `openai` client's request is refused 429 with Retry-After; the client waits that
+    long before each retry and is answered once places free up."""
+    events = []  # ("request" or "response", time, status, Retry-After), as the client's HTTP layer sees them
+    hooks = {"request": [lambda request: events.append(("request", time.monotonic(), None, None))],
+             "response": [lambda response: events.append(("response", time.monotonic(), response.status_code,
+                                                          response.headers.get("retry-after")))]}
+    patient = openai.OpenAI(base_url=f"{server[0]}/v1", api_key=API_KEY, max_retries=CLIENT_RETRIES, timeout=120,
+                            http_client=httpx.Client(event_hooks=hooks))
+    held = [open_stream(server, question_about(images[0]), LONG_ANSWER_TOKENS)
+            for _ in range(LIMITS["max_concurrency"] + LIMITS["max_queue"])]
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            wait_until(lambda: health(server)["waiting"] == LIMITS["max_queue"], 30, "the queue to fill")
+            waiting = pool.submit(ask, patient, question_about(images[1]), max_tokens=1)
+            wait_until(lambda: any(event[2] == 429 for event in events), 30, "the client's request to be refused")
+        finally:  # before the pool waits for the request: places free up
+            for stream in held:
+                close_stream(stream)
+        answer = waiting.result(timeout=300)
+    patient.close()
+    wait_until(lambda: health(server)["running"] == 0 and health(server)["waiting"] == 0, 30, "the queue to empty")
+    statuses = [status for kind, _, status, _ in events if kind == "response"]
+    assert statuses[-1] == 200 and statuses[:-1] and set(statuses[:-1]) == {429}
+    assert answer.choices[0].finish_reason == "length"
+    for (kind, refused_at, status, retry_after), (next_kind, retried_at, _, _) in zip(events, events[1:]):
+        if status == 429:
+            assert next_kind == "request" and retried_at - refused_at >= int(retry_after)
+
+
+def test_retry_after_is_the_wait_at_the_back_of_the_queue():
+    pool = SlotPool(["slot 1", "slot 2"], max_queue=3)
+    assert pool.retry_after_s() == 1  # no answer timed yet
+    pool.release(pool.free.popleft(), busy_s=3.0)
+    assert pool.retry_after_s() == 2  # 3 s an answer, two slots, nobody waiting: 1.5 s
+    pool.waiting.extend([None] * 3)  # three requests waiting: the fourth would start after (3 + 1) * 3 s / 2
+    assert pool.retry_after_s() == 6
+    pool.waiting.clear()
+    pool.release(pool.free.popleft())  # a slot given back unused (or a stopped answer) leaves the estimate alone
+    assert pool.retry_after_s() == 2
+    for _ in range(100):
+        pool.release(pool.free.popleft(), busy_s=1000.0)
+    assert pool.retry_after_s() == 60  # capped: openai clients honour up to 60 s (1.30) or 120 s (3.60)
+
+
+def test_default_queue_holds_a_harness_burst(default_server, images):
+    """lmms-eval's burst of requests, sent while the one default slot is busy: all of them wait in the queue (no
+    429, no retry) and are answered."""
+    burst_client = openai.OpenAI(base_url=f"{default_server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    busy = open_stream(default_server, question_about(images[0]), LONG_ANSWER_TOKENS)
+    with ThreadPoolExecutor(LMMS_EVAL_BURST) as pool:
+        try:
+            assert read_first_piece(busy[2])
+            burst = [pool.submit(ask, burst_client, question_about(images[i % len(images)], f"Question {i}?"),
+                                 temperature=0) for i in range(LMMS_EVAL_BURST)]
+            wait_until(lambda: health(default_server)["waiting"] == LMMS_EVAL_BURST, 60, "the burst to queue")
+        finally:  # before the pool waits for the burst: the slot frees
+            close_stream(busy)
+        answers = [request.result(timeout=300) for request in burst]
+    assert all(answer.choices[0].finish_reason in ("stop", "length") for answer in answers)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

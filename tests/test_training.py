@@ -122,9 +122,15 @@ def test_two_process_ddp_equals_one_process_with_double_batch(assets, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     common = ("--from_weight", "none", "--max_steps", "3", "--trainable", "all", "--learning_rate", "1e-3")
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp = run(stage_command("train_sft_vlm.py", assets, ddp_dir, "sft_jsonl", "sft_images", *common,
-                            "--batch_size", "2", launcher=torchrun), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # tests/ddp_probe.py: train_sft_vlm.py counting DDP's buffer broadcasts; the RoPE tables are constant, so
+    # none after construction (broadcast_buffers=False), and no unused-parameter search either.
+    ddp = run(stage_command("tests/ddp_probe.py", assets, ddp_dir, "sft_jsonl", "sft_images", *common,
+                            "--batch_size", "2", launcher=torchrun),
+              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
     assert ddp.stdout.count("done: 3 optimizer steps") == 1  # rank 0 alone reports
+    for rank in range(2):
+        assert f"rank {rank}: 0 buffer broadcasts after DDP construction" in ddp.stdout, ddp.stdout
+    assert "find_unused_parameters" not in ddp.stderr
     single = run(stage_command("train_sft_vlm.py", assets, single_dir, "sft_jsonl", "sft_images", *common,
                                "--batch_size", "4"))
     losses = [line.split("loss ")[1].split()[0] for line in single.stdout.splitlines() if "| loss " in line]
@@ -296,3 +302,108 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
         ids = partial.token_ids(index)
         assert len(ids) <= limit
         assert assistant_label_mask(ids, partial.label_start_ids, partial.label_end_ids).any()
+
+
+# ------------------------------------------------------------------- what a training step sends and waits for
+
+# Operators that read a tensor's values on the host: on a GPU each waits for the device (a device->host sync).
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "masked_scatter", "is_nonzero", "equal", "item"}
+
+
+class RecordedOps:
+    """The aten operators run inside the `with` block (torch's dispatch mode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    @property
+    def host_reads(self):
+        return [name for name in self.names if name in HOST_READS]
+
+
+@pytest.fixture(scope="module")
+def sft_dataset(assets, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    config = VLMConfig(hidden_size=64, num_hidden_layers=2)
+    dataset = VLMDataset(assets["data"]["sft_jsonl"], AutoTokenizer.from_pretrained(assets["tokenizer"]),
+                         config.image_special_token, config.image_ids[0], 512, images_path=assets["data"]["sft_images"],
+                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"))
+    torch.manual_seed(0)
+    return dataset, MiniMindVLM(config, vision_model_path=assets["clip"])
+
+
+def training_batch(dataset, indices):
+    from trainer.training import move_batch
+
+    items = [dataset[i] for i in indices]
+    batch = collate_batch(items, dataset.pad_token_id, None, dataset.image_token_id, dataset.image_tokens_per_image)
+    return move_batch(batch, torch.device("cpu"), dataset.image_processor)
+
+
+def test_pixels_travel_as_uint8_and_are_normalised_exactly_as_preprocess_image(assets, sft_dataset):
+    from PIL import Image
+
+    from dataset.processing import preprocess_image
+
+    dataset, _ = sft_dataset
+    index = next(i for i in range(len(dataset)) if dataset.records[i].images)
+    pixels = dataset[index]["pixel_values"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 224, 224)  # 150 KB an image, not 602 KB
+    path = dataset.records[index].images[0]
+    assert torch.equal(dataset.image_processor.normalize(pixels)[0],
+                       preprocess_image(Image.open(path), dataset.image_processor))
+    batch = collate_batch([dataset[index]], dataset.pad_token_id, None, dataset.image_token_id, 196)
+    from trainer.training import move_batch
+
+    assert move_batch(batch, torch.device("cpu"), dataset.image_processor)["pixel_values"].dtype == torch.float32  # normalised on arrival
+
+
+def test_collated_positions_make_the_training_forward_free_of_host_reads(sft_dataset):
+    dataset, model = sft_dataset
+    batch = training_batch(dataset, range(4))
+    assert batch["pixel_values"] is not None and len(batch["image_positions"]) == 196 * len(batch["pixel_values"])
+    with RecordedOps() as ops:
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
+                    loss_only=True, image_positions=batch["image_positions"], first_target=batch["first_target"],
+                    target_index=batch["target_index"])
+        out.loss.backward()
+    assert ops.host_reads == []
+    # The same loss as the forward that finds the positions itself (which reads the device), and as upstream's
+    # full-logits loss.
+    with RecordedOps() as ops:
+        found = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
+                      loss_only=True)
+    assert ops.host_reads
+    full = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"])
+    assert torch.equal(out.loss, found.loss) and torch.allclose(out.loss, full.loss, atol=1e-5)
+
+
+def test_a_text_only_batch_still_trains_through_the_projector(sft_dataset):
+    dataset, model = sft_dataset
+    text_only = [i for i in range(len(dataset)) if not dataset.records[i].images][:2]
+    batch = training_batch(dataset, text_only)
+    assert batch["pixel_values"].shape == (0, 3, 224, 224) and len(batch["image_positions"]) == 0
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
+                loss_only=True, image_positions=batch["image_positions"], first_target=batch["first_target"],
+                target_index=batch["target_index"])
+    out.loss.backward()
+    # DDP without find_unused_parameters needs every trainable parameter's gradient on every rank and step.
+    for parameter in model.vision_proj.parameters():
+        assert parameter.grad is not None and not parameter.grad.any()
+    assert all(p.grad is not None for p in model.parameters())

@@ -7,9 +7,11 @@ global batch (all micro-batches, all ranks). One process with batch 2b and two p
 therefore take identical steps.
 """
 import argparse
+import datetime
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -26,9 +28,9 @@ from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR,
                     DTYPE_NAMES, MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters,
                     format_duration, quiet_transformers, torch_dtype, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
-from dataset.processing import chat_template_warning, image_processor_for
+from dataset.prepared import prepared_root
+from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
 from model.model_vlm import MiniMindVLM, VLMConfig
-from dataset.processing import load_tokenizer
 from model.presets import PRESETS, add_preset_flags, apply_preset, config_from_args, default_vision_model_path
 from model.weights import (WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path,
                            write_architecture)
@@ -38,6 +40,16 @@ MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
 TRAINABLE_CHOICES = ("projector", "projector_last_layer", "projector_first_last_layers", "all")
 STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
+# How long ranks may wait in a collective while the prepared data is built (init_distributed).
+PREPARE_TIMEOUT = datetime.timedelta(hours=2)
+# A batch takes well under a second to decode and collate; minutes of silence mean a worker lost it.
+LOADER_TIMEOUT_S = 300.0
+# torch's DataLoader errors for a batch that will never come (a worker stopped, killed, or silent).
+LOST_BATCH_MESSAGES = ("DataLoader timed out", "exited unexpectedly", "is killed by signal")
+# Batches each DataLoader worker keeps ready (torch's default): with uint8 pixels, 8 workers at batch 16 keep
+# about 40 MB in /dev/shm per process.
+PREFETCH_BATCHES = 2
+SHARED_MEMORY_PATH = Path("/dev/shm")  # where DataLoader workers hand batches to the main process (Linux)
 STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
 # Each stage's defaults (upstream's): train_pretrain_vlm.py and train_sft_vlm.py differ only in these.
 STAGE_DEFAULTS = {
@@ -135,6 +147,9 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     run.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="autocast dtype on CUDA")
     run.add_argument("--num_workers", type=bounded(int, 0), default=8, help="DataLoader worker processes")
+    run.add_argument("--loader_timeout", type=bounded(float, 0, low_open=True), default=LOADER_TIMEOUT_S,
+                     help="seconds to wait for a batch from the DataLoader workers before stopping with an error "
+                          "(a lost batch, e.g. /dev/shm full in a container, would otherwise hang the run)")
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     run.add_argument("--no_length_grouping", action="store_true",
                      help="plain random batches instead of grouping samples of similar length")
@@ -175,7 +190,12 @@ class RunContext:
 
 
 def init_distributed(device_arg: str) -> RunContext:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU. Otherwise one process."""
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU. Otherwise one process.
+
+    The process group starts with PREPARE_TIMEOUT, long enough for the ranks that wait while another one
+    builds the prepared data (a cold build of the full SFT set takes up to half an hour); `end_long_waits`
+    brings it back to torch's default once every rank has its data.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "RANK" not in os.environ or world_size == 1:
         return RunContext(device=torch.device(device_arg))
@@ -184,8 +204,22 @@ def init_distributed(device_arg: str) -> RunContext:
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no extra context).
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PREPARE_TIMEOUT,
+                            device_id=device if use_cuda else None)
     return RunContext(rank, local_rank, world_size, device)
+
+
+def end_long_waits(ctx: RunContext):
+    """Every rank has its data: collectives get torch's default timeout again, so that a rank that dies in
+    training is noticed in minutes, not hours (torch has no public setter; without it the long one stays)."""
+    if not ctx.distributed:
+        return
+    dist.barrier()
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        nccl_default = dist.constants.default_pg_nccl_timeout if ctx.device.type == "cuda" else None
+        set_timeout(nccl_default or dist.constants.default_pg_timeout)
 
 
 def seed_everything(seed: int):
@@ -204,15 +238,19 @@ def autocast_for(device: torch.device, dtype_name: str):
 
 
 def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
-    tensor = torch.tensor(values, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32,
-                          device=ctx.device)
+    """Sum each value (a number, or a 0-dim tensor on the device) over all ranks in one all-reduce; a tensor
+    [len(values)] on the device. The numbers go to the device without waiting for it (non_blocking)."""
+    dtype = torch.float64 if ctx.device.type == "cpu" else torch.float32
+    tensor = torch.cat([v.to(dtype).reshape(1) if isinstance(v, torch.Tensor)
+                        else torch.tensor([float(v)], dtype=dtype).to(ctx.device, non_blocking=True) for v in values])
     if ctx.distributed:
         dist.all_reduce(tensor)
     return tensor
 
 
 def all_reduce_dict(values: dict, ctx: RunContext) -> dict:
-    """Sum each named number over all ranks (one all-reduce); plain floats back."""
+    """Sum each named value over all ranks (one all-reduce); plain floats back (the step's one device->host
+    sync)."""
     return dict(zip(values, all_reduce_sum(list(values.values()), ctx).tolist()))
 
 
@@ -290,23 +328,54 @@ def resume_path(checkpoint_dir, save_weight, hidden_size, use_moe) -> Path:
     return weights.with_name(f"{weights.stem}_resume.pth")
 
 
-def capture_rng():
-    """RNG states as tensors, ints and tuples only, so that resume files load with weights_only=True."""
+def capture_rng(device: torch.device):
+    """This process's RNG states (Python, numpy, torch CPU, and the CUDA generator of the device it trains on)
+    as tensors, ints and tuples only, so that resume files load with weights_only=True."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state):
+def gather_rng(ctx: RunContext):
+    """Every rank's capture_rng(), in rank order, on rank 0 (None on the other ranks)."""
+    state = capture_rng(ctx.device)
+    if not ctx.distributed:
+        return [state]
+    states = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
+def restore_rng(saved, ctx: RunContext, log=print):
+    """Restore this rank's states from `saved` (gather_rng's list; a dict in files written before per-rank
+    states: rank 0's, with every visible GPU's CUDA state). Another world size, or a CUDA state that does not
+    fit this process's device, is said in one line and that part starts from --seed instead."""
+    if isinstance(saved, dict):
+        saved = [saved] * ctx.world_size
+    if len(saved) != ctx.world_size:
+        log(f"resume: saved by {len(saved)} process(es), resumed by {ctx.world_size}: random states (dropout) "
+            f"start from --seed; the data order goes on as saved")
+        return
+    state = saved[ctx.rank]
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved_cuda = state.get("cuda")
+    if ctx.device.type != "cuda":
+        return
+    index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    cuda = saved_cuda
+    if isinstance(saved_cuda, (list, tuple)):  # older files: one state per GPU visible then
+        cuda = saved_cuda[index] if index < len(saved_cuda) else None
+    if cuda is None:
+        where = f"{len(saved_cuda)} GPU(s) visible" if isinstance(saved_cuda, (list, tuple)) else "no GPU"
+        log(f"resume: no saved CUDA random state for {ctx.device} (saved with {where}); it starts from --seed")
+        return
+    torch.cuda.set_rng_state(cuda, ctx.device)
 
 
 @dataclass
@@ -321,14 +390,14 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def save_resume(path, model, optimizer, scaler, state: TrainState, ctx: RunContext, args):
+def save_resume(path, model, optimizer, scaler, state: TrainState, ctx: RunContext, args, rng_states):
     atomic_save({
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "epoch": state.epoch, "step": state.step_in_epoch, "global_step": state.global_step,
         "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples,
         "world_size": ctx.world_size, "batch_size": args.batch_size,
-        "accumulation_steps": args.accumulation_steps, "wandb_id": state.wandb_id, "rng": capture_rng(),
+        "accumulation_steps": args.accumulation_steps, "wandb_id": state.wandb_id, "rng": rng_states,
     }, path)
 
 
@@ -355,8 +424,7 @@ def load_resume(path, model, optimizer, scaler, ctx: RunContext, args, log=print
         state.step_in_epoch = state.step_in_epoch * old_global_batch // new_global_batch
         log(f"resume: global batch {old_global_batch} -> {new_global_batch}; continuing at step "
             f"{state.step_in_epoch} of epoch {state.epoch + 1}")
-    if checkpoint["world_size"] == ctx.world_size:
-        restore_rng(checkpoint["rng"])
+    restore_rng(checkpoint["rng"], ctx, log)
     log(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step_in_epoch}, "
         f"{state.global_step} optimizer steps done")
     return state
@@ -411,9 +479,33 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------------------------------- data
 
+def prepared_folder_is_shared(args, ctx: RunContext) -> bool:
+    """True when every machine of the run sees the same prepared-data folder (a shared filesystem): rank 0 leaves
+    a marker file there and every rank looks for it. One machine: True without looking."""
+    if not ctx.distributed or int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) == ctx.world_size:
+        return True
+    root = prepared_root(args.data_path, args.prepared_dir)
+    names = [f".shared-probe-{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(names, src=0)
+    marker = root / names[0]
+    if ctx.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # an unwritable folder: prepare_dataset says so in one line
+            pass
+    dist.barrier()
+    seen = all_reduce_sum([float(marker.exists())], ctx)[0]
+    dist.barrier()
+    if ctx.is_main:
+        marker.unlink(missing_ok=True)
+    return int(seen) == ctx.world_size
+
+
 def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print) -> VLMDataset:
-    """The prepared dataset: each machine's local rank 0 builds the cache once (a file lock serialises several
-    on one machine), the other ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
+    """The prepared dataset, built once per prepared folder: by global rank 0 when every machine shares the
+    folder, else by each machine's local rank 0 (the build lock keeps it to one builder either way); the other
+    ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
     main_log = log if ctx.is_main else None
     warning = chat_template_warning(tokenizer, config.chat_format)
     if warning and main_log is not None:
@@ -422,38 +514,70 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
                          args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
                          log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
-                         may_build=ctx.local_rank == 0, image_processor=image_processor_for(config),
-                         chat_format=config.chat_format)
+                         may_build=ctx.is_main if prepared_folder_is_shared(args, ctx) else ctx.local_rank == 0,
+                         image_processor=image_processor_for(config), chat_format=config.chat_format)
     if main_log is not None:
         main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
                  f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
     return dataset
 
 
+def shared_memory_warning(args, pixel_shape: tuple, shm_path: Path = SHARED_MEMORY_PATH):
+    """A warning line when /dev/shm has less room than the DataLoader workers of this machine's processes may keep
+    there (uint8 pixels, one image a sample; a container's default is 64 MB), else None."""
+    if args.num_workers == 0 or not shm_path.is_dir():
+        return None
+    image_bytes = math.prod(pixel_shape)  # uint8
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = processes * args.num_workers * PREFETCH_BATCHES * args.batch_size * image_bytes
+    free = shutil.disk_usage(shm_path).free
+    if free >= needed:
+        return None
+    return (f"warning: {shm_path} has {free / 2 ** 20:.0f} MB free, but the DataLoader workers may keep about "
+            f"{needed / 2 ** 20:.0f} MB of batches there; in a container run with --ipc=host or --shm-size=2g, or "
+            f"lower --num_workers (a lost batch stops the run after --loader_timeout)")
+
+
 def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
+    """Batches with uint8 pixels (normalised on the device, move_batch) and the positions the forward needs
+    precomputed (collate_batch); a worker that loses a batch ends the run after --loader_timeout."""
     sampler = GlobalBatchSampler(dataset.lengths, args.batch_size, ctx.world_size, ctx.rank, seed=args.seed,
                                  group_by_length=not args.no_length_grouping)
+    workers = args.num_workers > 0
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=Collator(dataset.pad_token_id,
-                                                                                          pad_to),
-        pin_memory=ctx.device.type == "cuda", worker_init_fn=init_worker,
-        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+        dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        collate_fn=Collator(dataset.pad_token_id, pad_to, dataset.image_token_id, dataset.image_tokens_per_image),
+        pin_memory=ctx.device.type == "cuda", worker_init_fn=init_worker, persistent_workers=False,
+        prefetch_factor=PREFETCH_BATCHES if workers else None, timeout=args.loader_timeout if workers else 0)
     return loader, sampler
 
 
 # ------------------------------------------------------------------------------------------------- the loop
 
-def move_batch(batch, device):
+def move_batch(batch, device, image_processor):
+    """Tensors to `device` (asynchronously from pinned memory); uint8 pixels are normalised there by the
+    model's image processor."""
     moved = {}
     for key, value in batch.items():
         moved[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    if moved.get("pixel_values") is not None and moved["pixel_values"].dtype == torch.uint8:
+        moved["pixel_values"] = image_processor.normalize(moved["pixel_values"])
     return moved
 
 
-def micro_batches(loader_iter, count):
+def micro_batches(loader_iter, count, timeout: float):
+    """Up to `count` batches; a lost batch (a DataLoader worker killed or out of shared memory) is one line."""
     batches = []
     for _ in range(count):
-        batch = next(loader_iter, None)
+        try:
+            batch = next(loader_iter, None)
+        except RuntimeError as error:
+            if not any(lost in str(error) for lost in LOST_BATCH_MESSAGES):
+                raise
+            raise RunStopped(
+                f"stopped: no batch from the DataLoader workers ({str(error).splitlines()[0]}). Most often /dev/shm "
+                f"is too small: in a container run with --ipc=host or --shm-size=2g; or lower --num_workers, "
+                f"--batch_size, or raise --loader_timeout (now {timeout:g}s) for very slow storage.", 1) from None
         if batch is None:
             break
         batches.append(batch)
@@ -480,13 +604,19 @@ class LoopSetup:
 class StepResult:
     """What one optimizer step did, summed over its micro-batches and over all ranks."""
     loss: float  # mean cross-entropy over the global batch's supervised tokens
-    aux_loss: float  # MoE balance loss, mean over micro-batches (0 for dense models)
+    aux_loss: float  # MoE balance loss, mean over micro-batches and ranks (0 for dense models)
     lr: float
     finite: bool  # False: the step was skipped (a non-finite loss on some rank)
     samples: int
     tokens: int  # non-padding tokens
     replaced_samples: int  # samples whose image failed to decode and were replaced by the next good one
     stop_requested: bool  # a rank received SIGINT/SIGTERM during the step
+    overflow: bool = False  # fp16: the GradScaler found an inf/NaN gradient and skipped the step
+
+    @property
+    def applied(self) -> bool:
+        """The optimizer step was taken."""
+        return self.finite and not self.overflow
 
 
 def supervised_targets(batch) -> int:
@@ -494,8 +624,9 @@ def supervised_targets(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def backward_micro_batches(setup: LoopSetup, batches, target_counts, global_targets: float):
-    """Forward and backward over the micro-batches; returns (summed CE, summed aux loss) of this rank.
+def backward_micro_batches(setup: LoopSetup, batches, target_counts, global_targets):
+    """Forward and backward over the micro-batches; returns (summed CE, summed aux loss) of this rank as 0-dim
+    tensors on the device (read once per step, in train_step's all-reduce: no sync per micro-batch).
 
     The loss of each micro-batch is scaled so that the gradients add up to the mean over all supervised
     tokens of the global batch: mean CE x local tokens = summed CE, and DDP averages over ranks, hence the
@@ -503,19 +634,22 @@ def backward_micro_batches(setup: LoopSetup, batches, target_counts, global_targ
     """
     model, ctx = setup.model, setup.ctx
     loss_sum, aux_sum = 0.0, 0.0
+    global_targets = global_targets.clamp(min=1.0).to(torch.float32)
     for i, batch in enumerate(batches):
-        batch = move_batch(batch, ctx.device)
+        batch = move_batch(batch, ctx.device, setup.loader.dataset.image_processor)
         # Gradient all-reduce only on the last micro-batch of the step.
         sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
         with sync, setup.autocast():
             # loss_only: no logits where there is no target (same loss, less work and memory)
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch.get("pixel_values"),
-                        image_features=batch.get("image_features"), loss_only=setup.loss_only)
+                        image_features=batch.get("image_features"), loss_only=setup.loss_only,
+                        image_positions=batch.get("image_positions"), first_target=batch.get("first_target"),
+                        target_index=batch.get("target_index"))
             ce_sum = out.loss * target_counts[i]
-            loss = ce_sum * ctx.world_size / max(global_targets, 1.0) + out.aux_loss / len(batches)
+            loss = ce_sum * ctx.world_size / global_targets + out.aux_loss / len(batches)
         setup.scaler.scale(loss).backward()
-        loss_sum += float(ce_sum.detach())
-        aux_sum += float(out.aux_loss.detach())
+        loss_sum = loss_sum + ce_sum.detach().float()
+        aux_sum = aux_sum + out.aux_loss.detach().float()
     return loss_sum, aux_sum
 
 
@@ -523,44 +657,54 @@ def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requ
     """One optimizer step over `batches` (the micro-batches of this rank); skipped if any rank's loss is not
     finite. Ranks agree on everything in the result (one all-reduce)."""
     target_counts = [supervised_targets(b) for b in batches]
-    global_targets = float(all_reduce_sum([sum(target_counts)], setup.ctx)[0])
+    global_targets = all_reduce_sum([sum(target_counts)], setup.ctx)[0]  # stays on the device: no sync here
     for group in setup.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, aux_sum = backward_micro_batches(setup, batches, target_counts, global_targets)
     pad_id = setup.loader.collate_fn.pad_token_id
     totals = all_reduce_dict({
-        "loss": loss_sum, "finite_ranks": float(math.isfinite(loss_sum + aux_sum)),
+        "loss": loss_sum, "finite_ranks": torch.isfinite(loss_sum + aux_sum), "aux": aux_sum / setup.ctx.world_size,
+        "targets": sum(target_counts),  # summed: global_targets again, here as a number
         "stop": float(stop_requested), "samples": sum(len(b["input_ids"]) for b in batches),
         "tokens": sum(int((b["input_ids"] != pad_id).sum()) for b in batches),
         "replaced": sum(b["replaced"] for b in batches)}, setup.ctx)
     finite = int(totals["finite_ranks"]) == setup.ctx.world_size
+    overflow = False
     if finite:
         if grad_clip > 0:
             setup.scaler.unscale_(setup.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in setup.model.parameters() if p.requires_grad], grad_clip)
+        scale = setup.scaler.get_scale()
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
+        # fp16: a gradient overflowed on some rank (DDP averaged it into every rank's gradients), so the scaler
+        # skipped optimizer.step() and lowered its scale; it never lowers the scale otherwise.
+        overflow = setup.scaler.is_enabled() and setup.scaler.get_scale() < scale
     setup.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=totals["loss"] / max(global_targets, 1.0), aux_loss=aux_sum / len(batches), lr=lr,
-                      finite=finite, samples=int(totals["samples"]), tokens=int(totals["tokens"]),
-                      replaced_samples=int(totals["replaced"]), stop_requested=bool(totals["stop"]))
+    return StepResult(loss=totals["loss"] / max(totals["targets"], 1.0), aux_loss=totals["aux"] / len(batches),
+                      lr=lr, finite=finite, samples=int(totals["samples"]), tokens=int(totals["tokens"]),
+                      replaced_samples=int(totals["replaced"]), stop_requested=bool(totals["stop"]),
+                      overflow=overflow)
 
 
 def record_step(state: TrainState, result: StepResult, max_bad_steps: int, log):
-    """Count the step in `state`; a skipped step is reported, and too many in a row end the run."""
+    """Count the step in `state`; a skipped step (non-finite loss, or an fp16 gradient overflow) is reported,
+    and too many in a row end the run."""
     state.global_step += 1
     state.step_in_epoch += 1
     state.replaced_samples += result.replaced_samples
-    if result.finite:
+    if result.applied:
         state.bad_steps_in_row = 0
         return
     state.skipped_steps += 1
     state.bad_steps_in_row += 1
-    log(f"warning: non-finite loss at step {state.global_step}; step skipped "
+    reason = "non-finite loss" if not result.finite else "fp16 gradient overflow (the GradScaler lowered its scale)"
+    log(f"warning: {reason} at step {state.global_step}; step skipped "
         f"({state.bad_steps_in_row} in a row, {state.skipped_steps} in total)")
     if state.bad_steps_in_row >= max_bad_steps:
-        raise RunStopped(f"stopped: {state.bad_steps_in_row} optimizer steps in a row had a non-finite loss; the "
-                         f"last saved checkpoint is intact. Lower --learning_rate or check the data.", 1)
+        raise RunStopped(f"stopped: {state.bad_steps_in_row} optimizer steps in a row were skipped (non-finite loss "
+                         f"or fp16 gradient overflow); the last saved checkpoint is intact. Lower "
+                         f"--learning_rate, try --dtype bfloat16, or check the data.", 1)
 
 
 class ThroughputWindow:
@@ -632,7 +776,7 @@ def train(setup: LoopSetup, args, state: TrainState, log=print, on_step=None):
             setup.sampler.set_epoch(state.epoch, state.step_in_epoch * args.accumulation_steps)
             loader_iter = iter(setup.loader)
             while state.global_step < schedule.last_step and state.step_in_epoch < schedule.steps_per_epoch:
-                batches = micro_batches(loader_iter, args.accumulation_steps)
+                batches = micro_batches(loader_iter, args.accumulation_steps, args.loader_timeout)
                 if not batches:
                     break
                 lr = lr_at(state.global_step, schedule.total_steps, args.learning_rate)
@@ -642,17 +786,17 @@ def train(setup: LoopSetup, args, state: TrainState, log=print, on_step=None):
                 if on_step is not None:
                     on_step(state, result)
                 epoch_done = state.step_in_epoch >= schedule.steps_per_epoch
-                if result.finite:
+                if result.applied:
                     window.add(result)
                     progress.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
-                if result.finite and is_main and (state.global_step % args.log_interval == 0 or epoch_done
+                if result.applied and is_main and (state.global_step % args.log_interval == 0 or epoch_done
                                                   or state.global_step >= schedule.last_step):
                     steps_per_s = (state.global_step - run_start_step) / max(time.time() - run_start, 1e-9)
                     eta = (schedule.last_step - state.global_step) / max(steps_per_s, 1e-9)
                     log_step(setup, args, state, result, window, eta, schedule, log)
                     window = ThroughputWindow()
                 # No save right after a skipped step: the last checkpoint stays the last good one.
-                if (result.finite and state.global_step % args.save_interval == 0
+                if (result.applied and state.global_step % args.save_interval == 0
                         and state.global_step < schedule.last_step):
                     save_all(setup, args, state, log)
                 if result.stop_requested:
@@ -663,7 +807,8 @@ def train(setup: LoopSetup, args, state: TrainState, log=print, on_step=None):
                 break  # the loader ran out early (cannot happen with GlobalBatchSampler; guards an endless loop)
     save_all(setup, args, state, log, final=True)
     if is_main:
-        log(f"done: {state.global_step} optimizer steps, {state.skipped_steps} skipped (non-finite loss), "
+        log(f"done: {state.global_step} optimizer steps, {state.skipped_steps} skipped (non-finite loss or fp16 "
+            f"gradient overflow), "
             f"{state.replaced_samples} samples replaced (undecodable image); weights in {setup.weights_out}")
 
 
@@ -672,6 +817,7 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
     on with the previous files kept; only a failed final save ends the run with an error (after the barrier,
     so that no rank waits forever)."""
     failed = None
+    rng_states = gather_rng(setup.ctx)  # every rank takes part
     if setup.ctx.is_main:
         model = unwrap(setup.model)
         was_training = model.training
@@ -679,7 +825,7 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
         try:
             atomic_save(inference_state_dict(model), setup.weights_out)
             write_architecture(setup.weights_out, model.config, args.preset, args.vision_model_path)
-            save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args)
+            save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args, rng_states)
             write_architecture(setup.resume_out, model.config, args.preset, args.vision_model_path)
         except SaveError as error:
             failed = error
@@ -702,6 +848,12 @@ def make_logger(ctx: RunContext, args, stage: str, run_id: str = None):
     return WandbLogger(args.wandb_project, name, run_id, vars(args))
 
 
+def compile_model(model, backend: str = "inductor"):
+    """torch.compile with dynamic shapes from the first step: batches vary in length (and the first target's
+    position), and a new length then reuses the compiled graphs instead of compiling another set."""
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, stage: str, log=print):
     """Device, feature cache, optimizer, resume state, compile/DDP wrappers, loader and logger."""
     autocast, scaler = autocast_for(ctx.device, args.dtype)
@@ -710,6 +862,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
         from dataset.feature_cache import attach_feature_cache
 
         attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
+    end_long_waits(ctx)  # every rank has its data (and features): back to the default collective timeout
     total, trainable = count_parameters(model)
     log(f"{stage}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M trainable "
         f"({args.trainable})")
@@ -723,13 +876,18 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
             log(f"no resume checkpoint at {resume_out}; starting from the beginning")
     wrapped = model
     if args.use_compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = compile_model(wrapped)
     if ctx.distributed:
-        # A batch without images leaves vision_proj unused on that rank; DDP must not wait for its gradient.
+        # Every step uses every trainable parameter on every rank (a text-only batch still runs vision_proj on
+        # its zero images, collate_batch), so DDP need not search the graph for unused ones, except with MoE,
+        # whose experts may get no token on a rank. The only buffers are the constant RoPE tables: no broadcast
+        # before each forward.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            find_unused_parameters=bool(args.use_moe), broadcast_buffers=False)
     loader, sampler = build_loader(dataset, args, ctx)
+    if ctx.local_rank == 0 and (warning := shared_memory_warning(args, dataset.image_processor.pixel_shape)):
+        (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
     logger = make_logger(ctx, args, stage, run_id=state.wandb_id)
     state.wandb_id = logger.run_id
     weights_out = weight_path(args.save_dir, args.save_weight, args.hidden_size, args.use_moe)
