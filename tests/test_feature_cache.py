@@ -75,12 +75,12 @@ def test_minimind3v_features_are_sized_by_the_encoder(tmp_path, shapes_data, tin
     dataset = VLMDataset(shapes_data["pretrain_parquet"], tokenizer, model.config.image_special_token,
                          model.image_token_id, 640, log=None, image_processor=image_processor_for(model.config),
                          chat_format=model.config.chat_format)
-    assert dataset.load_pixels(0).shape == (1, 3, 256, 256)
+    assert dataset.load_pixels(0).shape == (1, 3, 256, 256) and dataset.load_pixels(0).dtype == torch.uint8
     store = attach(dataset, model, tmp_path)
     assert store.tokens == model.config.image_feature_count == 64
     item = dataset[0]
     assert item["image_features"].shape == (1, 64, 64)
-    assert_fp16_close(item["image_features"], model.encode_images(dataset.load_pixels(0)))
+    assert_fp16_close(item["image_features"], model.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
     fingerprint = json.loads((store.folder / "fingerprint.json").read_text())
     assert fingerprint["image_size"] == 256 and fingerprint["encoder_class"] == "SiglipVisionModel"
     assert "every token" in fingerprint["features"] and fingerprint["image_processing"]["resize"] == "exact"

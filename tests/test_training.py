@@ -339,12 +339,14 @@ class RecordedOps:
 def sft_dataset(assets, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    config = VLMConfig(hidden_size=64, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=assets["clip"])
+    config = model.config
     dataset = VLMDataset(assets["data"]["sft_jsonl"], AutoTokenizer.from_pretrained(assets["tokenizer"]),
                          config.image_special_token, config.image_ids[0], 512, images_path=assets["data"]["sft_images"],
-                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"))
-    torch.manual_seed(0)
-    return dataset, MiniMindVLM(config, vision_model_path=assets["clip"])
+                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"),
+                         image_processor=image_processor_for(config))
+    return dataset, model
 
 
 def training_batch(dataset, indices):
