@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from common import DEFAULT_DATA_DIR, run_cli
-from dataset.processing import ImageError, load_pixel_values
+from dataset.processing import ImageError, open_image
 from inference.generation import ChatSession, GenerationSettings
 from inference.loading import InferenceError, add_model_flags, check_flags, load_model_from_flags
 from inference.scoring import SCORING_MAX_NEW_TOKENS, score_questions
@@ -162,7 +162,8 @@ def caption_folder(session_factory, image_dir, prompt: str, settings: Generation
 def main(argv=None):
     args = parse_args(argv)
     if args.image:
-        load_pixel_values(args.image)  # a bad image fails now, not after the model has loaded
+        for source in args.image:  # a bad image fails now, not after the model has loaded
+            open_image(source)
     torch.manual_seed(args.seed)
     loaded = load_model_from_flags(args, log=log)
 

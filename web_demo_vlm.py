@@ -70,7 +70,7 @@ def weight_choices(args) -> dict:
         preferred = Path(args.transformers_dir)
     else:
         preferred = weight_file_from_flags(args.save_dir, args.weight, args.model_mode, args.hidden_size,
-                                           bool(args.use_moe))
+                                           args.use_moe, args.preset)
     choices = {}
     for path in [preferred, *find_checkpoints(args.save_dir)]:
         if path.exists() and str(path.resolve()) not in {str(p.resolve()) for p, _ in choices.values()}:
@@ -81,7 +81,8 @@ def weight_choices(args) -> dict:
 
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
 def cached_model(source: str, is_folder: bool, tokenizer_path, vision_model_path: str, device: str, dtype_name: str):
-    """One model per (weights, tokenizer, CLIP, device, dtype) and process, shared by every browser session."""
+    """One model per (weights, tokenizer, vision encoder, device, dtype) and process, shared by every browser
+    session."""
     return load_model(source, is_folder, tokenizer_path, vision_model_path, device, log=None, dtype_name=dtype_name)
 
 

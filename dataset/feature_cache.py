@@ -2,7 +2,7 @@
 
 CLIP never trains, so the features of an image are a pure function of (image bytes, encoder weights,
 preprocessing, compute precision). `--cache_vision_features DIR` computes them once per image, stores them
-as fp16 in memory-mapped numpy shards, and from then on training reads [N, 196, hidden] features instead of
+as fp16 in memory-mapped numpy shards, and from then on training reads [N, features, hidden] features instead of
 decoding, resizing and encoding pixels on every step of every epoch.
 
 Layout under DIR:
@@ -35,7 +35,10 @@ import numpy as np
 import torch
 
 from .lm_dataset import load_image
-from .processing import CLIP_IMAGE_SIZE, ImageError, normalize_pixels
+from model.model_vlm import VISION_ENCODERS
+from model.processing_minimind_v import CLIP_IMAGE_PROCESSING, output_size
+
+from .processing import ImageError
 
 # Bump whenever dataset.processing.preprocess_image (or what it is fed) changes: old caches are then unused.
 PREPROCESS_VERSION = 1
@@ -86,19 +89,23 @@ def compute_precision(encoder, device: torch.device, autocast) -> str:
     return str(next(encoder.parameters()).dtype).replace("torch.", "")
 
 
-def cache_fingerprint(encoder, precision: str) -> dict:
-    """Everything the cached features depend on besides the image bytes."""
-    config = {k: v for k, v in encoder.config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-    return {
+def cache_fingerprint(encoder, precision: str, vlm_config) -> dict:
+    """Everything the cached features depend on besides the image bytes (`vlm_config`: for its encoder
+    kind and preprocessing; CLIP's fingerprint keeps the fields it had before encoders were a choice)."""
+    encoder_config = {k: v for k, v in encoder.config.to_dict().items()
+                      if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    fingerprint = {
         "encoder_class": type(encoder).__name__,
-        "encoder_config": config,
+        "encoder_config": encoder_config,
         "encoder_weights_blake2b": weights_digest(encoder),
         "preprocess_version": PREPROCESS_VERSION,
-        "image_size": CLIP_IMAGE_SIZE,
+        "image_size": output_size(vlm_config.image_processing)[0],
         "precision": precision,
-        "features": "last_hidden_state without the CLS token (before post_layernorm), stored as float16",
+        "features": f"{VISION_ENCODERS[vlm_config.vision_encoder].features}, stored as float16",
     }
+    if vlm_config.image_processing != CLIP_IMAGE_PROCESSING:
+        fingerprint["image_processing"] = vlm_config.image_processing
+    return fingerprint
 
 
 def fingerprint_dir(cache_dir, fingerprint: dict) -> Path:
@@ -183,19 +190,19 @@ class FeatureStore:
 # --------------------------------------------------------------------------------------- computing features
 
 class _PixelsToEncode(torch.utils.data.Dataset):
-    """(index, uint8 pixels [3, 224, 224], decoded ok) for each image reference; decoding runs in loader workers."""
+    """(index, uint8 pixels [3, H, W], decoded ok) for each image reference; decoding runs in loader workers."""
 
-    def __init__(self, source, refs):
-        self.source, self.refs = source, refs
+    def __init__(self, source, refs, image_processor):
+        self.source, self.refs, self.image_processor = source, refs, image_processor
 
     def __len__(self):
         return len(self.refs)
 
     def __getitem__(self, i):
         try:
-            return i, load_image(self.source, self.refs[i]), True
+            return i, load_image(self.source, self.refs[i], self.image_processor), True
         except ImageError:
-            return i, torch.zeros(3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, dtype=torch.uint8), False
+            return i, torch.zeros(self.image_processor.pixel_shape, dtype=torch.uint8), False
 
 
 def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) -> int:
@@ -210,7 +217,8 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
     try:
         for indices, pixels, decoded in loader:
             with autocast():
-                batch = model.encode_images(normalize_pixels(pixels.to(ctx.device)))  # [n, 196, hidden]
+                pixels = loader.dataset.image_processor.normalize(pixels.to(ctx.device))
+                batch = model.encode_images(pixels)  # [n, image_feature_count, hidden]
             if features is None:
                 features = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE,
                                                      shape=(len(keys),) + tuple(batch.shape[1:]))
@@ -255,12 +263,12 @@ def lookup(keys, shard_keys):
     return shard_of, row_of
 
 
-def check_undecodable(refs, source, folder: Path):
+def check_undecodable(refs, source, image_processor, folder: Path):
     """Images missing from the cache after encoding must be ones that do not decode; anything else means
     another rank's shards are invisible here (multi-node runs need DIR on a shared filesystem)."""
     for ref in refs:
         try:
-            load_image(source, ref)
+            load_image(source, ref, image_processor)
         except ImageError:
             continue
         raise RuntimeError(f"feature cache {folder}: image {ref!r} decodes but has no cached features; with "
@@ -303,8 +311,8 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     encoder = vlm.vision_encoder
     if encoder is None:
         raise RuntimeError("--cache_vision_features needs the vision encoder (the model was built without one)")
-    folder = open_cache_folder(cache_dir, cache_fingerprint(encoder, compute_precision(encoder, ctx.device,
-                                                                                       autocast)))
+    folder = open_cache_folder(cache_dir, cache_fingerprint(encoder, compute_precision(encoder, ctx.device, autocast),
+                                                            vlm.config))
     # 1. Key every image of every record by its content hash (same list on every rank)
     started = time.time()
     refs, offsets, keys = key_images(dataset, log)
@@ -324,11 +332,12 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     if len(mine):
         if num_workers is None:
             num_workers = min(4, max((os.cpu_count() or 1) - 1, 0))
-        label = f"encoding images with CLIP (rank {ctx.rank})" if ctx.distributed else "encoding images with CLIP"
+        label = f"encoding images with {vlm.config.vision_encoder.upper()}"
+        label += f" (rank {ctx.rank})" if ctx.distributed else ""
         with _progress(len(mine), log, label) as progress:
             for start in range(0, len(mine), SHARD_IMAGES):
                 part = mine[start:start + SHARD_IMAGES]
-                source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part])
+                source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part], dataset.image_processor)
                 loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
                 computed += _encode_shard(vlm, loader, unique_keys[part], folder, ctx, autocast, progress)
     if ctx.distributed:
@@ -339,12 +348,12 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
     image_shard, image_row = lookup(keys, [k for _, k in shards])
     missing = np.flatnonzero(image_shard < 0)
     if len(missing):
-        check_undecodable([refs[i] for i in missing], dataset.source, folder)
+        check_undecodable([refs[i] for i in missing], dataset.source, dataset.image_processor, folder)
         if log is not None:
             log(f"warning: {len(missing)} image(s) could not be decoded; their samples are replaced by others")
     hidden = encoder.config.hidden_size
     store = FeatureStore(folder, [stem for stem, _ in shards], offsets, image_shard, image_row,
-                         vlm.image_token_count, hidden)
+                         vlm.config.image_feature_count, hidden)
     store.computed = computed
     dataset.feature_store = store
     return store

@@ -20,7 +20,7 @@ from common import UserError
 from model.model_minimind import IGNORE_INDEX, target_positions
 from model.model_vlm import image_token_positions
 
-from .processing import (CLIP_IMAGE_SIZE, IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
+from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
                          count_image_markers, is_placeholder_image, open_image, preprocess_image, roles_by_parity)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -337,9 +337,9 @@ def image_runs_intact(ids: np.ndarray, image_token_id: int, run_length: int, num
     return len(lengths) == num_images and bool(np.all(lengths == run_length))
 
 
-def load_image(source, ref) -> torch.Tensor:
-    """One image of a record as uint8 pixels [3, 224, 224], resized and cropped for CLIP (normalize_pixels
-    finishes the CLIP input on the device); ImageError if it cannot be read or decoded."""
+def load_image(source, ref, image_processor) -> torch.Tensor:
+    """One image of a record as uint8 pixels [3, H, W], resized and cropped for the encoder
+    (image_processor.normalize finishes its input on the device); ImageError if it cannot be read or decoded."""
     name = source.image_name(ref)
     try:
         data = source.image_bytes(ref)
@@ -349,7 +349,7 @@ def load_image(source, ref) -> torch.Tensor:
         raise ImageError(f"{name}: no image bytes (found {type(data).__name__})")
     image = open_image(data, name=name)
     try:
-        return preprocess_image(image, normalize=False)
+        return preprocess_image(image, image_processor, normalize=False)
     except ImageError as error:
         raise ImageError(f"{name}: {error}") from None
 
@@ -372,12 +372,15 @@ class SampleEncoder:
     The one tokenisation path: VLMDataset trains on its output and scripts/check_data.py reports it.
     """
 
-    def __init__(self, tokenizer, image_special_token, image_token_id, max_seq_len):
+    def __init__(self, tokenizer, image_special_token, image_token_id, max_seq_len, chat_format="minimind2"):
         self.tokenizer = tokenizer
+        self.chat_format = chat_format  # dataset/processing.py CHAT_FORMATS
         self.image_special_token = image_special_token
         self.image_token_id = image_token_id
         self.max_seq_len = max_seq_len
         self.image_tokens_per_image = len(tokenizer(image_special_token).input_ids)
+        # The answer span (upstream G2 and G3 alike): after `<|im_start|>assistant\n` (so minimind3's think block
+        # is trained) through `<|im_end|>\n`.
         self.label_start_ids = tokenizer(f"{tokenizer.bos_token}assistant\n").input_ids
         self.label_end_ids = tokenizer(f"{tokenizer.eos_token}\n").input_ids
 
@@ -391,8 +394,8 @@ class SampleEncoder:
         Only a sample longer than max_seq_len is checked for a cut image run or a lost answer: a whole
         prompt has one intact run per image (expand_image_markers) and an answer span per assistant turn.
         """
-        prompts = [build_prompt(self.tokenizer, messages, self.image_special_token, add_generation_prompt=False)
-                   for messages, _ in chats]
+        prompts = [build_prompt(self.tokenizer, messages, self.image_special_token, add_generation_prompt=False,
+                                chat_format=self.chat_format) for messages, _ in chats]
         samples = []
         for (_, num_images), full_ids in zip(chats, self.token_ids(prompts)):
             ids = np.asarray(full_ids[:self.max_seq_len], dtype=dtype)
@@ -461,19 +464,20 @@ class VLMDataset(Dataset):
     """Samples of a prepared data file (dataset/prepared.py: checked and tokenised once, memory-mapped);
     images are read and preprocessed per item."""
 
-    def __init__(self, data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
+    def __init__(self, data_path, tokenizer, image_special_token, image_token_id, max_seq_len, *, image_processor,
                  images_path=None, skip_bad_samples=False, log=print, prepared_dir=None, prepare_workers=None,
-                 may_build=True):
+                 may_build=True, chat_format="minimind2"):
         from .prepared import RecordView, prepare_dataset  # prepared.py builds on this module's readers
 
         self.prepared = prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len,
                                         images_path=images_path, cache_dir=prepared_dir, workers=prepare_workers,
-                                        log=log, may_build=may_build)
+                                        log=log, may_build=may_build, chat_format=chat_format)
         self.source = self.prepared.images
         self.records = RecordView(self.prepared)
         self.max_seq_len = max_seq_len
         self.image_token_id = image_token_id
-        self.encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len)
+        self.encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
+        self.image_processor = image_processor  # dataset.processing.image_processor_for(model config)
         self.image_tokens_per_image = self.encoder.image_tokens_per_image
         self.label_start_ids, self.label_end_ids = self.encoder.label_start_ids, self.encoder.label_end_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -511,9 +515,9 @@ class VLMDataset(Dataset):
         return self.prepared.token_ids(index)
 
     def load_pixels(self, index):
-        """uint8 [N, 3, 224, 224] for the record's images (N may be 0); see load_image."""
-        images = [load_image(self.source, ref) for ref in self.records[index].images]
-        return torch.stack(images) if images else torch.zeros(0, 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE,
+        """uint8 [N, 3, H, W] for the record's images (N may be 0); see load_image."""
+        images = [load_image(self.source, ref, self.image_processor) for ref in self.records[index].images]
+        return torch.stack(images) if images else torch.zeros((0,) + self.image_processor.pixel_shape,
                                                                dtype=torch.uint8)
 
     def __getitem__(self, index):

@@ -87,10 +87,13 @@ def tokenizer_digest(tokenizer) -> str:
                    "eos": tokenizer.eos_token, "added": len(tokenizer)})
 
 
-def token_key(tokenizer, image_special_token, image_token_id, max_seq_len) -> str:
-    return digest({"tokenizer": tokenizer_digest(tokenizer), "image_special_token": image_special_token,
-                   "image_token_id": image_token_id, "max_seq_len": max_seq_len,
-                   "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION})
+def token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format="minimind2") -> str:
+    key = {"tokenizer": tokenizer_digest(tokenizer), "image_special_token": image_special_token,
+           "image_token_id": image_token_id, "max_seq_len": max_seq_len,
+           "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION}
+    if chat_format != "minimind2":  # MiniMind2's caches keep their names
+        key["chat_format"] = chat_format
+    return digest(key)
 
 
 class BuildLock:
@@ -472,7 +475,8 @@ def build_tokens(job: PrepareJob, units, out_dir: Path, workers: int, show_progr
 
 
 def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, max_seq_len, images_path=None,
-                    cache_dir=None, workers=None, log=print, may_build=True) -> "PreparedData":
+                    cache_dir=None, workers=None, log=print, may_build=True,
+                    chat_format="minimind2") -> "PreparedData":
     """The prepared form of `data_path` (module docstring): opened from the cache, or built first.
 
     log: where progress and the summary of a build go (None: quiet, as on every rank but 0).
@@ -484,7 +488,8 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     kind = "parquet" if path.suffix in PARQUET_SUFFIXES else "jsonl"
     images_path = (Path(images_path) if images_path else path.parent) if kind == "jsonl" else None
     data_dir = prepared_root(path, cache_dir) / f"{path.stem}-{data_key(path, images_path)}"
-    tokens_dir = data_dir / f"tokens-{token_key(tokenizer, image_special_token, image_token_id, max_seq_len)}"
+    tokens_key = token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
+    tokens_dir = data_dir / f"tokens-{tokens_key}"
     if not may_build:
         while not (tokens_dir / "manifest.json").is_file():
             time.sleep(WAIT_POLL_S)
@@ -497,7 +502,7 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
         with BuildLock(data_dir.with_name(data_dir.name + ".build-lock"), data_dir) as lock:
             if not (tokens_dir / "manifest.json").is_file():  # another process may have built it meanwhile
                 build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token,
-                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, lock.token)
+                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, lock.token, chat_format)
     return PreparedData(path, kind, data_dir, tokens_dir)
 
 
@@ -507,7 +512,7 @@ def prepared_root(data_path, cache_dir=None) -> Path:
 
 
 def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token, image_token_id,
-          max_seq_len, workers, log, builder: str):
+          max_seq_len, workers, log, builder: str, chat_format="minimind2"):
     """Build tokens_dir (and the image units when data_dir has none yet) under temporary names of this
     `builder` (BuildLock.token), then rename them; another builder's files are never touched."""
     started, cpu_started = time.time(), cpu_seconds()
@@ -519,7 +524,7 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
         images_tmp.mkdir()
     tokens_tmp = data_dir / f".{tokens_dir.name}-building-{builder}"
     tokens_tmp.mkdir()
-    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len)
+    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
     token_dtype = "uint16" if len(tokenizer) <= MAX_UINT16_VOCAB else "uint32"
     job = PrepareJob(path, kind, images_path, encoder, token_dtype, images_tmp)
     try:

@@ -12,11 +12,13 @@ from PIL import Image
 
 from common import UserError
 from model import processing_minimind_v
-from model.model_vlm import CLIP_IMAGE_SIZE
-from model.processing_minimind_v import (DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS, expand_image_markers,
-                                         normalize_pixels)
+from model.processing_minimind_v import (DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS,
+                                         MiniMindVImageProcessor, expand_image_markers)
 
 ROLES_BY_PARITY = ("user", "assistant")
+CHAT_FORMATS = ("minimind2", "minimind3")  # MiniMind2's template; MiniMind-3's (minimind-3v)
+THINK_START, THINK_END = "<think>", "</think>"
+EMPTY_THINK_BLOCK = f"{THINK_START}\n\n{THINK_END}\n\n"  # MiniMind-3 opens every answer with it
 SYSTEM_ROLE = "system"
 # lmms-eval's request after a yes/no or short-answer question (POPE, MME); the demo's synthetic data asks the same.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -52,19 +54,26 @@ def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> 
     return image
 
 
-def preprocess_image(image: Image.Image, size: int = CLIP_IMAGE_SIZE, normalize: bool = True) -> torch.Tensor:
-    """PIL image (any mode) -> CLIP input [3, size, size] float32, or uint8 pixels with normalize=False (for
-    `normalize_pixels` on the device): model/processing_minimind_v.py, with the project's ImageError (a
-    UserError: one line at the command line) for an unusable image."""
+def image_processor_for(config) -> MiniMindVImageProcessor:
+    """The one image processor of a model config (its encoder folder's preprocessing)."""
+    return MiniMindVImageProcessor(image_processing=config.image_processing)
+
+
+def preprocess_image(image: Image.Image, image_processor: MiniMindVImageProcessor,
+                     normalize: bool = True) -> torch.Tensor:
+    """PIL image (any mode) -> encoder input [3, H, W] float32 (image_processor_for(config)), or uint8 pixels with
+    normalize=False (for `image_processor.normalize` on the device), with the project's ImageError (a UserError:
+    one line at the command line) for an unusable image."""
     try:
-        return processing_minimind_v.preprocess_image(image, size, normalize)
+        return image_processor.pixels(image, normalize)
     except processing_minimind_v.ImageError as error:
         raise ImageError(str(error)) from None
 
 
-def load_pixel_values(sources, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Paths/bytes of images -> [N, 3, 224, 224]."""
-    return torch.stack([preprocess_image(open_image(s, max_pixels)) for s in sources])
+def load_pixel_values(sources, image_processor: MiniMindVImageProcessor,
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Paths/bytes of images -> [N, 3, H, W]."""
+    return torch.stack([preprocess_image(open_image(s, max_pixels), image_processor) for s in sources])
 
 
 def roles_by_parity(turns):
@@ -77,44 +86,62 @@ def user_content(text: str, num_images: int) -> str:
     return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + text
 
 
-def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt: bool) -> str:
-    """MiniMind2's chat format, owned here rather than by whatever tokenizer_config.json was downloaded.
+def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt: bool,
+                chat_format: str = "minimind2") -> str:
+    """The LM's chat format (CHAT_FORMATS), owned here rather than by whatever tokenizer_config.json was
+    downloaded.
 
-    A system turn (the first message when it is a system message, else DEFAULT_SYSTEM_PROMPT), then
+    minimind2: a system turn (the first message when it is a system message, else DEFAULT_SYSTEM_PROMPT), then
     `{turn_start}{role}\\n{content}{turn_end}\\n` per message, then `{turn_start}assistant\\n` when asked to.
+    minimind3 (the MiniMind-3 tokenizer's template without tools): no default system turn; an assistant turn
+    is `{turn_start}assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{answer}{turn_end}\\n` (the reasoning is
+    what a `</think>` in the content closes, usually empty); the generation prompt ends with an empty think block.
     """
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r}; choose from {CHAT_FORMATS}")
     if messages and messages[0]["role"] == SYSTEM_ROLE:
         system, turns = messages[0]["content"], messages[1:]
     else:
-        system, turns = DEFAULT_SYSTEM_PROMPT, messages
-    parts = [f"{turn_start}{SYSTEM_ROLE}\n{system}{turn_end}\n"]
-    parts += [f"{turn_start}{m['role']}\n{m['content']}{turn_end}\n" for m in turns]
+        system, turns = (DEFAULT_SYSTEM_PROMPT if chat_format == "minimind2" else None), messages
+    parts = [] if system is None else [f"{turn_start}{SYSTEM_ROLE}\n{system}{turn_end}\n"]
+    for m in turns:
+        content = m["content"]
+        if chat_format == "minimind3" and m["role"] == "assistant":
+            reasoning = ""
+            if THINK_END in content:
+                reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+                content = content.split(THINK_END)[-1].lstrip("\n")
+            content = f"{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n{content.lstrip(chr(10))}"
+        parts.append(f"{turn_start}{m['role']}\n{content}{turn_end}\n")
     if add_generation_prompt:
         parts.append(f"{turn_start}assistant\n")
+        if chat_format == "minimind3":
+            parts.append(EMPTY_THINK_BLOCK)
     return "".join(parts)
 
 
-def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool) -> str:
+def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool,
+                 chat_format: str = "minimind2") -> str:
     """Chat text of `messages` (render_chat) with every `<image>` expanded to its placeholder run."""
     expanded = [{"role": m["role"], "content": expand_image_markers(m["content"], image_special_token)}
                 for m in messages]
-    return render_chat(expanded, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt)
+    return render_chat(expanded, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt, chat_format)
 
 
-def chat_template_warning(tokenizer):
+def chat_template_warning(tokenizer, chat_format: str = "minimind2"):
     """A one-line warning when the tokenizer's own chat template renders chats unlike render_chat, else None."""
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]
     probes = [(chat, False), (chat, True), ([{"role": SYSTEM_ROLE, "content": "S"}] + chat, True)]
     for messages, add_generation_prompt in probes:
-        ours = render_chat(messages, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt)
+        ours = render_chat(messages, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt, chat_format)
         try:
             theirs = tokenizer.apply_chat_template(messages, tokenize=False,
                                                    add_generation_prompt=add_generation_prompt)
         except Exception:  # noqa: BLE001 - no template, or a broken one: either way it differs
             theirs = None
         if theirs != ours:
-            return ("warning: the tokenizer's chat template renders chats differently from MiniMind2's format; "
-                    "training and chat use MiniMind2's format (dataset/processing.py render_chat) regardless")
+            return (f"warning: the tokenizer's chat template renders chats differently from the {chat_format} "
+                    f"format; training and chat use that format (dataset/processing.py render_chat) regardless")
     return None
 
 
@@ -139,7 +166,7 @@ def load_tokenizer(tokenizer_path):
 
     if not (Path(tokenizer_path) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python -m scripts.download --what "
-                                f"tokenizer` or pass --tokenizer_path")
+                                f"tokenizer` (with --preset minimind-3v for MiniMind-3's) or pass --tokenizer_path")
     return AutoTokenizer.from_pretrained(str(tokenizer_path))
 
 
@@ -148,4 +175,5 @@ def check_tokenizer_matches(tokenizer, config):
     ids = tokenizer(config.image_special_token, add_special_tokens=False).input_ids
     if ids != config.image_ids:
         raise ValueError(f"the tokenizer encodes the image placeholder as {ids[:3]}... (x{len(ids)}), the model "
-                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the MiniMind2 tokenizer")
+                         f"expects id {config.image_ids[0]} x{len(config.image_ids)}: use the tokenizer the model was "
+                         f"trained with (MiniMind2's for minimind2-v, MiniMind-3's for minimind-3v)")

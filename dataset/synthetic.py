@@ -46,14 +46,16 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerFast
 
-from model.compat import pil_clip_image_processor_class
+from model.compat import pil_clip_image_processor_class, pil_image_processor_class
 
 from dataset.processing import IMAGE_MARKER, SHORT_ANSWER_SUFFIX
 from model.model_minimind import MiniMindConfig
-from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR
+from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR, SIGLIP_IMAGE_SIZE,
+                             SIGLIP_PATCH_SIZE)
 from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
 
-ASSET_PARTS = ("tokenizer", "clip", "data")
+ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer")
+DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
@@ -113,9 +115,27 @@ def make_chat_template(turn_start: str, turn_end: str, default_system_prompt: st
 
 
 CHAT_TEMPLATE = make_chat_template(BOS_TOKEN, EOS_TOKEN, DEFAULT_SYSTEM_PROMPT)
+# The MiniMind-3 tokenizer's 36 special tokens (ids 0-35 in this order: `<|image_pad|>` 12, `<think>` 25), the
+# minimind-3v stand-in's; its byte alphabet follows them, as in the real one ('@' 67, '\n' 234).
+MINIMIND3_SPECIAL_TOKENS = (
+    PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<tts_pad>", "<tts_text_bos>",
+    "<tts_text_eod>", "<tts_text_bos_single>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", *(f"<|buffer{i}|>" for i in range(1, 10)))
 
 
-def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+def build_minimind3_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """A MiniMind-3-structured tokenizer (its special tokens and ids, the MiniMind-3 chat format) trained on
+    `corpus_texts`: the offline stand-in for minimind-3v's."""
+    from model.processing_minimind_v import MINIMIND3_CHAT_TEMPLATE
+
+    return build_tokenizer(out_dir, corpus_texts, vocab_size + len(MINIMIND3_SPECIAL_TOKENS) - len(SPECIAL_TOKENS),
+                           special_tokens=MINIMIND3_SPECIAL_TOKENS, chat_template=MINIMIND3_CHAT_TEMPLATE)
+
+
+def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                    chat_template: str = CHAT_TEMPLATE) -> Path:
     """Train a byte-level BPE tokenizer on `corpus_texts` and save it for AutoTokenizer.from_pretrained.
 
     Structure as MiniMind2: specials at ids 0-2, the full 256-byte alphabet next (so '@' is id 34 and '\\n' is
@@ -128,15 +148,16 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE)
     if with_placeholder:
         raise ValueError(f"corpus must not contain {IMAGE_PLACEHOLDER_CHAR!r} (a merge would swallow image "
                          f"placeholders); first offending text: {with_placeholder[0]!r}")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size {vocab_size} is below the {MIN_VOCAB_SIZE} specials + bytes")
+    min_vocab_size = len(special_tokens) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < min_vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the {min_vocab_size} specials + bytes")
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
     # The trainer puts the special tokens first and the alphabet after them in code-point order, which is the
     # id layout of MiniMind2's ids 0..258.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer=trainer)
     bpe = pad_vocabulary(bpe, MODEL_VOCAB_SIZE)
@@ -146,7 +167,7 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE)
         bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=PAD_TOKEN,
         add_bos_token=False, add_eos_token=False,
         model_max_length=MODEL_MAX_LENGTH, padding_side="right", truncation_side="right",
-        clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False, chat_template=chat_template,
     )
     # save_jinja_files=False keeps the template inside tokenizer_config.json, where MiniMind2 has it.
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
@@ -290,6 +311,32 @@ def build_tiny_clip(out_dir, hidden_size: int = 64, num_layers: int = 2, seed: i
     # the processor adds processor_config.json and the text tokenizer files.
     image_processor.save_pretrained(out_dir)
     CLIPProcessor(image_processor=image_processor, tokenizer=text_tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_siglip(out_dir, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, num_heads: int = 4,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """Save a randomly initialised SiglipVisionModel plus its image processor into `out_dir`, the stand-in for
+    siglip2-base-p32-256-ve: its geometry (256 px, 32 px patches -> last_hidden_state [N, 64, hidden_size]), its
+    preprocessing (exactly 256x256, bilinear, (x - 0.5) / 0.5) and its fp16 weights; only widths and depths are
+    small. Load it with SiglipVisionModel / AutoImageProcessor.from_pretrained(out_dir), as upstream does."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    out_dir = Path(out_dir)
+    config = SiglipVisionConfig(image_size=SIGLIP_IMAGE_SIZE, patch_size=SIGLIP_PATCH_SIZE, hidden_size=hidden_size,
+                                intermediate_size=CLIP_MLP_RATIO * hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipVisionModel(config)
+    model.to(dtype).save_pretrained(out_dir)
+    pil_image_processor_class("SiglipImageProcessor")(
+        do_resize=True, size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
+        resample=Image.Resampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out_dir)
     return out_dir
 
 
@@ -763,8 +810,9 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
 
 def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, seed: int = 0,
               n_sft_multi=None, vocab_size: int = DEFAULT_VOCAB_SIZE, clip_hidden_size: int = 64,
-              clip_num_layers: int = 2, parts=ASSET_PARTS) -> dict:
-    """Build the requested `parts` under out_dir/{tokenizer,clip,data}; returns name -> path."""
+              clip_num_layers: int = 2, parts=DEFAULT_ASSET_PARTS) -> dict:
+    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer}; returns name ->
+    path. The SigLIP stand-in gets the CLIP one's width and depth."""
     out_dir = Path(out_dir)
     unknown = set(parts) - set(ASSET_PARTS)
     if unknown:
@@ -774,6 +822,11 @@ def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, 
         paths["tokenizer"] = build_tokenizer(out_dir / "tokenizer", tokenizer_corpus(seed), vocab_size)
     if "clip" in parts:
         paths["clip"] = build_tiny_clip(out_dir / "clip", clip_hidden_size, clip_num_layers, seed)
+    if "siglip" in parts:
+        paths["siglip"] = build_tiny_siglip(out_dir / "siglip", clip_hidden_size, clip_num_layers, seed)
+    if "minimind3_tokenizer" in parts:
+        paths["minimind3_tokenizer"] = build_minimind3_tokenizer(out_dir / "minimind3_tokenizer",
+                                                                 tokenizer_corpus(seed), vocab_size)
     if "data" in parts:
         paths.update(build_shapes_dataset(out_dir / "data", n_pretrain, n_sft, n_eval, seed, n_sft_multi))
     return paths

@@ -189,7 +189,8 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
 
 # -------------------------------------------------------------------------------------------------- chat
 
-def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens: int):
+def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens: int, chat_format: str = "minimind2",
+               image_token_count: int = None):
     """Leave out the oldest turns (a question with its answer and images) until the prompt fits.
 
     `messages` alternate user/assistant and end with a user message. Whole messages are dropped, so an image's
@@ -198,13 +199,15 @@ def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens:
     first = 0
     while True:
         kept = messages[first:]
-        prompt = build_prompt(tokenizer, kept, image_special_token, add_generation_prompt=True)
+        prompt = build_prompt(tokenizer, kept, image_special_token, add_generation_prompt=True,
+                              chat_format=chat_format)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         if ids.shape[1] <= max_prompt_tokens:
             return ids, first, count_image_markers(messages[:first])
         if len(kept) <= 1:
             raise InferenceError(f"the question alone is {ids.shape[1]} tokens (images count "
-                                 f"{len(image_special_token)} each), over the {max_prompt_tokens} left for the "
+                                 f"{image_token_count or len(image_special_token)} each), over the "
+                                 f"{max_prompt_tokens} left for the "
                                  f"prompt: raise --max_seq_len or lower --max_new_tokens")
         first += 2
 
@@ -227,7 +230,7 @@ class ChatSession:
         # {"role", "content"}: user contents carry one `<image>` per image, user messages also "images" (the
         # sources, for display) and answers "stats".
         self.messages = []
-        self.images = []  # [3, 224, 224] per image, in the order of the markers in `messages`
+        self.images = []  # [3, H, W] per image, in the order of the markers in `messages`
         self.pending_images = []  # attached, waiting for the next question
         self.pending_sources = []
         self.stop_event = threading.Event()
@@ -237,7 +240,7 @@ class ChatSession:
     def attach_images(self, sources):
         """Decode and preprocess images (paths, bytes, file objects) for the next question; all or none."""
         sources = list(sources)
-        pixels = load_pixel_values(sources)  # [N, 3, 224, 224]; raises ImageError, attaching nothing
+        pixels = load_pixel_values(sources, self.loaded.image_processor)  # [N, 3, H, W]; raises ImageError
         self.pending_images.extend(pixels)
         self.pending_sources.extend(sources)
         return len(self.pending_images)
@@ -277,9 +280,10 @@ class ChatSession:
                                  f"max_seq_len {self.max_seq_len}")
         config = self.loaded.model.config
         input_ids, self.history_dropped, images_dropped = fit_prompt(
-            self.loaded.tokenizer, messages, config.image_special_token, max_prompt_tokens)
+            self.loaded.tokenizer, messages, config.image_special_token, max_prompt_tokens, config.chat_format,
+            config.image_token_count)
         kept_images = all_images[images_dropped:]
-        pixel_values = torch.stack(kept_images).unsqueeze(0) if kept_images else None  # [1, N, 3, 224, 224]
+        pixel_values = torch.stack(kept_images).unsqueeze(0) if kept_images else None  # [1, N, 3, H, W]
 
         self.messages, self.images = messages, all_images
         self.discard_pending()

@@ -12,10 +12,12 @@ import torch
 
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, MAX_SEED,
                     REPO_ROOT, UserError, bounded, count_parameters, quiet_transformers, torch_dtype)
-from dataset.processing import check_tokenizer_matches, load_tokenizer
+from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
-from model.model_vlm import DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.weights import WeightsMismatchError, describe_state_dict, load_weights, read_state_dict, weight_path
+from model.model_vlm import VISION_ENCODERS, MiniMindVLM, VLMConfig
+from model.presets import DEFAULT_PRESET, PRESETS, add_preset_flags, default_vision_model_path, preset_for
+from model.weights import (WeightsMismatchError, describe_state_dict, load_weights, read_architecture, read_state_dict,
+                           weight_path)
 
 MODEL_MODES = ("pretrain_vlm", "sft_vlm", "sft_vlm_multi")  # --model_mode 0, 1, 2: which stage's weights
 # Upstream's inference defaults (eval_vlm.py / web demo); temperature 0 means greedy decoding here.
@@ -41,15 +43,17 @@ def add_model_flags(parser):
     files.add_argument("--weight", default=None, metavar="PATH", help="a .pth file instead of the --model_mode name")
     files.add_argument("--transformers_dir", default=str(DEFAULT_TRANSFORMERS_DIR),
                        help="the transformers folder read with --load 1")
-    files.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH),
-                       help="CLIP ViT-B/16 folder (with --load 1, only for a folder without its own vision_model/)")
+    files.add_argument("--vision_model_path", default=None,
+                       help="vision encoder folder (default: the one the weights were trained with if it is there, "
+                            "else the preset's; with --load 1, only for a folder without its own vision_model/)")
     files.add_argument("--tokenizer_path", default=None,
-                       help=f"folder with tokenizer.json (default: {DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, "
-                            f"or the transformers folder with --load 1)")
-    shape = parser.add_argument_group("model shape (--load 0)")
-    shape.add_argument("--hidden_size", type=bounded(int, 1), default=512)
-    shape.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
-    shape.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+                       help=f"folder with tokenizer.json (default: the model's preset's, e.g. "
+                            f"{DEFAULT_TOKENIZER_PATH.relative_to(REPO_ROOT)}/, or the transformers folder with "
+                            f"--load 1)")
+    shape = parser.add_argument_group("model (--load 0; the weights' own architecture file or keys decide what is "
+                                      "not given)")
+    add_preset_flags(shape)
+    shape.add_argument("--use_moe", type=int, default=None, choices=[0, 1])
     sampling = parser.add_argument_group("generation")
     sampling.add_argument("--max_new_tokens", type=bounded(int, 1), default=None,
                           help=f"answer length, at most (default {DEFAULT_MAX_NEW_TOKENS})")
@@ -100,15 +104,26 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def image_processor(self):
+        """The model config's image processor (dataset.processing.image_processor_for), built once."""
+        if "_image_processor" not in self.__dict__:
+            self.__dict__["_image_processor"] = image_processor_for(self.model.config)
+        return self.__dict__["_image_processor"]
+
+    @property
     def max_positions(self) -> int:
         return self.model.config.max_position_embeddings
 
 
-def weight_file_from_flags(save_dir, weight, model_mode: int, hidden_size: int, use_moe: bool) -> Path:
-    """`--weight` if given, else `{save_dir}/{pretrain_vlm|sft_vlm|sft_vlm_multi}_{hidden}{_moe}.pth`."""
+def weight_file_from_flags(save_dir, weight, model_mode: int, hidden_size: int, use_moe: bool,
+                           preset: str = None) -> Path:
+    """`--weight` if given, else `{save_dir}/{pretrain_vlm|sft_vlm|sft_vlm_multi}_{hidden}{_moe}.pth` (hidden
+    None: the preset's)."""
     if weight is not None:
         return Path(weight)
-    return weight_path(save_dir, MODEL_MODES[model_mode], hidden_size, use_moe)
+    hidden_size = hidden_size or PRESETS[preset or DEFAULT_PRESET].hidden_size
+    return weight_path(save_dir, MODEL_MODES[model_mode], hidden_size, bool(use_moe))
+
 
 
 def read_checkpoint(weight_file) -> dict:
@@ -124,8 +139,10 @@ def read_checkpoint(weight_file) -> dict:
 
 
 def load_native_model(weight_file, vision_model_path, device, hidden_size=None, num_hidden_layers=None,
-                      use_moe=None, log=print, dtype=torch.float32) -> MiniMindVLM:
-    """MiniMindVLM with CLIP from a .pth file, in `dtype`; a shape left as None is read off the file itself."""
+                      use_moe=None, log=print, vision_encoder=None, projector=None,
+                      dtype=torch.float32) -> MiniMindVLM:
+    """MiniMindVLM with its vision encoder from a .pth file, in `dtype`: the architecture from the file's sidecar,
+    or read off its keys (model/weights.py read_architecture); a shape given here overrides it."""
     state_dict = read_checkpoint(weight_file)
     found = describe_state_dict(state_dict)
     if found["hidden_size"] is None:
@@ -133,9 +150,17 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
     if not found["has_vision_proj"]:  # its projection would be random: the images would mean nothing
         raise WeightsMismatchError(f"{weight_file} has no vision_proj (a language-model-only file?): use "
                                    f"pretrain_vlm_* or sft_vlm_* weights")
+    architecture = read_architecture(weight_file, state_dict)
+    config = architecture.config
     flags = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                 use_moe=None if use_moe is None else bool(use_moe))
-    config = VLMConfig(**{**found["config_kwargs"], **{k: v for k, v in flags.items() if v is not None}})
+                 use_moe=None if use_moe is None else bool(use_moe), projector=projector)
+    for name, value in flags.items():
+        if value is not None:
+            setattr(config, name, value)
+    if vision_encoder is not None and vision_encoder != config.vision_encoder:
+        config.vision_encoder, config.image_processing = vision_encoder, VISION_ENCODERS[vision_encoder].processing
+    if vision_model_path is None:
+        vision_model_path = default_vision_model_path(config, architecture.vision_model_path)
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=vision_model_path)
     try:
@@ -143,8 +168,8 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
     except WeightsMismatchError as error:
         raise WeightsMismatchError(str(error).replace("state_dict", str(weight_file), 1)) from None
     if log is not None:
-        log(f"loaded {weight_file}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without CLIP), "
-            f"{str(dtype).removeprefix('torch.')} on {device}")
+        log(f"loaded {weight_file}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision "
+            f"encoder), {str(dtype).removeprefix('torch.')} on {device}")
     return model.eval().to(device=device, dtype=dtype)
 
 
@@ -159,31 +184,35 @@ def load_transformers_model(folder, vision_model_path, device, log=print, dtype=
         model = MiniMindVLM.from_pretrained(str(folder), dtype=torch.float32)
         try:
             if model.vision_encoder is None:
-                model.attach_vision_encoder(vision_model_path)
+                model.attach_vision_encoder(vision_model_path or default_vision_model_path(model.config))
         except ValueError as error:  # a CLIP of another width than the folder's vision_proj
             raise WeightsMismatchError(str(error)) from None
     if log is not None:
-        log(f"loaded {folder}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without CLIP), "
+        log(f"loaded {folder}: {count_parameters(model)[0] / 1e6:.2f}M parameters (without the vision encoder), "
             f"{str(dtype).removeprefix('torch.')} on {device}")
     return model.eval().to(device=device, dtype=dtype)
 
 
 def load_model(source, load_transformers: bool, tokenizer_path, vision_model_path, device, hidden_size=None,
-               num_hidden_layers=None, use_moe=None, log=print, dtype_name: str = None) -> LoadedModel:
-    """Tokenizer first (a quick failure), then the model in `inference_dtype(device, dtype_name)`; checks the two
-    agree on the image placeholder."""
+               num_hidden_layers=None, use_moe=None, log=print, vision_encoder=None, projector=None,
+               dtype_name: str = None) -> LoadedModel:
+    """Tokenizer first when given (a quick failure), then the model in `inference_dtype(device, dtype_name)`;
+    without a tokenizer, the transformers folder's, else the model's preset's; checks the two agree on the image
+    placeholder."""
     source = Path(source)
-    if tokenizer_path is None:
-        tokenizer_path = source if load_transformers and (source / "tokenizer.json").is_file() else \
-            DEFAULT_TOKENIZER_PATH
-    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer_path is None and load_transformers and (source / "tokenizer.json").is_file():
+        tokenizer_path = source
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     device = torch.device(device)
     dtype = inference_dtype(device, dtype_name)
     if load_transformers:
         model = load_transformers_model(source, vision_model_path, device, log=log, dtype=dtype)
     else:
         model = load_native_model(source, vision_model_path, device, hidden_size, num_hidden_layers, use_moe, log=log,
-                                  dtype=dtype)
+                                  vision_encoder=vision_encoder, projector=projector, dtype=dtype)
+    if tokenizer is None:
+        tokenizer_path = PRESETS[preset_for(model.config.lm_family, model.config.projector)].tokenizer_path
+        tokenizer = load_tokenizer(tokenizer_path)
     try:
         check_tokenizer_matches(tokenizer, model.config)
     except ValueError as error:
@@ -197,9 +226,10 @@ def load_model_from_flags(args, log=print) -> LoadedModel:
         return load_model(args.transformers_dir, True, args.tokenizer_path, args.vision_model_path, args.device,
                           log=log, dtype_name=args.dtype)
     weight_file = weight_file_from_flags(args.save_dir, args.weight, args.model_mode, args.hidden_size,
-                                         bool(args.use_moe))
+                                         args.use_moe, args.preset)
     return load_model(weight_file, False, args.tokenizer_path, args.vision_model_path, args.device,
-                      args.hidden_size, args.num_hidden_layers, bool(args.use_moe), log=log, dtype_name=args.dtype)
+                      args.hidden_size, args.num_hidden_layers, args.use_moe, log=log,
+                      vision_encoder=args.vision_encoder, projector=args.projector, dtype_name=args.dtype)
 
 
 def is_transformers_folder(path: Path) -> bool:

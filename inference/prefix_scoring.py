@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from dataset.processing import build_prompt, open_image, preprocess_image, user_content
+from dataset.processing import build_prompt, image_processor_for, open_image, preprocess_image, user_content
 
 from .loading import InferenceError, LoadedModel
 
@@ -67,14 +67,15 @@ class PromptTokens:
     the prefix all questions share (chat header, image run, and any words all questions start with) and the
     rest. The split is found on the token ids themselves, so joining the two parts gives the prompt exactly."""
 
-    def __init__(self, tokenizer, image_special_token: str, image_token_id: int, texts):
+    def __init__(self, tokenizer, image_special_token: str, image_token_id: int, texts, chat_format="minimind2",
+                 image_token_count: int = None):
         def render(text, num_images):
             return build_prompt(tokenizer, [{"role": "user", "content": user_content(text, num_images)}],
-                                image_special_token, add_generation_prompt=True)
+                                image_special_token, add_generation_prompt=True, chat_format=chat_format)
 
         image_ids = tokenizer([render(t, 1) for t in texts], add_special_tokens=False).input_ids
         blind_ids = tokenizer([render(t, 0) for t in texts], add_special_tokens=False).input_ids
-        image_end = image_ids[0].index(image_token_id) + len(image_special_token)
+        image_end = image_ids[0].index(image_token_id) + (image_token_count or len(image_special_token))
         shared = common_prefix_length(image_ids)
         if shared < image_end:
             raise InferenceError("prompts differ before the end of the image: the chat template puts question "
@@ -113,7 +114,7 @@ class PrefixScorer:
         """{(question index, "image" | "blind"): Answer}. `label_forms(question)` -> {label: spellings}."""
         config = self.model.config
         tokens = PromptTokens(self.tokenizer, config.image_special_token, self.model.image_token_id,
-                              [q.text for q in questions])
+                              [q.text for q in questions], config.chat_format, config.image_token_count)
         forms = [{label: self.spelling_ids(label, spellings) for label, spellings in label_forms(q).items()}
                  for q in questions]
         answers = {}
@@ -167,9 +168,10 @@ class PrefixScorer:
             bar.update(1)
 
     def encode(self, images: dict, keys) -> torch.Tensor:
-        """CLIP patch features of the images `keys` (each decoded and preprocessed once)."""
-        pixels = torch.stack([preprocess_image(open_image(images[key], name=f"image {key[:12]}"))
-                              for key in keys])  # [n, 3, 224, 224]
+        """Encoder features of the images `keys` (each decoded and preprocessed once)."""
+        image_processor = image_processor_for(self.model.config)
+        pixels = torch.stack([preprocess_image(open_image(images[key], name=f"image {key[:12]}"), image_processor)
+                              for key in keys])  # [n, 3, H, W]
         return self.model.encode_images(pixels.to(self.device))
 
     def answer_rows(self, indices, variant, cache, ids, forms, answers, image_features=None):

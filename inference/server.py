@@ -320,26 +320,26 @@ def fetch_remote_image(url: str, param: str, max_bytes: int) -> bytes:
     return data
 
 
-def load_request_images(images: list, settings: ServerSettings):
-    """[(param, url)] -> pixel values [1, N, 3, 224, 224] through the shared preprocessing, or None."""
+def load_request_images(images: list, settings: ServerSettings, image_processor):
+    """[(param, url)] -> pixel values [1, N, 3, H, W] through the model's image processor, or None."""
     if not images:
         return None
     pixels = []
     for param, url in images:
         data = read_image_bytes(url, param, settings)
         try:
-            pixels.append(preprocess_image(open_image(data, settings.max_image_pixels, name=param)))
+            pixels.append(preprocess_image(open_image(data, settings.max_image_pixels, name=param), image_processor))
         except ImageError as error:  # not an image, or over --max_image_pixels
             raise bad_request(str(error), param, "invalid_image") from None
-    return torch.stack(pixels).unsqueeze(0)  # [1, N, 3, 224, 224]
+    return torch.stack(pixels).unsqueeze(0)  # [1, N, 3, H, W]
 
 
 def prepare_inputs(request: ChatRequest, loaded: LoadedModel, settings: ServerSettings):
     """(input_ids [1, T], pixel_values or None, generation settings fitted to the context); 400 if it cannot fit."""
-    pixel_values = load_request_images(request.images, settings)
+    pixel_values = load_request_images(request.images, settings, loaded.image_processor)
     try:
         prompt = build_prompt(loaded.tokenizer, request.messages, loaded.model.config.image_special_token,
-                              add_generation_prompt=True)
+                              add_generation_prompt=True, chat_format=loaded.model.config.chat_format)
     except TemplateError as error:  # a template that raises on what it cannot render (a system message, say)
         raise bad_request(f"the model's chat template refused these messages: {error}", "messages") from None
     input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids

@@ -4,8 +4,8 @@
   the model's own `prepare_inputs_for_generation` reads it under `GENERATE_CACHE_KWARG`.
 - Output dataclasses name their cache field the same way (5.2x+ still accepts `past_key_values=` but logs a
   deprecation warning), so outputs are built with `OUTPUT_CACHE_FIELD`.
-- The PIL-only CLIP image processor is `CLIPImageProcessorPil` in 5.x (`CLIPImageProcessor` there wants
-  torchvision) and `CLIPImageProcessor` in 4.x.
+- The PIL-only CLIP (SigLIP) image processor is `CLIPImageProcessorPil` (`SiglipImageProcessorPil`) in 5.x
+  (`CLIPImageProcessor` there wants torchvision) and `CLIPImageProcessor` (`SiglipImageProcessor`) in 4.x.
 - Also read on both ends without a branch: `_tied_weights_keys` as a {target: source} dict (4.x iterates it and
   gets the tied names), `from_pretrained(dtype=...)` (4.56+), a config's `rope_parameters` (a plain attribute in
   4.x; `rope_scaling` exists only in 5.x), `tie_word_embeddings` always set by the config (4.x omits its default
@@ -38,6 +38,11 @@ PROCESSOR_CLASS_ATTRIBUTES = ({"image_processor_class": "AutoImageProcessor", "t
 
 def pil_clip_image_processor_class():
     """CLIP's image processor on the PIL backend: no torchvision needed on either major."""
+    return pil_image_processor_class("CLIPImageProcessor")
+
+
+def pil_image_processor_class(name: str):
+    """transformers' image processor `name` (e.g. SiglipImageProcessor) on the PIL backend: `{name}Pil` in 5.x."""
     import transformers
 
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)

@@ -1,10 +1,16 @@
-"""MiniMindVLM: the MiniMind LM plus a frozen CLIP ViT-B/16 whose patch features replace image placeholders.
+"""MiniMindVLM: the MiniMind LM plus a frozen vision encoder whose patch features replace image placeholders.
 
-Each image is written in the prompt as a run of exactly 196 placeholder tokens ('@', id 34). On the prefill
-step every such run is overwritten by `vision_proj(CLIP patch features)` of that sample's next image, left
-to right. The CLIP encoder is held outside the module tree, so `state_dict()` holds only the LM and
-`vision_proj` (77 keys at 512x8): released upstream files load with `strict=True`.
+Each image is written in the prompt as a run of placeholder tokens (MiniMind2-V: 196 '@', id 34; minimind-3v: 64
+`<|image_pad|>`, id 12). On the prefill step every such run is overwritten by `vision_proj(encoder features)` of
+that sample's next image, left to right. The encoder is held outside the module tree, so `state_dict()` holds only
+the LM and `vision_proj` (77 keys at 512x8): released upstream files load with `strict=True`.
+
+The vision stack is a part the config chooses: `vision_encoder` names an entry of VISION_ENCODERS (how the folder
+is loaded, which features the LM sees), `projector` an entry of PROJECTORS, `image_processing` the preprocessing
+(read from the encoder folder's preprocessor_config.json), `image_special_token`/`image_ids` the placeholder run.
+A further encoder or projector is one more entry in those tables.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,17 +20,54 @@ from torch import nn
 # files that this (the auto_map) file imports itself, not what model_minimind imports in turn.
 from .compat import GENERATE_CACHE_KWARG  # noqa: F401
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
+from .processing_minimind_v import (CLIP_IMAGE_PROCESSING, CLIP_IMAGE_SIZE, SIGLIP_PROCESSOR_DEFAULTS,
+                                    read_image_processing)
 
-# Where scripts/download.py puts CLIP. This file is also shipped in exported transformers folders, so it imports
-# nothing from the project beyond model_minimind.
-DEFAULT_VISION_MODEL_PATH = Path(__file__).resolve().parent / "vision_model" / "clip-vit-base-patch16"
-IMAGE_PLACEHOLDER_CHAR = "@"
-IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
-# openai/clip-vit-base-patch16: 224 px input, 16 px patches, width 768.
-CLIP_IMAGE_SIZE = 224
+VISION_MODEL_DIR = Path(__file__).resolve().parent / "vision_model"  # where scripts/download.py puts encoders
+# openai/clip-vit-base-patch16: 224 px input (CLIP_IMAGE_SIZE), 16 px patches, width 768.
 CLIP_PATCH_SIZE = 16
 CLIP_HIDDEN_SIZE = 768
 IMAGE_TOKENS_PER_IMAGE = (CLIP_IMAGE_SIZE // CLIP_PATCH_SIZE) ** 2  # a 14x14 grid of patches: 196
+# siglip2-base-p32-256-ve (minimind-3v): 256 px input, 32 px patches (an 8x8 grid: 64 features), width 768.
+SIGLIP_IMAGE_SIZE = 256
+SIGLIP_PATCH_SIZE = 32
+SIGLIP_HIDDEN_SIZE = 768
+# Exactly 256x256, no crop, (x - 0.5) / 0.5; bilinear (PIL 2) as the SigLIP2 FixRes folders say (the folder's own
+# preprocessor_config.json replaces this once it is there).
+SIGLIP2_IMAGE_PROCESSING = {**SIGLIP_PROCESSOR_DEFAULTS, "size": [SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE], "resample": 2}
+
+
+@dataclass(frozen=True)
+class VisionEncoderKind:
+    """One family of vision towers: the transformers class that loads its folder and which outputs the LM sees."""
+    model_class: str  # a transformers class name, loaded with from_pretrained(folder)
+    image_processor_class: str  # transformers' image processor of the family (what upstream preprocesses with)
+    leading_tokens: int  # tokens of last_hidden_state before the patch features (CLIP's CLS); dropped
+    folder: str  # the default checkout under VISION_MODEL_DIR (scripts/download.py fetches it)
+    features: str  # what the LM sees, in words (feature-cache fingerprints, error messages)
+    processing: dict  # the default checkout's preprocessing, until a folder's preprocessor_config.json says
+
+
+VISION_ENCODERS = {
+    # openai/clip-vit-base-patch16 (MiniMind2-V): last_hidden_state is the last layer's output before
+    # post_layernorm (HF applies that to the pooled CLS only); the CLS token is dropped -> [M, 196, 768].
+    "clip": VisionEncoderKind("CLIPVisionModel", "CLIPImageProcessor", 1, "clip-vit-base-patch16",
+                              "last_hidden_state without the CLS token (before post_layernorm)",
+                              CLIP_IMAGE_PROCESSING),
+    # siglip2-base-p32-256-ve (minimind-3v), loaded as upstream does with SiglipVisionModel: last_hidden_state is
+    # post_layernorm, no CLS, every token -> [M, 64, 768]. Not hidden_states[-1]: that differs between 4.57 and 5.x.
+    "siglip": VisionEncoderKind("SiglipVisionModel", "SiglipImageProcessor", 0, "siglip2-base-p32-256-ve",
+                                "last_hidden_state, every token (after post_layernorm)", SIGLIP2_IMAGE_PROCESSING),
+}
+DEFAULT_VISION_ENCODER = "clip"
+DEFAULT_VISION_MODEL_PATH = VISION_MODEL_DIR / VISION_ENCODERS[DEFAULT_VISION_ENCODER].folder
+IMAGE_PLACEHOLDER_CHAR = "@"
+IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
+
+
+def encoder_feature_count(vision_config) -> int:
+    """Patch features per image of a ViT config: (image_size / patch_size)^2 (CLIP 196, SigLIP2 p32-256 64)."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
 class VLMConfig(MiniMindConfig):
@@ -32,18 +75,40 @@ class VLMConfig(MiniMindConfig):
 
     def __init__(self, image_special_token: str = IMAGE_PLACEHOLDER_CHAR * IMAGE_TOKENS_PER_IMAGE,
                  image_ids: list = None, ve_hidden_size: int = CLIP_HIDDEN_SIZE, vision_model_subfolder: str = None,
-                 **kwargs):
+                 vision_encoder: str = DEFAULT_VISION_ENCODER, projector: str = "linear",
+                 image_feature_count: int = IMAGE_TOKENS_PER_IMAGE, image_processing: dict = None,
+                 chat_format: str = "minimind2", **kwargs):
+        if vision_encoder not in VISION_ENCODERS:
+            raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
+        if projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {projector!r}; choose from {sorted(PROJECTORS)}")
+        # The placeholder run the LM sees per image (its length is len(image_ids)).
         self.image_special_token = image_special_token
         self.image_ids = list(image_ids) if image_ids is not None else [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
-        # Width of the vision features; set from the loaded encoder, 768 for CLIP ViT-B/16.
+        self.vision_encoder = vision_encoder
+        self.projector = projector
+        # Width and count of the encoder's features per image; set from the loaded encoder.
         self.ve_hidden_size = ve_hidden_size
-        # A saved folder's own copy of the CLIP vision tower (scripts/convert_vlm.py writes one); None: not in it.
+        self.image_feature_count = image_feature_count
+        # The encoder folder's preprocessing (processing_minimind_v.read_image_processing); the kind's default.
+        self.image_processing = dict(image_processing or VISION_ENCODERS[vision_encoder].processing)
+        # The prompt format the LM was trained with (dataset/processing.py render_chat): minimind2 | minimind3.
+        self.chat_format = chat_format
+        # A saved folder's own copy of the vision tower (scripts/convert_vlm.py writes one); None: not in it.
         self.vision_model_subfolder = vision_model_subfolder
         super().__init__(**kwargs)
 
+    @property
+    def image_token_count(self) -> int:
+        """Placeholder tokens per image in the prompt (the projector's output count)."""
+        return len(self.image_ids)
+
 
 class VisionProj(nn.Module):
-    """Linear map (with bias, as upstream's code) from vision features to the LM width."""
+    """MiniMind2-V's projector: one Linear (with bias, as upstream's code) from vision features to the LM width.
+    Keys vision_proj.vision_proj.0.{weight,bias}."""
+
+    INPUT_WEIGHT = "vision_proj.0.weight"  # [hidden, ve_hidden]: tells this kind's files apart, gives the input width
 
     def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 512):
         super().__init__()
@@ -53,25 +118,55 @@ class VisionProj(nn.Module):
         return self.vision_proj(image_features)
 
 
-def load_vision_encoder(vision_model_path, subfolder: str = ""):
-    """Frozen CLIP vision tower (eval mode) from a CLIP folder, or from `subfolder` of a local folder or hub repo
-    (a saved MiniMind-V folder's own copy); a missing local folder says how to get one."""
-    from transformers import CLIPVisionModel
+class MLPVisionProj(nn.Module):
+    """minimind-3v's (and LLaVA-1.5's) projector: LayerNorm, Linear, exact GELU, Linear.
+    Keys vision_proj.mlp.{0,1,3}.* (index 2 is the parameter-free GELU)."""
 
+    LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as upstream builds it
+    INPUT_WEIGHT = "mlp.0.weight"  # the LayerNorm's [ve_hidden]
+
+    def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 768):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(ve_hidden_size, eps=self.LAYER_NORM_EPS),
+                                 nn.Linear(ve_hidden_size, hidden_size), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, image_features):
+        return self.mlp(image_features)
+
+
+# Projector name -> class taking (ve_hidden_size, hidden_size); each maps [M, n, ve_hidden] -> [M, n, hidden].
+PROJECTORS = {"linear": VisionProj, "mlp": MLPVisionProj}
+
+
+def load_vision_encoder(vision_model_path, subfolder: str = "", kind: str = DEFAULT_VISION_ENCODER):
+    """Frozen vision tower of `kind` (eval mode, fp32) from a folder, or from `subfolder` of a local folder or hub
+    repo (a saved MiniMind-V folder's own copy); a missing local folder says how to get one.
+
+    fp32 whatever the folder stores: transformers 5.x would keep siglip2's fp16, which moves the logits."""
+    import transformers
+
+    encoder_class = getattr(transformers, VISION_ENCODERS[kind].model_class)
     path = Path(vision_model_path)
     if subfolder and not path.is_dir():  # a hub repo id: transformers fetches the subfolder
-        encoder = CLIPVisionModel.from_pretrained(str(vision_model_path), subfolder=subfolder)
+        encoder = encoder_class.from_pretrained(str(vision_model_path), subfolder=subfolder, dtype=torch.float32)
         encoder.requires_grad_(False)
         return encoder.eval()
     path = path / subfolder
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"CLIP vision encoder not found at {path}: run `python -m scripts.download --what clip` "
-            f"(or `git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}`), "
-            f"or pass --vision_model_path")
-    encoder = CLIPVisionModel.from_pretrained(str(path))  # callers silence the "unused text tower" report
+            f"{kind} vision encoder not found at {path}: run `python -m scripts.download --what "
+            f"{'clip' if kind == DEFAULT_VISION_ENCODER else kind}`, or pass --vision_model_path")
+    # callers silence the "unused text tower" report
+    encoder = encoder_class.from_pretrained(str(path), dtype=torch.float32)
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+def read_encoder_folder(vision_model_path, subfolder: str = "") -> dict:
+    """The image preprocessing of an encoder folder (its preprocessor_config.json), or {} when it has none."""
+    path = Path(vision_model_path) / subfolder
+    return read_image_processing(path) if path.is_dir() else {}
 
 
 def find_image_runs(input_ids, image_token_id: int):
@@ -130,19 +225,33 @@ def flatten_pixel_values(pixel_values):
                      f"got shape {tuple(pixel_values.shape)}")
 
 
+def describe_encoder(config: VLMConfig, encoder, processing: dict):
+    """Write a loaded encoder's facts into `config`: width, features per image, and its folder's preprocessing.
+    The projectors keep the count, so it must equal the placeholder run."""
+    config.ve_hidden_size = encoder.config.hidden_size
+    config.image_feature_count = encoder_feature_count(encoder.config)
+    if processing:
+        config.image_processing = processing
+    if config.image_feature_count != config.image_token_count:
+        raise ValueError(f"the {config.vision_encoder} encoder gives {config.image_feature_count} features per "
+                         f"image, but the placeholder run is {config.image_token_count} tokens: choose the preset "
+                         f"that fits the encoder (--preset), or its placeholder count")
+
+
 class MiniMindVLM(MiniMindForCausalLM):
     config_class = VLMConfig
     prefill_only_inputs = ("pixel_values", "image_features")
 
     def __init__(self, config: VLMConfig = None, vision_model_path=DEFAULT_VISION_MODEL_PATH):
         config = config or VLMConfig()
-        vision_encoder = load_vision_encoder(vision_model_path) if vision_model_path is not None else None
-        if vision_encoder is not None:
-            config.ve_hidden_size = vision_encoder.config.hidden_size
+        vision_encoder = None
+        if vision_model_path is not None:
+            vision_encoder = load_vision_encoder(vision_model_path, kind=config.vision_encoder)
+            describe_encoder(config, vision_encoder, read_encoder_folder(vision_model_path))
         super().__init__(config)
         # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
         self.__dict__["vision_encoder"] = vision_encoder
-        self.vision_proj = VisionProj(config.ve_hidden_size, config.hidden_size)
+        self.vision_proj = PROJECTORS[config.projector](config.ve_hidden_size, config.hidden_size)
         self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
 
     @classmethod
@@ -158,11 +267,18 @@ class MiniMindVLM(MiniMindForCausalLM):
         return model
 
     def attach_vision_encoder(self, vision_model_path, subfolder: str = ""):
-        """Load a frozen CLIP encoder onto this model's device and dtype; its width must fit vision_proj."""
-        encoder = load_vision_encoder(vision_model_path, subfolder)
+        """Load a frozen encoder of the config's kind onto this model's device (and its dtype, unless fp32 is kept
+        for the encoder); its width and feature count must fit vision_proj and the placeholder run."""
+        encoder = load_vision_encoder(vision_model_path, subfolder, kind=self.config.vision_encoder)
         if encoder.config.hidden_size != self.config.ve_hidden_size:
             raise ValueError(f"{vision_model_path}: vision width {encoder.config.hidden_size}, but this model's "
                              f"vision_proj expects {self.config.ve_hidden_size}")
+        if encoder_feature_count(encoder.config) != self.config.image_token_count:
+            raise ValueError(f"{vision_model_path}: {encoder_feature_count(encoder.config)} features per image, but "
+                             f"this model's placeholder run is {self.config.image_token_count} tokens")
+        processing = read_encoder_folder(vision_model_path, subfolder if Path(vision_model_path).is_dir() else "")
+        if processing:
+            self.config.image_processing = processing
         self.__dict__["vision_encoder"] = encoder.to(device=self.device, dtype=self.dtype)
 
     @property
@@ -171,7 +287,7 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     @property
     def image_token_count(self) -> int:
-        return len(self.config.image_ids)
+        return self.config.image_token_count
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.cuda() also move the (unregistered) vision encoder.
@@ -182,31 +298,32 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     @torch.no_grad()
     def encode_images(self, pixel_values):
-        """[M, 3, 224, 224] -> CLIP patch features [M, 196, ve_hidden] (pre-post_layernorm, CLS dropped)."""
+        """[M, 3, H, W] -> the encoder's features [M, image_feature_count, ve_hidden] (VISION_ENCODERS says which:
+        CLIP [M, 196, 768] before post_layernorm without CLS; SigLIP2 [M, 64, 768] after it)."""
         if self.vision_encoder is None:
             raise RuntimeError("this model was built without a vision encoder (vision_model_path=None)")
         if pixel_values.dtype == torch.uint8:
             raise ValueError("pixel_values are uint8: normalise them first (processing_minimind_v.normalize_pixels)")
         if len(pixel_values) == 0:  # a text-only training batch: no CLIP call, but vision_proj still runs
-            return pixel_values.new_zeros(0, self.image_token_count, self.config.ve_hidden_size)
+            return pixel_values.new_zeros(0, self.config.image_feature_count, self.config.ve_hidden_size)
         encoder_dtype = next(self.vision_encoder.parameters()).dtype
         hidden = self.vision_encoder(pixel_values=pixel_values.to(encoder_dtype)).last_hidden_state
-        return hidden[:, 1:, :]  # [M, 196, ve_hidden]
+        return hidden[:, VISION_ENCODERS[self.config.vision_encoder].leading_tokens:, :]
 
     def splice_image_features(self, input_ids, inputs_embeds, image_features, images_per_sample=None,
                               image_positions=None):
         """Overwrite every run of image tokens with the projected features of the sample's next image.
 
-        input_ids [B, T]; inputs_embeds [B, T, hidden]; image_features [M, 196, ve_hidden] in reading order
+        input_ids [B, T]; inputs_embeds [B, T, hidden]; image_features [M, n, ve_hidden] in reading order
         (sample 0's images left to right, then sample 1's, ...). image_positions: `image_token_positions`
         computed beforehand (the training collator does it on the CPU); None: found and checked here, which
-        raises ValueError when a run is not exactly 196 tokens long or when the number of runs differs from the
-        number of images (per sample if `images_per_sample` is given, else in total).
+        raises ValueError when a run is not exactly image_token_count tokens long or when the number of runs
+        differs from the number of images (per sample if `images_per_sample` is given, else in total).
         """
         if image_positions is None:
             image_positions = image_token_positions(input_ids, self.image_token_id, self.image_token_count,
                                                     images_per_sample, image_features.shape[0])
-        projected = self.vision_proj(image_features.to(self.vision_proj.vision_proj[0].weight.dtype))
+        projected = self.vision_proj(image_features.to(next(self.vision_proj.parameters()).dtype))
         hidden = inputs_embeds.shape[-1]
         # Row-major order of the positions = sample by sample, image by image, patch by patch.
         spliced = inputs_embeds.reshape(-1, hidden).index_copy(
@@ -219,13 +336,13 @@ class MiniMindVLM(MiniMindForCausalLM):
         """MiniMindForCausalLM.forward, with the prompt's images spliced into the embeddings first (parameters
         in upstream's order for the VLM, which differs from its LM's).
 
-        pixel_values: [B, N, 3, 224, 224], upstream's [B, N, 1, 3, 224, 224], or a flat [M, 3, 224, 224] list in
-        reading order; image_features: precomputed CLIP features [M, 196, ve_hidden] instead. Images belong to
-        the prompt, spliced on the call whose cache is empty (our generate() passes them on that step only). Code
-        written against upstream passes them on every decoding step: with a non-empty cache they are ignored while
-        the new tokens hold no image placeholder, and a placeholder there raises (its image would go unseen).
-        image_positions, first_target, target_index: positions the training collator computed on the CPU
-        (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
+        pixel_values: [B, N, 3, H, W], upstream's [B, N, 1, 3, H, W], or a flat [M, 3, H, W] list in reading
+        order; image_features: precomputed encoder features [M, image_feature_count, ve_hidden] instead. Images
+        belong to the prompt, spliced on the call whose cache is empty (our generate() passes them on that step
+        only). Code written against upstream passes them on every decoding step: with a non-empty cache they are
+        ignored while the new tokens hold no image placeholder, and a placeholder there raises (its image would go
+        unseen). image_positions, first_target, target_index: positions the training collator computed on the
+        CPU (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
         """
         has_images = pixel_values is not None or image_features is not None
         if has_images and cached_length(past_key_values) > 0:

@@ -5,10 +5,13 @@ chat, web demo and API, and scripts/convert_vlm.py ships this file in exported f
 `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
 prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
 transformers 4.x copies only a remote module's direct relative imports: this one imports torch, numpy, PIL,
-transformers and compat.py (which imports nothing of the project). The model's facts (image size, placeholder, run length) stay in model_vlm.py and reach the
-folder's processor through processor_config.json and preprocessor_config.json.
+transformers and compat.py (which imports nothing of the project). The model's facts (its preprocessing, placeholder,
+run length) stay in its config and reach the folder's processor through processor_config.json and
+preprocessor_config.json.
 """
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +25,20 @@ IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text
 # openai/clip-vit-base-patch16 preprocessor_config.json: normalisation constants.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_IMAGE_SIZE = 224
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# An image preprocessing, as a model config stores it (read_image_processing reads it off an encoder folder):
+#   resize "shortest_edge" (size: int, the short side) or "exact" (size: [height, width]); crop_size [h, w] or
+#   None (centre crop); resample a PIL filter number; rescale_factor; image_mean / image_std per channel.
+CLIP_IMAGE_PROCESSING = {"resize": "shortest_edge", "size": CLIP_IMAGE_SIZE,
+                         "crop_size": [CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE], "resample": int(Image.BICUBIC),
+                         "rescale_factor": 1 / 255, "image_mean": CLIP_MEAN.tolist(), "image_std": CLIP_STD.tolist()}
+# transformers' defaults for keys a folder's preprocessor_config.json leaves out, by image processor family.
+SIGLIP_PROCESSOR_DEFAULTS = {"resize": "exact", "size": [224, 224], "crop_size": None, "resample": int(Image.BICUBIC),
+                             "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 # Decompression-bomb guard: refuse images with more pixels than this before decoding them.
 MAX_IMAGE_PIXELS = 50_000_000
-FULLWIDTH_TWIN = {"@": "\uff20"}  # '@' -> '＠' (U+FF20), which the tokenizer keeps apart from id 34
+FULLWIDTH_OFFSET = 0xFEE0  # printable ASCII -> its full-width twin: '@' -> '＠' (U+FF20), '<' -> '＜' (U+FF1C)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # MiniMind2's, when a chat has no system turn
 REMOTE_IMAGE_PREFIXES = ("http://", "https://", "data:")
 
@@ -55,6 +69,33 @@ CHAT_TEMPLATE = (
 )
 
 
+# MiniMind-3's chat format (the MiniMind-3 tokenizer's template without tools, whose own template renders
+# list-typed content as ''): the same content parts, no default system turn, an assistant turn opens with a think
+# block (`<think>\n{reasoning}\n</think>\n\n`, the reasoning being what a `</think>` in the content closes),
+# and the generation prompt ends with an empty one.
+MINIMIND3_CHAT_TEMPLATE = (
+    CHAT_TEMPLATE.split("{%- if messages and messages[0]['role'] == 'system' -%}")[0]
+    + "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ bos_token + 'system\\n' + render_content(messages[0]['content']) + eos_token + '\\n' }}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set content = render_content(message['content']) -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set reasoning = '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- set content = '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{ bos_token + message['role'] + '\\n' + content + eos_token + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ bos_token + 'assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+)
+# dataset/processing.py CHAT_FORMATS -> the template an exported folder's processor renders it with.
+CHAT_TEMPLATES = {"minimind2": CHAT_TEMPLATE, "minimind3": MINIMIND3_CHAT_TEMPLATE}
+
+
 class ImageError(ValueError):
     """An image that cannot be used: unreadable, not an image, or too large."""
 
@@ -77,45 +118,110 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"{image.mode} image: {error}") from None
 
 
-def preprocess_image(image: Image.Image, size: int, normalize: bool = True) -> torch.Tensor:
-    """PIL image (any mode) -> CLIP input [3, size, size] float32.
+def read_image_processing(folder) -> dict:
+    """The preprocessing that an encoder folder's preprocessor_config.json describes (the fields of
+    CLIP_IMAGE_PROCESSING), with transformers' defaults for what it leaves out; {} for a folder without one."""
+    path = Path(folder) / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    kind = config.get("image_processor_type", "")
+    base = dict(SIGLIP_PROCESSOR_DEFAULTS if kind.lower().startswith("siglip") else CLIP_IMAGE_PROCESSING)
+    size = config.get("size", base["size"] if base["resize"] == "shortest_edge" else None)
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if size is None:
+        pass
+    elif "shortest_edge" in size:
+        base.update(resize="shortest_edge", size=int(size["shortest_edge"]))
+    elif "height" in size and "width" in size:
+        base.update(resize="exact", size=[int(size["height"]), int(size["width"])])
+    else:
+        raise ValueError(f"{path}: size {size} is neither a shortest edge nor a height and width")
+    if "do_center_crop" in config or "crop_size" in config:
+        crop = config.get("crop_size") if config.get("do_center_crop", True) else None
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        base["crop_size"] = [int(crop["height"]), int(crop["width"])] if crop else None
+    if "resample" in config:
+        base["resample"] = int(config["resample"])
+    base["rescale_factor"] = float(config.get("rescale_factor", base["rescale_factor"])) \
+        if config.get("do_rescale", True) else 1.0
+    if config.get("do_normalize", True):
+        base["image_mean"] = [float(v) for v in config.get("image_mean", base["image_mean"])]
+        base["image_std"] = [float(v) for v in config.get("image_std", base["image_std"])]
+    else:
+        base["image_mean"], base["image_std"] = [0.0] * 3, [1.0] * 3
+    return base
 
-    Same steps as CLIPImageProcessor: RGB; shortest side to `size` (bicubic, long side truncated); centre
-    crop; scale to [0, 1]; normalise with the CLIP mean/std (`normalize_pixels`). normalize=False stops before
-    the last two steps and returns the uint8 pixels [3, size, size]: training sends those between processes and
-    to the device (a quarter of the bytes) and calls `normalize_pixels` there.
+
+def output_size(processing: dict) -> tuple:
+    """(height, width) of the pixels `preprocess_image` makes with `processing`."""
+    if processing.get("crop_size"):
+        return tuple(processing["crop_size"])
+    if processing["resize"] == "exact":
+        return tuple(processing["size"])
+    raise ValueError("a shortest-edge resize without a crop gives images of varying shape")
+
+
+def preprocess_image(image: Image.Image, processing: dict, normalize: bool = True) -> torch.Tensor:
+    """PIL image (any mode) -> encoder input [3, H, W] float32, with the steps of transformers' PIL image
+    processors (CLIPImageProcessor, SiglipImageProcessor) as `processing` configures them: RGB; resize, either
+    the shortest side to `size` (long side truncated) or to exactly `size`; centre crop if `crop_size`; rescale;
+    normalise with image_mean / image_std (`normalize_pixels`). normalize=False stops before the last two steps
+    and returns the uint8 pixels [3, H, W]: training sends those between processes and to the device (a quarter
+    of the bytes) and calls `normalize_pixels` there.
     """
     image = to_rgb(image)
     width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
+    if processing["resize"] == "exact":
+        new_height, new_width = processing["size"]
     else:
-        new_width, new_height = int(size * width / height), size
+        size = processing["size"]
+        if width <= height:
+            new_width, new_height = size, int(size * height / width)
+        else:
+            new_width, new_height = int(size * width / height), size
     if new_width * new_height > MAX_IMAGE_PIXELS:  # a 1 x 100000 strip would be resized to 224 x 22 million
         raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
-    image = image.resize((new_width, new_height), resample=Image.BICUBIC)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    pixels = np.asarray(image, dtype=np.uint8)[top:top + size, left:left + size]  # [size, size, 3]
-    pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, size, size]
-    return normalize_pixels(pixels) if normalize else pixels
+    image = image.resize((new_width, new_height), resample=Image.Resampling(processing["resample"]))
+    pixels = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
+    if processing.get("crop_size"):
+        crop_height, crop_width = processing["crop_size"]
+        top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
+        pixels = pixels[top:top + crop_height, left:left + crop_width]
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
+    return normalize_pixels(pixels, processing) if normalize else pixels
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [..., 3, H, W] -> float32 CLIP input of the same shape, on the pixels' device: scaled to
-    [0, 1] and normalised with the CLIP mean/std."""
-    mean = torch.from_numpy(CLIP_MEAN).to(pixels.device).view(3, 1, 1)
-    std = torch.from_numpy(CLIP_STD).to(pixels.device).view(3, 1, 1)
-    return (pixels.to(torch.float32) * np.float32(1 / 255) - mean) / std
+def normalize_pixels(pixels: torch.Tensor, processing: dict) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 encoder input of the same shape, on the pixels' device: rescaled
+    and normalised with `processing`'s image_mean / image_std."""
+    mean = torch.tensor(processing["image_mean"], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(processing["image_std"], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) * np.float32(processing["rescale_factor"]) - mean) / std
+
+
+def placeholder_unit(image_special_token: str) -> str:
+    """The repeated piece of a placeholder run: '@' of 196 '@', `<|image_pad|>` of 64 of them."""
+    for length in range(1, len(image_special_token) + 1):
+        unit = image_special_token[:length]
+        if len(image_special_token) % length == 0 and unit * (len(image_special_token) // length) == \
+                image_special_token:
+            return unit
+    return image_special_token
 
 
 def expand_image_markers(text: str, image_special_token: str) -> str:
-    """Replace each `<image>` with the placeholder run (196 '@') the model overwrites with image features.
+    """Replace each `<image>` with the placeholder run (196 '@' or 64 `<|image_pad|>`) the model overwrites
+    with image features.
 
-    A literal placeholder character in the text (an e-mail address, say) would merge into or mimic an image
-    run, so it is written as its full-width twin first.
+    A literal placeholder in the text (an e-mail address's '@', a typed `<|image_pad|>`) would merge into or
+    mimic an image run, so its first character is written as its full-width twin first.
     """
-    for char in set(image_special_token):
-        text = text.replace(char, FULLWIDTH_TWIN.get(char, char))
+    unit = placeholder_unit(image_special_token)
+    if unit[0].isascii() and unit[0].isprintable() and unit[0] != " ":
+        text = text.replace(unit, chr(ord(unit[0]) + FULLWIDTH_OFFSET) + unit[1:])
     # Two markers side by side would make one run of twice the length; a newline keeps the images apart.
     text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)
     text = text.replace(IMAGE_MARKER + IMAGE_MARKER, IMAGE_MARKER + "\n" + IMAGE_MARKER)  # chains of 3 or more
@@ -154,23 +260,41 @@ def load_image_source(source) -> Image.Image:
 
 
 class MiniMindVImageProcessor(BaseImageProcessor):
-    """Images (PIL, paths or URLs; one, a list, or a list per sample) -> pixel_values [M, 3, 224, 224], made by
-    `preprocess_image`, the function training uses."""
+    """The one image processor: built from a model config's `image_processing` (the encoder folder's
+    preprocessing), it serves training, chat, web, API, benchmarks, the feature cache and exported folders.
+    Images (PIL, paths or URLs; one, a list, or a list per sample) -> pixel_values [M, 3, H, W], made by
+    `preprocess_image`. An older exported folder gives only image_size: CLIP's preprocessing at that size."""
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, image_size: int = None, **kwargs):
-        if image_size is None:
-            raise ValueError("MiniMindVImageProcessor needs image_size (the vision encoder's input size): "
-                             "preprocessor_config.json is missing it")
+    def __init__(self, image_size: int = None, image_processing: dict = None, **kwargs):
+        if image_processing is None:
+            if image_size is None:
+                raise ValueError("MiniMindVImageProcessor needs image_processing (the vision encoder's "
+                                 "preprocessing): preprocessor_config.json is missing it")
+            image_processing = {**CLIP_IMAGE_PROCESSING, "size": image_size, "crop_size": [image_size, image_size]}
         super().__init__(**kwargs)
-        self.image_size = image_size
+        self.image_processing = dict(image_processing)
+        self.image_size = output_size(self.image_processing)[0]
+
+    @property
+    def pixel_shape(self) -> tuple:
+        """(3, H, W) of one preprocessed image."""
+        return (3,) + output_size(self.image_processing)
+
+    def pixels(self, image: Image.Image, normalize: bool = True) -> torch.Tensor:
+        """One PIL image -> [3, H, W] float32, or uint8 with normalize=False (then `normalize` on the device)."""
+        return preprocess_image(image, self.image_processing, normalize)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] from pixels(normalize=False) -> the encoder's float32 input."""
+        return normalize_pixels(pixels, self.image_processing)
 
     def preprocess(self, images, return_tensors=None, **kwargs):
         sources = flatten_images(images)
         if not sources:
             raise ValueError("no images given")
-        pixels = torch.stack([preprocess_image(load_image_source(s), self.image_size) for s in sources])
+        pixels = torch.stack([self.pixels(load_image_source(s)) for s in sources])
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
 
@@ -178,7 +302,7 @@ class MiniMindVProcessor(ProcessorMixin):
     """Tokenizer + MiniMindVImageProcessor. Text carries one `<image>` per image (the chat template writes one per
     {"type": "image"} part); each becomes the run of `image_seq_length` `image_placeholder` characters the model
     fills with that image's features (both from the model's config: scripts/convert_vlm.py writes them into
-    processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, 224, 224]."""
+    processor_config.json). Returns input_ids, attention_mask and (with images) pixel_values [M, 3, H, W]."""
 
     attributes = ["image_processor", "tokenizer"]
 

@@ -4,19 +4,24 @@ Upstream loads with `strict=False`, so a wrong file loads silently and trains ga
 fits the model exactly (after converting legacy Feb-2025 keys), or the error names the keys that differ and
 the flags that would fit the file.
 """
+import json
+import os
 import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import UserError
+from common import SaveError, UserError
 
+from .model_vlm import PROJECTORS
 from .model_minimind import (DEFAULT_LM_FAMILY, convert_legacy_state_dict, is_legacy_buffer, is_legacy_state_dict,
                              legacy_key_name, minimind3_config_kwargs)
 
 VISION_PROJ_PREFIX = "vision_proj."
-# The projector kinds, told apart by their keys: MiniMind2-V's Linear, minimind-3v's LayerNorm-Linear-GELU-Linear.
-PROJECTOR_INPUT_KEYS = {"linear": "vision_proj.vision_proj.0.weight", "mlp": "vision_proj.mlp.0.weight"}
+# The projector kinds, told apart by their keys (model_vlm.PROJECTORS: each class names its input weight).
+PROJECTOR_INPUT_KEYS = {name: VISION_PROJ_PREFIX + projector.INPUT_WEIGHT for name, projector in PROJECTORS.items()}
 # Prefixes that wrappers add in front of every key: DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -28,6 +33,67 @@ class WeightsMismatchError(UserError):
 def weight_path(save_dir, weight_name: str, hidden_size: int, use_moe: bool) -> Path:
     """`{save_dir}/{weight_name}_{hidden}{_moe}.pth`, e.g. out/pretrain_vlm_512.pth (upstream's scheme)."""
     return Path(save_dir) / f"{weight_name}_{hidden_size}{'_moe' if use_moe else ''}.pth"
+
+
+# ------------------------------------------------------------------ the architecture beside a weights file
+
+ARCHITECTURE_FORMAT = 1  # bump when the sidecar's fields change meaning
+
+
+def architecture_path(weight_file) -> Path:
+    """The JSON that describes a weights file, beside it: out/sft_vlm_512.pth -> out/sft_vlm_512.json."""
+    return Path(weight_file).with_suffix(".json")
+
+
+def write_architecture(weight_file, config, preset: str, vision_model_path):
+    """Write the sidecar of `weight_file`: the model config, the preset and the encoder folder it was made with
+    (atomically: a reader sees the old file or the new one)."""
+    path = architecture_path(weight_file)
+    record = {"format": ARCHITECTURE_FORMAT, "preset": preset,
+              "vision_model_path": None if vision_model_path is None else str(vision_model_path),
+              "config": config.to_dict()}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SaveError(f"could not write {path} ({error.strerror or error})") from None
+
+
+@dataclass
+class Architecture:
+    """What a weights file was made as: its config, the preset, the encoder folder, and where that was read."""
+    config: object  # a model_vlm.VLMConfig
+    preset: str
+    vision_model_path: str  # None when unknown (read from keys)
+    source: str  # "sidecar" or "keys"
+
+
+def read_architecture(weight_file, state_dict=None) -> Architecture:
+    """The architecture of a weights file: its sidecar if it has one, else recognised from its keys and shapes
+    (upstream's releases: MiniMind2-V and minimind-3v alike) and completed from the preset of that family and
+    projector. Raises WeightsMismatchError for a file that holds no MiniMind weights."""
+    from .model_vlm import VLMConfig
+    from .presets import preset_for, vlm_config
+
+    sidecar = architecture_path(weight_file)
+    if sidecar.is_file():
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            config = VLMConfig.from_dict(record["config"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise WeightsMismatchError(f"{sidecar}: not a readable architecture file ({error}); delete it to "
+                                       f"recognise {Path(weight_file).name} from its keys") from None
+        return Architecture(config, record.get("preset"), record.get("vision_model_path"), "sidecar")
+    state_dict = read_state_dict(weight_file) if state_dict is None else state_dict
+    found = describe_state_dict(state_dict)
+    if found["hidden_size"] is None:
+        raise WeightsMismatchError(f"{weight_file}: no MiniMind weights in this file (no model.embed_tokens)")
+    preset = preset_for(found["lm_family"], found["projector"])
+    extra = {"ve_hidden_size": found["image_hidden_size"]} if found["image_hidden_size"] else {}
+    config = vlm_config(preset, lm_kwargs=found["config_kwargs"], projector=found["projector"], **extra)
+    return Architecture(config, preset, None, "keys")
 
 
 def read_state_dict(path) -> dict:

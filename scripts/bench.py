@@ -4,6 +4,7 @@
     python -m scripts.bench --quick                   # tiny smoke configuration, well under a minute
     python -m scripts.bench --device cuda --samples 512 --upstream_steps 8
     python -m scripts.bench --out out/bench.json      # where the JSON result goes (default shown)
+    python -m scripts.bench --preset minimind2-v minimind-3v   # both models side by side (196 vs 64 image tokens)
 
 Every mode runs the same code: MiniMindVLM, the collate function, the GlobalBatchSampler, the loss
 normalisation and AdamW step of trainer.training.train(), on the same synthetic data. The modes differ only
@@ -18,6 +19,10 @@ in what the issue asks to compare:
                  once before timing, and its build time is reported and amortised separately)
     ours_compiled  ours plus --use_compile 1 (torch.compile, dynamic shapes; the compilation falls in the
                  warm-up step, reported as warmup_s; a step that compiled again would be timed as it is)
+
+With --preset minimind-3v the model is a MiniMind-3 LM behind a random SigLIP (256 px, 32 px patches: 64 image
+tokens) and an MLP projector, upstream's processor is transformers' SiglipImageProcessor, and upstream pads to its
+3v max_seq_len (450 pretrain, 768 SFT).
 
 Synthetic data (nothing is downloaded): 196-token images from a pool half the size of the set (the real
 pretrain set has about two captions per image) plus texts whose token lengths are drawn log-uniformly,
@@ -55,12 +60,16 @@ import numpy as np
 import torch
 
 from common import DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
-from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_TOKENS_PER_IMAGE
+from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE,
+                             VISION_ENCODERS)
+from model.presets import DEFAULT_PRESET
+from model.presets import PRESETS as MODEL_PRESETS
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "bench.json"
 STAGES = ("pretrain", "sft")
 MODES = ("upstream", "ours", "ours_cache", "ours_compiled")
-CLIP_TOKENS = 197  # 196 patches + CLS
+# Upstream 3v's trainers pad every sample to these (spec: upstream-notes.md 7.8); None: the stage script's default.
+UPSTREAM_MAX_SEQ_LEN = {"minimind2-v": {"pretrain": None, "sft": None}, "minimind-3v": {"pretrain": 450, "sft": 768}}
 GEN_PROMPT = "Describe the picture briefly."
 # Attention backward in matmuls of the forward's size: flash kernels recompute the scores (1), then dV, dP,
 # dQ, dK (4), against the forward's 2.
@@ -121,8 +130,9 @@ def write_parquet(path, conversations, image_blobs):
     pq.write_table(table, path)
 
 
-def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None) -> dict:
-    """Tokenizer, a random CLIP of the configured shape, image pool, pretrain and SFT parquet files."""
+def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None, model_preset=DEFAULT_PRESET) -> dict:
+    """Tokenizer, a random vision encoder of the configured shape (CLIP, or SigLIP for minimind-3v), image pool,
+    pretrain and SFT parquet files."""
     import random
 
     from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
@@ -132,20 +142,26 @@ def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None) -
     from dataset import synthetic as make_assets
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    minimind3 = MODEL_PRESETS[model_preset].lm_family == "minimind3"
     if tokenizer_path is None:
-        tokenizer_path = make_assets.build_tokenizer(work_dir / "tokenizer", make_assets.tokenizer_corpus(seed))
+        build = make_assets.build_minimind3_tokenizer if minimind3 else make_assets.build_tokenizer
+        tokenizer_path = build(work_dir / "tokenizer", make_assets.tokenizer_corpus(seed))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
 
     clip_dir = work_dir / "clip"
     width = preset["clip_hidden_size"]
-    config = CLIPVisionConfig(hidden_size=width, intermediate_size=make_assets.CLIP_MLP_RATIO * width,
-                              num_hidden_layers=preset["clip_layers"], num_attention_heads=preset["clip_heads"],
-                              image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE, hidden_act="quick_gelu")
     hf_logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        CLIPVisionModel(config).save_pretrained(clip_dir)
-    make_assets.make_clip_image_processor().save_pretrained(clip_dir)
+    if MODEL_PRESETS[model_preset].vision_encoder == "siglip":
+        make_assets.build_tiny_siglip(clip_dir, width, preset["clip_layers"], seed, preset["clip_heads"],
+                                      dtype=torch.float32)
+    else:
+        config = CLIPVisionConfig(hidden_size=width, intermediate_size=make_assets.CLIP_MLP_RATIO * width,
+                                  num_hidden_layers=preset["clip_layers"], num_attention_heads=preset["clip_heads"],
+                                  image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE, hidden_act="quick_gelu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            CLIPVisionModel(config).save_pretrained(clip_dir)
+        make_assets.make_clip_image_processor().save_pretrained(clip_dir)
 
     rng = random.Random(seed)
     pool = max(preset["pretrain_samples"] // 2, 1)
@@ -192,9 +208,15 @@ def train_step_flops(shape: dict, policy: str, lengths, pad_len: int, targets: i
         layer_bwd, head_bwd = 2.0 * layers, 2.0  # tied embedding trains: lm_head gets dW too
     elif policy == "projector_last_layer":
         layer_bwd, head_bwd = (layers - 1) + 2.0, 1.0
+    elif policy == "projector_first_last_layers":
+        layer_bwd, head_bwd = (layers - 2) + 4.0, 1.0
     else:
         layer_bwd, head_bwd = float(layers), 1.0
-    proj = 2 * shape["ve_hidden_size"] * h * IMAGE_TOKENS_PER_IMAGE * images * 2  # forward + dW
+    # Per image token. Linear: forward + dW of ve x h. MLP (ve x h, then h x h): forward, dW and dX of both, the
+    # gradient flowing back to its trainable LayerNorm (LayerNorm and GELU are not matmuls).
+    ve = shape["ve_hidden_size"]
+    proj_macs = 3 * (ve * h + h * h) if shape["projector"] == "mlp" else 2 * ve * h
+    proj = 2 * proj_macs * shape["image_tokens"] * images
 
     def lm(tokens, pairs, logit_positions):
         fwd_linear = 2 * layer_params * tokens
@@ -217,10 +239,12 @@ def train_step_flops(shape: dict, policy: str, lengths, pad_len: int, targets: i
 
 
 def clip_forward_flops(shape: dict) -> float:
-    """ViT forward of one 224 px image: patch embedding, then per layer q/k/v/o + MLP and attention."""
-    d, layers = shape["clip_hidden_size"], shape["clip_layers"]
-    patch = 2 * 3 * CLIP_PATCH_SIZE * CLIP_PATCH_SIZE * d * IMAGE_TOKENS_PER_IMAGE
-    per_layer = 2 * CLIP_TOKENS * (4 * d * d + 2 * d * 4 * d) + 4 * d * CLIP_TOKENS * CLIP_TOKENS
+    """ViT forward of one image (CLIP 224 px / SigLIP 256 px): patch embedding, then per layer q/k/v/o + MLP and
+    attention over the patches (and CLIP's CLS)."""
+    d, layers, patches = shape["clip_hidden_size"], shape["clip_layers"], shape["image_tokens"]
+    tokens = patches + shape["encoder_leading_tokens"]
+    patch = 2 * 3 * shape["patch_size"] * shape["patch_size"] * d * patches
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * 4 * d) + 4 * d * tokens * tokens
     return patch + layers * per_layer
 
 
@@ -271,7 +295,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def stage_args(spec: dict, extra=()):
     """The stage script's own parser and defaults, pointed at the synthetic assets."""
-    from trainer.training import STAGE_DEFAULTS, build_parser
+    from trainer.training import parse_stage_args
 
     out = Path(spec["work_dir"]) / "runs" / f"{spec['stage']}_{spec['mode']}"
     argv = ["--device", spec["device"], "--dtype", spec["dtype"], "--from_weight", "none",
@@ -280,12 +304,16 @@ def stage_args(spec: dict, extra=()):
             "--vision_model_path", str(spec["clip_path"]), "--save_dir", str(out), "--checkpoint_dir", str(out),
             "--batch_size", str(spec["batch_size"]), "--num_workers", str(spec["num_workers"]),
             "--epochs", "2", "--max_steps", str(spec.get("steps", 1)), "--log_interval", "1",
-            "--save_interval", str(10 ** 9), "--seed", str(spec["seed"]), *extra]
-    return build_parser(None, **STAGE_DEFAULTS[spec["stage"]]).parse_args(argv)
+            "--save_interval", str(10 ** 9), "--seed", str(spec["seed"]), "--preset", spec["model_preset"], *extra]
+    max_seq_len = UPSTREAM_MAX_SEQ_LEN[spec["model_preset"]][spec["stage"]]
+    if max_seq_len is not None:
+        argv += ["--max_seq_len", str(max_seq_len)]
+    return parse_stage_args(spec["stage"], argv)
 
 
 class UpstreamPixelsDataset:
-    """Mixin for VLMDataset: each image preprocessed alone by the PIL CLIP image processor, as upstream's image2tensor."""
+    """Mixin for VLMDataset: each image preprocessed alone by transformers' PIL image processor of the encoder
+    (CLIP's or SigLIP's), as upstream's image2tensor."""
 
     processor = None
 
@@ -297,8 +325,8 @@ class UpstreamPixelsDataset:
             image = Image.open(io.BytesIO(self.source.image_bytes(ref)))
             if image.mode in ("RGBA", "LA"):
                 image = image.convert("RGB")
-            pixels.append(self.processor(images=image, return_tensors="pt")["pixel_values"])  # [1, 3, 224, 224]
-        return torch.cat(pixels) if pixels else torch.zeros(0, 3, 224, 224)
+            pixels.append(self.processor(images=image, return_tensors="pt")["pixel_values"])  # [1, 3, H, W]
+        return torch.cat(pixels) if pixels else torch.zeros((0,) + self.image_processor.pixel_shape)
 
 
 def machine_busy_seconds():
@@ -364,10 +392,10 @@ def worker_main(conn, body, spec):
 
 def train_worker(conn, spec):
     from dataset.lm_dataset import VLMDataset
-    from dataset.processing import load_tokenizer
+    from dataset.processing import image_processor_for, load_tokenizer
     from trainer.training import (RunContext, build_dataset, build_loader, build_model,
                                   prepare_run, seed_everything, set_trainable, train)
-    from model.compat import pil_clip_image_processor_class
+    from model.compat import pil_image_processor_class
 
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -387,10 +415,12 @@ def train_worker(conn, spec):
     set_trainable(model, args.trainable)
     if mode == "upstream":
         dataset_class = type("UpstreamVLMDataset", (UpstreamPixelsDataset, VLMDataset), {})
-        processor_class = pil_clip_image_processor_class()
+        processor_class = pil_image_processor_class(VISION_ENCODERS[model.config.vision_encoder].image_processor_class)
         dataset_class.processor = processor_class.from_pretrained(str(args.vision_model_path))
         dataset = dataset_class(args.data_path, tokenizer, model.config.image_special_token,
-                                model.config.image_ids[0], args.max_seq_len, log=None)
+                                model.config.image_ids[0], args.max_seq_len, log=None,
+                                image_processor=image_processor_for(model.config),
+                                chat_format=model.config.chat_format)
     else:
         dataset = build_dataset(args, tokenizer, model.config, ctx, log=quiet)
     setup, state = prepare_run(model, dataset, args, ctx, stage=spec["stage"], log=quiet)
@@ -450,31 +480,35 @@ def generation_worker(conn, spec):
     """Prefill of a one-image prompt + greedy decode, in both modes, alternating; medians over repeats."""
     import pyarrow.parquet as pq
     from PIL import Image
-    from dataset.processing import build_prompt, open_image, preprocess_image, user_content
-    from model.compat import pil_clip_image_processor_class
-    from model.model_vlm import MiniMindVLM, VLMConfig
+    from dataset.processing import build_prompt, image_processor_for, open_image, preprocess_image, user_content
+    from model.compat import pil_image_processor_class
+    from model.model_vlm import MiniMindVLM
+    from model.presets import vlm_config
     from dataset.processing import load_tokenizer
     from trainer.training import autocast_for
 
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    model = MiniMindVLM(VLMConfig(hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_hidden_layers"]),
+    model = MiniMindVLM(vlm_config(spec["model_preset"], spec["hidden_size"], spec["num_hidden_layers"]),
                         vision_model_path=spec["clip_path"]).to(device).eval()
     autocast, _ = autocast_for(device, spec["dtype"])
     tokenizer = load_tokenizer(spec["tokenizer_path"])
     prompt = build_prompt(tokenizer, [{"role": "user", "content": user_content(GEN_PROMPT, 1)}],
-                          model.config.image_special_token, add_generation_prompt=True)
+                          model.config.image_special_token, add_generation_prompt=True,
+                          chat_format=model.config.chat_format)
     input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
     blobs = pq.read_table(spec["data_path"]).column("image_bytes").to_pylist()
-    processor = pil_clip_image_processor_class().from_pretrained(str(spec["clip_path"]))
+    processor_class = pil_image_processor_class(VISION_ENCODERS[model.config.vision_encoder].image_processor_class)
+    processor = processor_class.from_pretrained(str(spec["clip_path"]))
+    image_processor = image_processor_for(model.config)
     TokenClock = _token_clock_class()  # noqa: N806
 
     def ours(blob):
-        return preprocess_image(open_image(blob))[None, None]  # [1, 1, 3, 224, 224]
+        return preprocess_image(open_image(blob), image_processor)[None, None]  # [1, 1, 3, H, W]
 
     def upstream(blob):
         image = Image.open(io.BytesIO(blob)).convert("RGB")
-        return processor(images=image, return_tensors="pt")["pixel_values"][None, None]  # [1, 1, 1, 3, 224, 224]
+        return processor(images=image, return_tensors="pt")["pixel_values"][None, None]  # [1, 1, 1, 3, H, W]
 
     def generate(prepare, blob, new_tokens):
         """(time to the first new token, total time) from the image bytes on, via a streamer's timestamps."""
@@ -615,6 +649,8 @@ def summarise_mode(worker, result, shape, mode):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and CLIP, few samples: a smoke run")
+    p.add_argument("--preset", nargs="+", choices=sorted(MODEL_PRESETS), default=[DEFAULT_PRESET],
+                   help="the model(s) to time, each against its upstream-equivalent mode; several: side by side")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
@@ -638,17 +674,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_shape(spec_model: dict) -> dict:
+def model_shape(spec_model: dict, model_preset: str = DEFAULT_PRESET) -> dict:
     from model.model_minimind import resolve_intermediate_size
-    from model.model_vlm import VLMConfig
+    from model.presets import vlm_config
 
-    config = VLMConfig(hidden_size=spec_model["hidden_size"], num_hidden_layers=spec_model["num_hidden_layers"],
-                       ve_hidden_size=spec_model["clip_hidden_size"])
+    config = vlm_config(model_preset, spec_model["hidden_size"], spec_model["num_hidden_layers"],
+                        ve_hidden_size=spec_model["clip_hidden_size"])
+    siglip = config.vision_encoder == "siglip"
     return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
             "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
             "intermediate_size": resolve_intermediate_size(config), "vocab_size": config.vocab_size,
             "ve_hidden_size": config.ve_hidden_size, "clip_hidden_size": spec_model["clip_hidden_size"],
-            "clip_layers": spec_model["clip_layers"]}
+            "clip_layers": spec_model["clip_layers"], "projector": config.projector,
+            "image_tokens": config.image_token_count, "patch_size": SIGLIP_PATCH_SIZE if siglip else CLIP_PATCH_SIZE,
+            "encoder_leading_tokens": VISION_ENCODERS[config.vision_encoder].leading_tokens}
 
 
 def format_table(report) -> str:
@@ -669,10 +708,10 @@ def format_table(report) -> str:
     return "\n".join(rows)
 
 
-def time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed):
+def time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed, model_preset=DEFAULT_PRESET):
     """Build the stage's feature cache (if ours_cache is timed), then time the modes in turns."""
     batch_size, samples = preset[f"{stage}_batch_size"], preset[f"{stage}_samples"]
-    base = dict(stage=stage, work_dir=str(work_dir), data_path=str(paths[stage]),
+    base = dict(stage=stage, model_preset=model_preset, work_dir=str(work_dir), data_path=str(paths[stage]),
                 tokenizer_path=str(paths["tokenizer"]), clip_path=str(paths["clip"]),
                 hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_hidden_layers"],
                 batch_size=batch_size, device=args.device, dtype=args.dtype_name, num_workers=args.num_workers,
@@ -714,6 +753,8 @@ def settings_from_flags(args) -> dict:
 def add_mfu(report, peak_flops: float):
     """Model FLOP utilisation of each timed mode against the measured matmul peak."""
     report["matmul_peak_tflops"] = peak_flops / 1e12
+    for sub in report.get("by_preset", {}).values():
+        add_mfu(sub, peak_flops)
     for modes in report["train"].values():
         for r in modes.values():
             r["mfu"] = r["model_flop"] / r["seconds"] / peak_flops
@@ -721,31 +762,84 @@ def add_mfu(report, peak_flops: float):
 
 
 def finish_report(report, args, started: float, log):
-    """Other programs' load, wall time; write the JSON and print the table."""
-    loads = [r["other_load"] for modes in report["train"].values() for r in modes.values()
-             if r.get("other_load") is not None]
-    loads += [r["other_load"] for r in report.get("generation", {}).values() if r.get("other_load") is not None]
+    """Other programs' load, wall time; write the JSON and print the table (one per model, then the models side
+    by side)."""
+    loads = []
+    for sub in report.get("by_preset", {}).values() or [report]:
+        loads += [r["other_load"] for modes in sub["train"].values() for r in modes.values()
+                  if r.get("other_load") is not None]
+        loads += [r["other_load"] for r in sub.get("generation", {}).values() if r.get("other_load") is not None]
     report["max_other_load"] = max(loads) if loads else None
     report["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    log(format_table(report))
+    if "by_preset" in report:
+        for name, sub in report["by_preset"].items():
+            log(f"\n{name} ({sub['model']['image_tokens']} image tokens)\n{format_table(sub)}")
+        log("\n" + side_by_side_table(report["by_preset"]))
+    else:
+        log(format_table(report))
     if report["max_other_load"] is not None and report["max_other_load"] > 0.05:
         log(f"note: other programs used up to {report['max_other_load']:.0%} of the CPU while modes were timed; "
             f"the modes took turns, so ratios are fairer than absolute figures")
     log(f"written {args.out} ({report['wall_s']:.0f} s)")
 
 
-def time_generation(args, preset, paths) -> dict:
+def side_by_side_table(reports: dict) -> str:
+    """samples/s (and the speed-up over its upstream-equivalent mode) of each stage and mode, a column per model."""
+    names = list(reports)
+    rows = ["| stage | mode | " + " | ".join(f"{n} samples/s" for n in names) + " |",
+            "|---|---|" + "---:|" * len(names)]
+    first = reports[names[0]]
+    for stage, modes in first["train"].items():
+        for mode in modes:
+            cells = []
+            for name in names:
+                r = reports[name]["train"].get(stage, {}).get(mode)
+                speedup = reports[name]["speedup"].get(stage, {}).get(mode)
+                cells.append("" if r is None else f"{r['samples_per_s']:.3f}"
+                             + ("" if speedup is None else f" ({speedup:.2f}x)"))
+            rows.append(f"| {stage} | {mode} | " + " | ".join(cells) + " |")
+    if all(r.get("generation") for r in reports.values()):
+        rows.append("| generation | ours tokens/s | " + " | ".join(
+            f"{reports[n]['generation']['ours']['tokens_per_s']:.1f}" for n in names) + " |")
+    return "\n".join(rows)
+
+
+def time_generation(args, preset, paths, model_preset=DEFAULT_PRESET) -> dict:
     return run_alone("generation", generation_worker, dict(
-        device=args.device, dtype=args.dtype_name, seed=args.seed, hidden_size=preset["hidden_size"],
+        model_preset=model_preset, device=args.device, dtype=args.dtype_name, seed=args.seed,
+        hidden_size=preset["hidden_size"],
         num_hidden_layers=preset["num_hidden_layers"], clip_path=str(paths["clip"]),
         tokenizer_path=str(paths["tokenizer"]), data_path=str(paths["pretrain"]),
         gen_new_tokens=preset["gen_new_tokens"], gen_repeats=preset["gen_repeats"]))
 
 
+def time_model(model_preset, preset, args, work_dir, log, elapsed) -> dict:
+    """One model's report: its synthetic assets, each stage's modes in turns, generation."""
+    log(f"[{elapsed()}] {model_preset}: building synthetic assets in {work_dir}")
+    paths = build_assets(work_dir, preset, args.seed, args.tokenizer_path, model_preset)
+    shape = model_shape(preset, model_preset)
+    report = {"model_preset": model_preset, "model": shape, "train": {}, "cache": {}, "speedup": {}}
+    for stage in args.stages:
+        modes, cache = time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed, model_preset)
+        report["train"][stage] = modes
+        if cache is not None:
+            report["cache"][stage] = cache
+        if "upstream" in modes:
+            report["speedup"][stage] = {m: r["samples_per_s"] / modes["upstream"]["samples_per_s"]
+                                        for m, r in modes.items() if m != "upstream"}
+    if not args.no_generation:
+        log(f"[{elapsed()}] {model_preset} generation: timing prefill + decode")
+        gen = report["generation"] = time_generation(args, preset, paths, model_preset)
+        report["speedup"]["generation"] = gen["ours"]["tokens_per_s"] / gen["upstream"]["tokens_per_s"]
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.tokenizer_path is not None and len(args.preset) > 1:
+        raise SystemExit("--tokenizer_path fits one model: time one --preset at a time with it")
     log = print
     started = time.perf_counter()
 
@@ -758,27 +852,17 @@ def main(argv=None):
     temporary = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="minimind-bench-")) if temporary else args.work_dir
     try:
-        log(f"building synthetic assets in {work_dir}")
-        paths = build_assets(work_dir, preset, args.seed, args.tokenizer_path)
         peak_flops = measure_matmul_peak(device, getattr(torch, args.dtype_name), seconds=peak_seconds)
         log(f"[{elapsed()}] matmul peak on {device}: {peak_flops / 1e12:.3f} TFLOP/s ({args.dtype_name})")
-        shape = model_shape(preset)
-        report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+        common = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "dtype": args.dtype_name, "preset": "quick" if args.quick else "full",
-                  "model": shape, "settings": preset, "num_workers": args.num_workers,
-                  "train": {}, "cache": {}, "speedup": {}}
-        for stage in args.stages:
-            modes, cache = time_stage(stage, preset, args, paths, work_dir, shape, log, elapsed)
-            report["train"][stage] = modes
-            if cache is not None:
-                report["cache"][stage] = cache
-            if "upstream" in modes:
-                report["speedup"][stage] = {m: r["samples_per_s"] / modes["upstream"]["samples_per_s"]
-                                            for m, r in modes.items() if m != "upstream"}
-        if not args.no_generation:
-            log(f"[{elapsed()}] generation: timing prefill + decode")
-            gen = report["generation"] = time_generation(args, preset, paths)
-            report["speedup"]["generation"] = gen["ours"]["tokens_per_s"] / gen["upstream"]["tokens_per_s"]
+                  "settings": preset, "num_workers": args.num_workers}
+        reports = {}
+        for model_preset in args.preset:
+            model_dir = work_dir if len(args.preset) == 1 else work_dir / model_preset
+            reports[model_preset] = time_model(model_preset, preset, args, model_dir, log, elapsed)
+        report = ({**common, **reports[args.preset[0]]} if len(args.preset) == 1 else
+                  {**common, "train": {}, "by_preset": reports})
         # The peak again now that nothing else of ours runs: the better of the two is the yardstick.
         add_mfu(report, max(peak_flops, measure_matmul_peak(device, getattr(torch, args.dtype_name),
                                                             seconds=peak_seconds)))

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_TOKENIZER_PATH, bounded, format_duration, run_cli
+from common import bounded, format_duration, run_cli
 from dataset.lm_dataset import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
 from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_IMAGE, STATUS_OK,
                               prepare_dataset, row_number)
-from dataset.processing import ImageError, chat_template_warning, check_tokenizer_matches, load_tokenizer
-from model.model_vlm import VLMConfig
+from dataset.processing import (ImageError, chat_template_warning, check_tokenizer_matches, image_processor_for,
+                                load_tokenizer)
+from model.model_vlm import read_encoder_folder
+from model.presets import add_preset_flags, apply_preset, vlm_config
 from trainer.training import STAGE_DEFAULTS
 
 STAGE_MAX_SEQ_LEN = {stage: defaults["max_seq_len"] for stage, defaults in STAGE_DEFAULTS.items()}
@@ -47,7 +49,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a .jsonl file (with --images_path) or a .parquet file")
     p.add_argument("--images_path", default=None, help="image folder of a .jsonl dataset (default: its folder)")
-    p.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH), help="folder with tokenizer.json")
+    add_preset_flags(p, with_shape=False)
+    p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
+    p.add_argument("--vision_model_path", default=None,
+                   help="vision encoder folder whose preprocessing the trainer will use (default: the preset's; "
+                        "its kind's standard preprocessing where the folder is absent)")
     p.add_argument("--stage", default="pretrain", choices=list(STAGE_MAX_SEQ_LEN),
                    help="whose default --max_seq_len to use ("
                         + ", ".join(f"{stage} {n}" for stage, n in STAGE_MAX_SEQ_LEN.items()) + ")")
@@ -63,17 +69,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]
-    return args
+    return apply_preset(args)
 
 
-def check_rows(store, rows, counts):
+def check_rows(store, image_processor, rows, counts):
     """(rows checked' images, failed rows, their reasons) for one task: every image as the trainers load it."""
     failed, reasons, images = [], [], 0
     for row, count in zip(rows, counts):
         for ref in store.refs(int(row), int(count)):
             images += 1
             try:
-                load_image(store, ref)
+                load_image(store, ref, image_processor)
             except ImageError as error:
                 failed.append(int(row))
                 reasons.append(f"image does not decode: {error}")
@@ -84,16 +90,16 @@ def check_rows(store, rows, counts):
 _STORE = None  # the image store of a pool worker process, set once by its initializer
 
 
-def _init_worker(store):
+def _init_worker(store, image_processor):
     global _STORE
-    _STORE = store
+    _STORE = (store, image_processor)
 
 
 def _check_task(task):
-    return check_rows(_STORE, *task)
+    return check_rows(*_STORE, *task)
 
 
-def check_images(prepared, workers):
+def check_images(prepared, image_processor, workers):
     """Rows (file order) of the well-formed rows with an image that does not decode, and (row, reason) for the
     first EXAMPLES_PER_KIND of them; decoded in parallel processes."""
     from tqdm import tqdm
@@ -105,7 +111,7 @@ def check_images(prepared, workers):
     failed_rows, examples = [], []
     with tqdm(total=int(counts.sum()), desc="images", unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
         if workers <= 1 or len(tasks) <= 1:
-            results = (check_rows(prepared.images, *task) for task in tasks)
+            results = (check_rows(prepared.images, image_processor, *task) for task in tasks)
             for images, failed, reasons in results:
                 failed_rows += failed
                 examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
@@ -115,7 +121,7 @@ def check_images(prepared, workers):
 
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                          initargs=(prepared.images,)) as pool:
+                                                          initargs=(prepared.images, image_processor)) as pool:
                 for images, failed, reasons in pool.imap(_check_task, tasks):
                     failed_rows += failed
                     examples += list(zip(failed, reasons))[:EXAMPLES_PER_KIND - len(examples)]
@@ -187,7 +193,7 @@ def checked_tokenizer(tokenizer_path, config):
         check_tokenizer_matches(tokenizer, config)
     except ValueError as error:
         raise DataError(f"{tokenizer_path}: {error}") from None
-    warning = chat_template_warning(tokenizer)
+    warning = chat_template_warning(tokenizer, config.chat_format)
     if warning:
         print(warning, file=sys.stderr)
     return tokenizer
@@ -210,21 +216,24 @@ def problem_report(errors, per_kind, error_total, cut, cut_total, prepared, args
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_data_path(Path(args.data))
-    config = VLMConfig()
+    config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector)
+    config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
     tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()
 
     # 1, 2 and 4. Records and token lengths: the trainers' prepared data (built now if missing)
     prepared = prepare_dataset(args.data, tokenizer, config.image_special_token, config.image_ids[0],
                                args.max_seq_len, images_path=args.images_path, cache_dir=args.prepared_dir,
-                               workers=args.workers, log=lambda message: print(message, file=sys.stderr))
+                               workers=args.workers, log=lambda message: print(message, file=sys.stderr),
+                               chat_format=config.chat_format)
     counts = prepared.manifest
     status, row_images = np.asarray(prepared.status), np.asarray(prepared.row_images)
     well_formed = counts["records"] - counts["malformed"]
     print(f"{prepared.data_path}: {counts['records']} records, {well_formed} well-formed, "
           f"{int(row_images.sum())} images", flush=True)
     # 3. Images, in parallel
-    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, args.workers)
+    failed_rows, examples = ([], []) if args.skip_images else check_images(prepared, image_processor_for(config),
+                                                                           args.workers)
     decode_examples = [DataProblem(prepared.origin(row), reason, KIND_UNDECODABLE) for row, reason in examples]
     malformed_examples, malformed = prepared.problems()
     decode_failed_usable = int((status[np.asarray(failed_rows, dtype=np.int64)] == STATUS_OK).sum())

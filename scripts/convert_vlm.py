@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
+from common import (DEFAULT_SAVE_DIR, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
                     atomic_save, quiet_transformers, run_cli, torch_dtype)
 from inference.loading import read_checkpoint
-from model.model_vlm import CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.processing_minimind_v import CHAT_TEMPLATE
-from model.weights import WeightsMismatchError, describe_state_dict, load_weights
+from dataset.processing import image_processor_for
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.presets import PRESETS, default_vision_model_path, preset_for
+from model.processing_minimind_v import CHAT_TEMPLATES, placeholder_unit
+from model.weights import WeightsMismatchError, load_weights, read_architecture, write_architecture
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
 DEFAULT_TORCH_PATH = DEFAULT_SAVE_DIR / "sft_vlm_512.pth"
@@ -57,22 +59,27 @@ def parse_args(argv=None):
     parser.add_argument("--torch_path", default=str(DEFAULT_TORCH_PATH), help="the .pth file (read or written)")
     parser.add_argument("--transformers_dir", default=str(DEFAULT_TRANSFORMERS_DIR),
                         help="the transformers folder (written or read)")
-    parser.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH),
-                        help="tokenizer copied into the folder (--to transformers)")
-    parser.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH),
-                        help=f"CLIP folder whose vision tower is copied into the folder's {VISION_SUBFOLDER}/ "
-                             f"(--to transformers; if absent, the folder has no vision encoder)")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="tokenizer copied into the folder (--to transformers; default: the model's preset's, "
+                             "e.g. model/ for minimind2-v)")
+    parser.add_argument("--vision_model_path", default=None,
+                        help=f"vision encoder folder whose tower is copied into the folder's {VISION_SUBFOLDER}/ "
+                             f"(--to transformers; default: the one the weights were trained with, else the "
+                             f"preset's; if absent, the folder has no vision encoder)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="whose tokenizer and encoder folder to ship by default (default: the weights' own, from "
+                             "their architecture file or recognised from their keys)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="dtype written (default: bfloat16 for --to transformers, float16 for --to torch)")
     return parser.parse_args(argv)
 
 
-def config_for(state_dict) -> VLMConfig:
-    """The VLMConfig a (current-scheme) state_dict was made with; the embedding is tied as in every MiniMind."""
-    found = describe_state_dict(state_dict)
-    # tie_word_embeddings makes save_pretrained store the shared matrix once and from_pretrained re-tie it.
-    return VLMConfig(**{**found["config_kwargs"], "tie_word_embeddings": True},
-                     ve_hidden_size=found["image_hidden_size"] or CLIP_HIDDEN_SIZE)
+def architecture_for(torch_path, state_dict):
+    """The architecture a .pth was made with (its sidecar, else its keys); the embedding is tied as in every
+    MiniMind: save_pretrained then stores the shared matrix once and from_pretrained re-ties it."""
+    architecture = read_architecture(torch_path, state_dict)
+    architecture.config.tie_word_embeddings = True
+    return architecture
 
 
 def write_json(path: Path, settings: dict):
@@ -85,11 +92,13 @@ def write_processor_files(out_dir: Path, config: VLMConfig):
     the processor was not saved)."""
     write_json(out_dir / PROCESSOR_CONFIG, {
         "processor_class": "MiniMindVProcessor", "auto_map": PROCESSOR_AUTO_MAP,
-        "image_placeholder": config.image_special_token[0], "image_seq_length": len(config.image_ids)})
+        "image_placeholder": placeholder_unit(config.image_special_token), "image_seq_length": len(config.image_ids)})
+    image_processor = image_processor_for(config)  # the one training used, as its settings
     write_json(out_dir / PREPROCESSOR_CONFIG, {
         "image_processor_type": "MiniMindVImageProcessor", "processor_class": "MiniMindVProcessor",
-        "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": CLIP_IMAGE_SIZE})
-    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATE})
+        "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": image_processor.image_size,
+        "image_processing": image_processor.image_processing})
+    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATES[config.chat_format]})
 
 
 def copy_tokenizer(tokenizer_path: Path, out_dir: Path):
@@ -103,24 +112,31 @@ def copy_tokenizer(tokenizer_path: Path, out_dir: Path):
 
 
 def attach_clip(model: MiniMindVLM, vision_model_path, log) -> bool:
-    """Give the model the CLIP encoder to ship; False (with a note) when there is no CLIP folder."""
+    """Give the model the vision encoder to ship; False (with a note) when there is no encoder folder."""
     if not (Path(vision_model_path) / "config.json").is_file():
-        log(f"note: no CLIP at {vision_model_path}: the folder gets no vision encoder, so loading it needs "
-            f"vision_model_path= (pass --vision_model_path to include one)")
+        log(f"note: no {model.config.vision_encoder.upper()} at {vision_model_path}: the folder gets no vision "
+            f"encoder, so loading it needs vision_model_path= (pass --vision_model_path to include one)")
         return False
     with quiet_transformers():
         try:
             model.attach_vision_encoder(vision_model_path)
-        except ValueError as error:  # a CLIP of another width than the checkpoint's vision_proj
+        except ValueError as error:  # an encoder of another width than the checkpoint's vision_proj
             raise WeightsMismatchError(str(error)) from None
     return True
 
 
-def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path, dtype: torch.dtype, log=print):
-    """Write the folder: config.json with auto_map, code, weights, CLIP vision tower, tokenizer, processor."""
+def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path, dtype: torch.dtype, log=print,
+                          preset=None):
+    """Write the folder: config.json with auto_map, code, weights, vision tower, tokenizer, processor."""
     state_dict = read_checkpoint(torch_path)
-    model = MiniMindVLM(config_for(state_dict), vision_model_path=None)
+    architecture = architecture_for(torch_path, state_dict)
+    model = MiniMindVLM(architecture.config, vision_model_path=None)
     load_weights(model, state_dict, log=None)
+    if vision_model_path is None:
+        vision_model_path = (PRESETS[preset].vision_model_path if preset else
+                             default_vision_model_path(model.config, architecture.vision_model_path))
+    if tokenizer_path is None:
+        tokenizer_path = PRESETS[preset or architecture.preset].tokenizer_path
     with_clip = attach_clip(model, vision_model_path, log)
     model = model.to(dtype)  # the CLIP encoder too
     out_dir = Path(out_dir)
@@ -137,7 +153,8 @@ def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path
     copy_tokenizer(tokenizer_path, out_dir)
     write_processor_files(out_dir, config)
     log(f"wrote {out_dir} ({config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
-        f"{str(dtype).removeprefix('torch.')}{', with CLIP' if with_clip else ''}) from {torch_path}")
+        f"{str(dtype).removeprefix('torch.')}{f', with {config.vision_encoder.upper()}' if with_clip else ''}) from "
+        f"{torch_path}")
 
 
 def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
@@ -149,6 +166,8 @@ def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
         model = MiniMindVLM.from_pretrained(str(folder), dtype=dtype, vision_model_subfolder=None)
     state_dict = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save(state_dict, torch_path)
+    config = model.config
+    write_architecture(torch_path, config, preset_for(config.lm_family, config.projector), None)
     log(f"wrote {torch_path} ({len(state_dict)} tensors, {str(dtype).removeprefix('torch.')}) from {folder}")
 
 
@@ -157,7 +176,7 @@ def main(argv=None):
     dtype = torch_dtype(args.dtype or DEFAULT_DTYPE[args.to])
     if args.to == "transformers":
         torch_to_transformers(args.torch_path, args.transformers_dir, args.tokenizer_path, args.vision_model_path,
-                              dtype)
+                              dtype, preset=args.preset)
     else:
         transformers_to_torch(args.transformers_dir, args.torch_path, dtype)
 

@@ -30,7 +30,11 @@ BLANK_GREY = (128, 128, 128)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=str(DEFAULT_SAVE_DIR / "demo"), help="where assets, weights and logs go")
+    p.add_argument("--out_dir", default=None, help="where assets, weights and logs go (default: out/demo, "
+                                                   "out/demo-minimind-3v for that preset)")
+    p.add_argument("--preset", default="minimind2-v", choices=("minimind2-v", "minimind-3v"),
+                   help="minimind2-v: tiny CLIP, Linear projector, 196 '@'; minimind-3v: tiny SigLIP, MLP projector, "
+                        "64 <|image_pad|>, a MiniMind-3-style LM and tokenizer")
     p.add_argument("--install", action="store_true",
                    help="pip install -r requirements.txt first (and torch if missing: see the README)")
     p.add_argument("--n_train", type=bounded(int, 1), default=1500, help="records per training stage")
@@ -99,9 +103,9 @@ def blank_copy(data, out_dir):
 
 
 def model_and_asset_flags(assets, args):
-    model_flags = ["--device", "cpu", "--hidden_size", str(args.hidden_size), "--num_hidden_layers",
-                   str(args.num_hidden_layers)]
-    asset_flags = ["--vision_model_path", str(assets["clip"]), "--tokenizer_path", str(assets["tokenizer"])]
+    model_flags = ["--device", "cpu", "--preset", args.preset, "--hidden_size", str(args.hidden_size),
+                   "--num_hidden_layers", str(args.num_hidden_layers)]
+    asset_flags = ["--vision_model_path", str(assets["vision"]), "--tokenizer_path", str(assets["tokenizer"])]
     return model_flags, asset_flags
 
 
@@ -112,7 +116,7 @@ def train_and_score(run_dir, assets, data, args, score_every_stage=True):
     train_flags = [*model_flags, *asset_flags, "--save_dir", str(run_dir), "--checkpoint_dir",
                    str(run_dir / "checkpoints"), "--trainable", "all", "--batch_size", str(args.batch_size),
                    "--num_workers", str(args.num_workers), "--log_interval", "20", "--seed", str(args.seed),
-                   "--cache_vision_features", str(run_dir / "vision_features")]  # CLIP is frozen: run it once
+                   "--cache_vision_features", str(run_dir / "vision_features")]  # the encoder is frozen: run it once
     scores = {}
     if score_every_stage:
         write_untrained_weights(run_dir / f"untrained_{args.hidden_size}.pth", assets, args)
@@ -134,14 +138,17 @@ def write_untrained_weights(path, assets, args):
     import torch
 
     from common import atomic_save, quiet_transformers
-    from model.model_vlm import MiniMindVLM, VLMConfig
+    from model.model_vlm import MiniMindVLM
+    from model.presets import vlm_config
+    from model.weights import write_architecture
     from trainer.training import inference_state_dict
 
     torch.manual_seed(args.seed)
     with quiet_transformers():  # CLIP's unused text tower would print a load report
-        model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
-                            vision_model_path=assets["clip"])
+        model = MiniMindVLM(vlm_config(args.preset, args.hidden_size, args.num_hidden_layers),
+                            vision_model_path=assets["vision"])
     atomic_save(inference_state_dict(model), path)
+    write_architecture(path, model.config, args.preset, assets["vision"])
 
 
 def score(run_dir, weight_name, args, assets, model_flags, asset_flags):
@@ -204,11 +211,13 @@ def main_with_args(args, score_every_stage=True):
     from dataset import synthetic
 
     started = time.time()
-    out_dir = Path(args.out_dir)
+    default_dir = DEFAULT_SAVE_DIR / ("demo" if args.preset == "minimind2-v" else f"demo-{args.preset}")
+    out_dir = Path(args.out_dir or default_dir)
     print(f"-- building offline assets in {out_dir / 'assets'} ...", flush=True)
+    vision, tokenizer = ("clip", "tokenizer") if args.preset == "minimind2-v" else ("siglip", "minimind3_tokenizer")
     paths = synthetic.build_all(out_dir / "assets", n_pretrain=args.n_train, n_sft=args.n_train,
-                                  n_eval=args.n_eval, seed=args.seed)
-    assets = {"clip": Path(paths["clip"]), "tokenizer": Path(paths["tokenizer"]), "data": paths}
+                                n_eval=args.n_eval, seed=args.seed, parts=(tokenizer, vision, "data"))
+    assets = {"vision": Path(paths[vision]), "tokenizer": Path(paths[tokenizer]), "data": paths}
     results = {"real images": train_and_score(out_dir / "run", assets, assets["data"], args, score_every_stage)}
     pope = benchmark_pope(out_dir / "run", assets, args)
     if args.blank_control:

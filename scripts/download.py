@@ -6,6 +6,8 @@ ModelScope over plain HTTPS (`--source modelscope`; MODELSCOPE_ENDPOINT override
     python -m scripts.download                                   # clip, tokenizer, llm_512.pth, parquet data
     python -m scripts.download --what clip tokenizer llm         # everything but the dataset
     python -m scripts.download --what llm vlm --hidden_size 768  # llm_768.pth, pretrain_vlm_768.pth, sft_vlm_768.pth
+    python -m scripts.download --preset minimind-3v              # SigLIP2, MiniMind-3 tokenizer, llm_768.pth, data
+    python -m scripts.download --preset minimind-3v --what vlm   # minimind-3v's pretrain_vlm_768.pth, sft_vlm_768.pth
     python -m scripts.download --what data_jsonl                 # the older jsonl files + image zips, unzipped
     python -m scripts.download --source modelscope               # from ModelScope instead of the HF Hub
     HF_ENDPOINT=https://hf-mirror.com python -m scripts.download # through a Hub mirror
@@ -22,7 +24,9 @@ the CLIP, tokenizer and weight repos keep their default branch unless given thei
 
 Where things land (under --dest_root, default the repo root):
     clip        model/vision_model/clip-vit-base-patch16/   config.json, model.safetensors (or pytorch_model.bin), ...
+    siglip      model/vision_model/siglip2-base-p32-256-ve/ config.json, model.safetensors, preprocessor_config.json
     tokenizer   model/                                      tokenizer.json, tokenizer_config.json (MiniMind2 only)
+                model/minimind3_tokenizer/ with --preset minimind-3v (MiniMind-3's, from jingyaogong/minimind-3v)
     llm         out/                                        llm_{hidden_size}.pth
     vlm         out/                                        pretrain_vlm_{hidden_size}.pth, sft_vlm_{hidden_size}.pth
     data        dataset/                                    pretrain_i2t.parquet, sft_i2t.parquet
@@ -68,7 +72,8 @@ from tqdm.auto import tqdm
 from common import REPO_ROOT
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import (CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR,
-                             IMAGE_PLACEHOLDER_ID)
+                             IMAGE_PLACEHOLDER_ID, SIGLIP_HIDDEN_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE)
+from model.presets import DEFAULT_PRESET, PRESETS
 from model.weights import VISION_PROJ_PREFIX
 
 SOURCES = ("hf", "modelscope")
@@ -95,7 +100,9 @@ TOKENIZER_MANUAL_URL = (
 
 CLIP_WIDTH = CLIP_HIDDEN_SIZE
 CLIP_CONFIG_DEFAULTS = {"image_size": 224, "patch_size": 32}  # transformers' CLIPVisionConfig, for omitted keys
-CLIP_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
+CLIP_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"  # SigLIP's has the same name
+SIGLIP_CONFIG_DEFAULTS = {"image_size": 224, "patch_size": 16}  # transformers' SiglipVisionConfig, for omitted keys
+MINIMIND3 = PRESETS["minimind-3v"]  # the MiniMind-3 tokenizer's placeholder: `<|image_pad|>` = 12
 CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                         "special_tokens_map.json")
 
@@ -135,9 +142,32 @@ class Asset:
     files: tuple[FileSpec, ...]
 
 
-def build_assets(hidden_size):
-    """The table of downloadable assets; weight file names carry the hidden size."""
+def build_assets(hidden_size, preset=DEFAULT_PRESET):
+    """The table of downloadable assets; weight file names carry the hidden size, and the preset says whose
+    tokenizer and weights `tokenizer`, `llm` and `vlm` are (MiniMind2-V's, or minimind-3v's as upstream's README
+    names them)."""
     pytorch_repos = {"hf": ("jingyaogong/MiniMind2-V-PyTorch",), "modelscope": ("gongjy/MiniMind2-V-PyTorch",)}
+    tokenizer = Asset(
+        repos={"hf": ("jingyaogong/MiniMind2-V", "jingyaogong/MiniMind2"),
+               "modelscope": ("gongjy/MiniMind2-V", "gongjy/MiniMind2")},
+        repo_type="model",
+        dest="model",
+        files=(
+            FileSpec(("tokenizer.json",), "tokenizer"),
+            FileSpec(("tokenizer_config.json",), "tokenizer_config"),
+        ),
+    )
+    if preset == "minimind-3v":
+        pytorch_repos = {"hf": ("jingyaogong/minimind-3v-pytorch",), "modelscope": ("gongjy/minimind-3v-pytorch",)}
+        tokenizer = Asset(
+            repos={"hf": ("jingyaogong/minimind-3v",), "modelscope": ("gongjy/minimind-3v",)},
+            repo_type="model",
+            dest=str(PRESETS[preset].tokenizer_path.relative_to(REPO_ROOT)),
+            files=(
+                FileSpec(("tokenizer.json",), "tokenizer3"),
+                FileSpec(("tokenizer_config.json",), "tokenizer_config"),
+            ),
+        )
     dataset_repos = {"hf": ("jingyaogong/minimind-v_dataset",), "modelscope": ("gongjy/minimind-v_dataset",)}
     return {
         "clip": Asset(
@@ -152,16 +182,18 @@ def build_assets(hidden_size):
                   for name in CLIP_TOKENIZER_FILES),
             ),
         ),
-        "tokenizer": Asset(
-            repos={"hf": ("jingyaogong/MiniMind2-V", "jingyaogong/MiniMind2"),
-                   "modelscope": ("gongjy/MiniMind2-V", "gongjy/MiniMind2")},
+        # minimind-3v's encoder, as upstream's README names it (its folder is fp16).
+        "siglip": Asset(
+            repos={"hf": ("jingyaogong/siglip2-base-p32-256-ve",), "modelscope": ("gongjy/siglip2-base-p32-256-ve",)},
             repo_type="model",
-            dest="model",
+            dest=str(PRESETS["minimind-3v"].vision_model_path.relative_to(REPO_ROOT)),
             files=(
-                FileSpec(("tokenizer.json",), "tokenizer"),
-                FileSpec(("tokenizer_config.json",), "tokenizer_config"),
+                FileSpec(("config.json",), "siglip_config"),
+                FileSpec(("model.safetensors",), "siglip_weights"),
+                FileSpec(("preprocessor_config.json",), "json"),
             ),
         ),
+        "tokenizer": tokenizer,
         "llm": Asset(pytorch_repos, "model", "out", (FileSpec((f"llm_{hidden_size}.pth",), "lm_weights"),)),
         "vlm": Asset(pytorch_repos, "model", "out", (
             FileSpec((f"pretrain_vlm_{hidden_size}.pth",), "vlm_weights"),
@@ -188,7 +220,8 @@ def build_assets(hidden_size):
 
 
 ASSET_NAMES = tuple(build_assets(512))
-DEFAULT_WHAT = ("clip", "tokenizer", "llm", "data")
+DEFAULT_WHAT = {"minimind2-v": ("clip", "tokenizer", "llm", "data"),
+                "minimind-3v": ("siglip", "tokenizer", "llm", "data")}
 
 
 class DownloadError(Exception):
@@ -391,8 +424,18 @@ def load_state_dict(path):
     return state
 
 
-def verify_clip_weights(path):
-    expected = (CLIP_WIDTH, 3, CLIP_PATCH_SIZE, CLIP_PATCH_SIZE)
+def verify_siglip_config(path):
+    config = load_json(path)
+    vision = {**SIGLIP_CONFIG_DEFAULTS, **config, **(config.get("vision_config") or {})}
+    found = (vision["image_size"], vision["patch_size"])
+    if found != (SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE):
+        raise VerificationError(
+            f"vision image_size/patch_size {found}, expected ({SIGLIP_IMAGE_SIZE}, {SIGLIP_PATCH_SIZE})")
+    return f"image_size {SIGLIP_IMAGE_SIZE}, patch_size {SIGLIP_PATCH_SIZE}"
+
+
+def verify_clip_weights(path, width=CLIP_WIDTH, patch_size=CLIP_PATCH_SIZE):
+    expected = (width, 3, patch_size, patch_size)
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt") as f:
@@ -436,6 +479,24 @@ def wrong_tokenizer(found):
         f"this is the old MiniMind tokenizer ({found}); MiniMind2-V needs the one with bos {BOS_TOKEN} and eos "
         f"{EOS_TOKEN}; take model/tokenizer.json and model/tokenizer_config.json from {TOKENIZER_MANUAL_URL}"
     )
+
+
+def verify_minimind3_tokenizer(path):
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise VerificationError(f"tokenizers cannot load it ({first_line(err)})") from None
+    found = {
+        "vocab": tokenizer.get_vocab_size(with_added_tokens=True),
+        "bos": tokenizer.token_to_id(BOS_TOKEN),
+        "eos": tokenizer.token_to_id(EOS_TOKEN),
+        "image": tokenizer.encode(MINIMIND3.image_placeholder, add_special_tokens=False).ids,
+    }
+    expected = {"vocab": VOCAB_SIZE, "bos": BOS_ID, "eos": EOS_ID, "image": [MINIMIND3.image_token_id]}
+    if found != expected:
+        raise WrongContent(f"not the MiniMind-3 tokenizer: found {found}, expected {expected}")
+    return (f"vocab {VOCAB_SIZE}, {BOS_TOKEN}={BOS_ID}, {EOS_TOKEN}={EOS_ID}, "
+            f"'{MINIMIND3.image_placeholder}'={MINIMIND3.image_token_id}")
 
 
 def verify_tokenizer(path):
@@ -529,8 +590,14 @@ def verify_file(path, check, hidden_size):
             return verify_clip_config(path)
         case "clip_weights":
             return verify_clip_weights(path)
+        case "siglip_config":
+            return verify_siglip_config(path)
+        case "siglip_weights":
+            return verify_clip_weights(path, SIGLIP_HIDDEN_SIZE, SIGLIP_PATCH_SIZE)
         case "tokenizer":
             return verify_tokenizer(path)
+        case "tokenizer3":
+            return verify_minimind3_tokenizer(path)
         case "tokenizer_config":
             return verify_tokenizer_config(path)
         case "lm_weights":
@@ -672,15 +739,20 @@ def describe_plan(name, asset, source, dest_root, revision, hidden_size):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", nargs="+", choices=ASSET_NAMES, default=list(DEFAULT_WHAT),
-                        help="assets to fetch: clip (CLIP ViT-B/16), tokenizer (MiniMind2), llm (llm_{h}.pth), "
-                             "vlm (pretrain_vlm_{h}.pth + sft_vlm_{h}.pth), data (parquet), data_jsonl / data_multi "
-                             f"(older jsonl + image zips), bench_* (benchmark parquet for scripts.eval_bench); "
-                             f"default: {' '.join(DEFAULT_WHAT)}")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                        help="whose tokenizer and weights: minimind2-v (MiniMind2-V) or minimind-3v (upstream's "
+                             "current model: SigLIP2 encoder, MiniMind-3 tokenizer, minimind-3v-pytorch weights)")
+    parser.add_argument("--what", nargs="+", choices=ASSET_NAMES, default=None,
+                        help="assets to fetch: clip (CLIP ViT-B/16), siglip (siglip2-base-p32-256-ve), tokenizer "
+                             "(the preset's), llm (llm_{h}.pth), vlm (pretrain_vlm_{h}.pth + sft_vlm_{h}.pth), data "
+                             "(parquet), data_jsonl / data_multi (older jsonl + image zips), bench_* (benchmark "
+                             "parquet for scripts.eval_bench); default: "
+                             + "; ".join(f"{p}: {' '.join(w)}" for p, w in DEFAULT_WHAT.items()))
     parser.add_argument("--source", choices=SOURCES, default="hf",
                         help="hf = Hugging Face Hub (set HF_ENDPOINT for a mirror), modelscope = ModelScope")
-    parser.add_argument("--hidden_size", type=int, choices=(512, 768), default=512,
-                        help="which weights: 512 = MiniMind2-Small-V (26M), 768 = MiniMind2-V (104M)")
+    parser.add_argument("--hidden_size", type=int, choices=(512, 768), default=None,
+                        help="which weights: 512 = MiniMind2-Small-V (26M), 768 = MiniMind2-V (104M) or "
+                             "minimind-3v (default: the preset's)")
     parser.add_argument("--dest_root", type=Path, default=REPO_ROOT,
                         help="root the model/, out/ and dataset/ folders are under (default: the repo root)")
     parser.add_argument("--revision", type=revision_for_asset, action="append", default=[], metavar="ASSET=REV",
@@ -691,6 +763,8 @@ def parse_args(argv):
     parser.add_argument("--force", action="store_true", help="download again even if a verified copy is present")
     parser.add_argument("--dry_run", action="store_true", help="only report what is present and what would be fetched")
     args = parser.parse_args(argv)
+    args.what = args.what or list(DEFAULT_WHAT[args.preset])
+    args.hidden_size = args.hidden_size or PRESETS[args.preset].hidden_size
     args.revision = dict(args.revision)
     unused = sorted(set(args.revision) - set(args.what))
     if unused:
@@ -711,7 +785,7 @@ def revision_for_asset(text):
 def main(argv=None):
     args = parse_args(argv)
     dest_root = args.dest_root.resolve()
-    assets = build_assets(args.hidden_size)
+    assets = build_assets(args.hidden_size, args.preset)
     what = list(dict.fromkeys(args.what))
     revisions = {name: args.revision.get(name, DEFAULT_REVISION[args.source]) for name in what}
     if args.dry_run:

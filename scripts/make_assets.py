@@ -3,13 +3,15 @@
     python -m scripts.make_assets                                  # everything, into out/tiny_assets
     python -m scripts.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
     python -m scripts.make_assets --only tokenizer clip --clip_hidden_size 128
+    python -m scripts.make_assets --only siglip minimind3_tokenizer data   # minimind-3v's stand-ins
 """
 import argparse
 import time
 from pathlib import Path
 
 from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
-from dataset.synthetic import ASSET_PARTS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, build_all, describe_path
+from dataset.synthetic import (ASSET_PARTS, DEFAULT_ASSET_PARTS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, build_all,
+                               describe_path)
 
 DEFAULT_OUT_DIR = DEFAULT_SAVE_DIR / "tiny_assets"
 
@@ -17,8 +19,9 @@ DEFAULT_OUT_DIR = DEFAULT_SAVE_DIR / "tiny_assets"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build the offline tokenizer, tiny CLIP and shapes dataset.")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the assets")
-    parser.add_argument("--only", nargs="+", choices=ASSET_PARTS, default=list(ASSET_PARTS),
-                        help="build only these parts (default: all)")
+    parser.add_argument("--only", nargs="+", choices=ASSET_PARTS, default=list(DEFAULT_ASSET_PARTS),
+                        help=f"build only these parts (default: {' '.join(DEFAULT_ASSET_PARTS)}, MiniMind2-V's; "
+                             f"siglip and minimind3_tokenizer are minimind-3v's)")
     parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0,
                         help="seed for data, CLIP weights and English corpus")
     parser.add_argument("--n_pretrain", type=bounded(int, 1), default=64, help="pretrain image-caption records")

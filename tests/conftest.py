@@ -41,6 +41,21 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    """Random SiglipVisionModel folder (fp16, as siglip2-base-p32-256-ve) with its geometry (64 tokens out) and
+    preprocessing (256x256, bilinear, (x - 0.5) / 0.5): the minimind-3v encoder's stand-in."""
+    out_dir = tmp_path_factory.mktemp("tiny_siglip")
+    return synthetic.build_tiny_siglip(out_dir, TINY_CLIP_HIDDEN_SIZE, TINY_CLIP_NUM_LAYERS, ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_minimind3_tokenizer_dir(tmp_path_factory) -> Path:
+    """MiniMind-3-structured tokenizer (36 specials, `<|image_pad|>` = 12, the MiniMind-3 chat format)."""
+    out_dir = tmp_path_factory.mktemp("tiny_minimind3_tokenizer")
+    return synthetic.build_minimind3_tokenizer(out_dir, synthetic.tokenizer_corpus(ASSET_SEED))
+
+
+@pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
     """Paths of the synthetic shapes dataset (keys as returned by synthetic.build_shapes_dataset)."""
     out_dir = tmp_path_factory.mktemp("shapes_data")
@@ -72,6 +87,23 @@ def tiny_vlm_save_dir(tmp_path_factory, tiny_clip_dir) -> Path:
     torch.manual_seed(0)
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip_dir)
     out = tmp_path_factory.mktemp("tiny_vlm_out")
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm3_save_dir(tmp_path_factory, tiny_siglip_dir) -> Path:
+    """A random tiny minimind-3v (MiniMind-3 LM 64x2, MLP projector on the tiny SigLIP) saved as upstream saves
+    weights: {dir}/sft_vlm_64.pth in fp16, no architecture file (it is recognised from its keys)."""
+    import torch
+
+    from model.model_vlm import MiniMindVLM
+    from model.presets import vlm_config
+    from model.weights import weight_path
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(vlm_config("minimind-3v", 64, 2), vision_model_path=tiny_siglip_dir)
+    out = tmp_path_factory.mktemp("tiny_vlm3_out")
     torch.save({k: v.half() for k, v in model.state_dict().items()}, weight_path(out, "sft_vlm", 64, False))
     return out
 

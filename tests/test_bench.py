@@ -63,6 +63,10 @@ def test_lengths_are_stratified_log_uniform():
     assert lengths.mean() == pytest.approx(550 / np.log(12), rel=0.02)
 
 
+# MiniMind2-V's vision side in bench.model_shape's terms: the Linear projector, 196 patches of 16 px after a CLS.
+CLIP_SHAPE = dict(projector="linear", image_tokens=196, patch_size=16, encoder_leading_tokens=1)
+
+
 def counted_flops(function):
     """torch's count of matmul FLOPs. Attention runs on the math backend: the counter does not see CPU flash
     attention, and math attention's backward is 4 matmuls (no recomputed scores), so attention_backward=2."""
@@ -74,7 +78,7 @@ def counted_flops(function):
 @pytest.mark.parametrize("policy", ["projector_last_layer", "all"])
 def test_step_flops_match_torch_flop_counter(policy):
     shape = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
-                 vocab_size=6400, ve_hidden_size=48, clip_hidden_size=48, clip_layers=1)
+                 vocab_size=6400, ve_hidden_size=48, clip_hidden_size=48, clip_layers=1, **CLIP_SHAPE)
     torch.manual_seed(0)
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=3, ve_hidden_size=48), vision_model_path=None)
     shape["intermediate_size"] = model.config.intermediate_size
@@ -104,10 +108,36 @@ def test_step_flops_match_torch_flop_counter(policy):
             assert executed - executed / shape["num_hidden_layers"] < counted < executed
 
 
+@pytest.mark.parametrize("policy", ["projector", "projector_first_last_layers"])
+def test_minimind3v_step_flops_match_torch_flop_counter(policy):
+    """The MLP projector and the MiniMind-3 LM (QK-norm is no matmul) behind 64 image tokens."""
+    from model.presets import vlm_config
+
+    torch.manual_seed(0)
+    config = vlm_config("minimind-3v", 64, 3, ve_hidden_size=48)
+    model = MiniMindVLM(config, vision_model_path=None)
+    set_trainable(model, policy)
+    shape = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=config.num_attention_heads,
+                 num_key_value_heads=config.num_key_value_heads, vocab_size=config.vocab_size, ve_hidden_size=48,
+                 intermediate_size=config.intermediate_size, projector="mlp", image_tokens=64)
+    batch, length = 2, 100
+    input_ids = torch.randint(40, 600, (batch, length))
+    input_ids[:, 10:10 + 64] = config.image_ids[0]
+    labels = input_ids.clone()
+    labels[:, :85] = -100
+    targets = int((labels[:, 1:] != -100).sum())
+    features = torch.randn(batch, 64, 48)
+    _, executed = bench.train_step_flops(shape, policy, [length] * batch, length, targets, batch, runs_clip=False,
+                                         logits_everywhere=True, causal=False, attention_backward=2.0)
+    assert counted_flops(lambda: model(input_ids, labels=labels, image_features=features).loss.backward()) == \
+        executed
+
+
 def test_clip_flops_match_torch_flop_counter(tiny_clip_dir):
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=1), vision_model_path=tiny_clip_dir)
     encoder = model.vision_encoder
-    shape = dict(clip_hidden_size=encoder.config.hidden_size, clip_layers=encoder.config.num_hidden_layers)
+    shape = dict(clip_hidden_size=encoder.config.hidden_size, clip_layers=encoder.config.num_hidden_layers,
+                 **CLIP_SHAPE)
     assert counted_flops(lambda: model.encode_images(torch.randn(3, 3, 224, 224))) == \
         3 * bench.clip_forward_flops(shape)
 

@@ -247,7 +247,15 @@ def test_datasets_decodes_the_synthetic_pope_images(pope_file):
     assert first["id"] == table["id"][0].as_py() and isinstance(first["question_id"], str)
 
 
-def test_prefix_reuse_scores_equal_full_prefill(tiny_loaded, pope_file):
+@pytest.fixture(scope="module")
+def tiny_loaded_3v(tiny_vlm3_save_dir, tiny_siglip_dir, tiny_minimind3_tokenizer_dir):
+    return load_model(weight_path(tiny_vlm3_save_dir, "sft_vlm", 64, False), False, tiny_minimind3_tokenizer_dir,
+                      tiny_siglip_dir, "cpu", log=None)
+
+
+@pytest.mark.parametrize("preset", ["minimind2-v", "minimind-3v"])
+def test_prefix_reuse_scores_equal_full_prefill(preset, request, pope_file):
+    tiny_loaded = request.getfixturevalue("tiny_loaded" if preset == "minimind2-v" else "tiny_loaded_3v")
     questions, images = bm.read_benchmark("pope", pope_file)
     shared, _ = run_benchmark("pope", tiny_loaded, questions, images, batch_size=4, max_new_tokens=3,
                               progress=False)
@@ -317,3 +325,15 @@ def test_eval_bench_cli_writes_result_and_predictions(tmp_path, tiny_vlm_save_di
     table = capsys.readouterr().out
     assert "| pope | likelihood | accuracy |" in table and "| pope | generate | accuracy |" in table
     assert "A blind" in table and "B image" in table
+
+
+def test_eval_bench_scores_a_minimind3v_checkpoint(tmp_path, tiny_vlm3_save_dir, tiny_siglip_dir,
+                                                  tiny_minimind3_tokenizer_dir, pope_file, capsys):
+    out, pred = tmp_path / "r.json", tmp_path / "p.jsonl"
+    eval_bench.main(["--bench", "pope", "--data_path", str(pope_file), "--limit", "6", "--out", str(out),
+                     "--predictions", str(pred), "--weight", str(weight_path(tiny_vlm3_save_dir, "sft_vlm", 64, False)),
+                     "--vision_model_path", str(tiny_siglip_dir), "--tokenizer_path", str(tiny_minimind3_tokenizer_dir),
+                     "--device", "cpu", "--max_new_tokens", "2", "--no_progress"])
+    assert "| pope | likelihood | accuracy |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["samples"] == 6 and recompute_result(result, read_predictions(pred)) == result["modes"]

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import DataError, VLMDataset
 from model.model_vlm import VLMConfig
+from dataset.processing import image_processor_for
 from scripts import check_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +213,19 @@ def test_check_data_passes_a_clean_dataset(shapes_data, tiny_tokenizer_dir, caps
     assert "errors" not in out
 
 
+def test_check_data_with_the_minimind3v_preset(shapes_data, tiny_minimind3_tokenizer_dir, tiny_siglip_dir,
+                                               tiny_tokenizer_dir, capsys):
+    data = str(shapes_data["sft_parquet"])
+    code = check_data.main([data, "--preset", "minimind-3v", "--tokenizer_path", str(tiny_minimind3_tokenizer_dir),
+                            "--vision_model_path", str(tiny_siglip_dir), "--stage", "sft"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "OK: every record and image can be used" in out
+    # The MiniMind2 tokenizer has no `<|image_pad|>`: refused in one line that says which tokenizer fits.
+    with pytest.raises(DataError, match="MiniMind-3's for minimind-3v"):
+        check_data.main([data, "--preset", "minimind-3v", "--tokenizer_path", str(tiny_tokenizer_dir)])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["missing.jsonl"], "dataset file not found: missing.jsonl"),
     (["{data}", "--tokenizer_path", "no_tokenizer_here"], "tokenizer not found in no_tokenizer_here"),
@@ -246,7 +260,7 @@ def test_training_start_up_on_parquet_lists_the_same_problems(defect_data):
     config = VLMConfig()
     with pytest.raises(DataError) as error:
         VLMDataset(defect_data["parquet"], tokenizer, config.image_special_token, config.image_ids[0], MAX_SEQ_LEN,
-                   log=None)
+                   log=None, image_processor=image_processor_for(config))
     lines = str(error.value).splitlines()
     assert lines[0] == "data.parquet: 3 malformed record(s):"
     assert_reasons(parse_problem_lines(lines[1:-1]), parquet_expected(PARQUET_ERRORS - DECODE_KINDS))

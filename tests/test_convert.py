@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from dataset.processing import load_pixel_values, open_image
+from dataset.processing import image_processor_for, load_pixel_values, open_image
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.weights import load_weights
 from scripts import convert_vlm
@@ -19,6 +19,8 @@ from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from common import run_cli
 from conftest import export_fp32_folder, save_random_tiny_vlm
+
+CLIP_PROCESSOR = image_processor_for(VLMConfig())
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SEED = 3
@@ -92,7 +94,7 @@ def test_tokenizer_and_image_processing_load_from_the_folder(fp32_folder, shapes
     tokenizer = AutoTokenizer.from_pretrained(fp32_folder, trust_remote_code=True)
     assert tokenizer("@" * IMAGE_TOKENS_PER_IMAGE).input_ids == [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
     image_path = shapes_data["eval_images"] / "000000.jpg"
-    ours = load_pixel_values([image_path])
+    ours = load_pixel_values([image_path], CLIP_PROCESSOR)
     image_processor = AutoImageProcessor.from_pretrained(fp32_folder, trust_remote_code=True)
     theirs = image_processor(images=[open_image(image_path)], return_tensors="pt").pixel_values
     assert torch.equal(theirs, ours)  # the same function (model/processing_minimind_v.py), not a look-alike

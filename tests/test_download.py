@@ -469,3 +469,40 @@ def test_benchmark_files_land_in_their_repo_folders_and_are_checked(hf_hub, tmp_
     assert download.main(["--what", "bench_mmstar", "--dest_root", str(tmp_path)]) == 1  # no question/image columns
     assert "lacks column(s) ['question', 'image']" in capsys.readouterr().err
     assert not (tmp_path / "dataset/bench/mmstar/mmstar.parquet").exists() and staging_leftovers(tmp_path) == []
+
+
+def test_minimind3v_preset_fetches_siglip2_minimind3_tokenizer_and_weights(hf_hub, tmp_path, capsys):
+    """Names as upstream's README gives them: jingyaogong/siglip2-base-p32-256-ve, the MiniMind-3 tokenizer of
+    jingyaogong/minimind-3v, minimind-3v-pytorch's weights; each checked for what makes it minimind-3v's."""
+    siglip_repo, tokenizer_repo, weights_repo = ("jingyaogong/siglip2-base-p32-256-ve", "jingyaogong/minimind-3v",
+                                                 "jingyaogong/minimind-3v-pytorch")
+    hf_hub.add(siglip_repo, "config.json", json.dumps({"model_type": "siglip_vision_model", "image_size": 256,
+                                                       "patch_size": 32, "hidden_size": 768}).encode())
+    patch = torch.zeros(768, 3, 32, 32, dtype=torch.float16)  # SigLIP2 B/32: width 768, 32 px patches
+    hf_hub.add(siglip_repo, "model.safetensors", save_safetensors({CLIP_PATCH_KEY: patch}))
+    hf_hub.add(siglip_repo, "preprocessor_config.json", json.dumps({"image_processor_type": "SiglipImageProcessor",
+                                                                    "size": {"height": 256, "width": 256}}).encode())
+    real = REPO_ROOT.parent / "shared" / "fixtures" / "minimind3_tokenizer"
+    if not real.is_dir():
+        pytest.skip(f"real MiniMind-3 tokenizer fixture not found at {real}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        hf_hub.add(tokenizer_repo, name, (real / name).read_bytes())
+    state = {NEW_EMBED_KEY: torch.zeros(VOCAB_SIZE, 768, dtype=torch.float16),
+             "vision_proj.mlp.0.weight": torch.ones(768, dtype=torch.float16)}
+    for name in ("pretrain_vlm_768.pth", "sft_vlm_768.pth"):
+        hf_hub.add(weights_repo, name, torch_bytes(state))
+
+    argv = ["--preset", "minimind-3v", "--what", "siglip", "tokenizer", "vlm", "--dest_root", str(tmp_path)]
+    assert download.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "model/vision_model/siglip2-base-p32-256-ve/model.safetensors").is_file()
+    fetched = tmp_path / "model/minimind3_tokenizer/tokenizer.json"
+    assert fetched.read_bytes() == (real / "tokenizer.json").read_bytes()
+    assert (tmp_path / "out/sft_vlm_768.pth").is_file() and (tmp_path / "out/pretrain_vlm_768.pth").is_file()
+    assert "image_size 256, patch_size 32" in out and "patch embedding 768x3x32x32" in out
+    assert "'<|image_pad|>'=12" in out
+    # The MiniMind2 tokenizer is not minimind-3v's: refused, and nothing lands.
+    hf_hub.add(tokenizer_repo, "tokenizer.json", tokenizer_files(NEW_SPECIALS)["tokenizer.json"])
+    assert download.main(["--preset", "minimind-3v", "--what", "tokenizer", "--force", "--dest_root",
+                          str(tmp_path / "other")]) == 1
+    assert "not the MiniMind-3 tokenizer" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from dataset.processing import IMAGE_MARKER, build_prompt
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE
 from model.weights import weight_path
 from common import run_cli
-from inference.generation import ChatSession, GenerationSettings, fit_prompt
+from inference.generation import ChatSession, GenerationSettings, answer_once, fit_prompt
 from inference.loading import InferenceError, inference_dtype, load_model
 from inference.scoring import QuestionScore, is_correct, score_questions
 
@@ -50,6 +50,21 @@ def run_eval(cli_flags, *extra, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- as users run it
+
+def test_minimind3v_checkpoint_answers_with_no_preset_flag(tiny_vlm3_save_dir, tiny_minimind3_tokenizer_dir,
+                                                          tiny_siglip_dir, shapes_data, tmp_path):
+    flags = ["--device", "cpu", "--weight", str(weight_path(tiny_vlm3_save_dir, "sft_vlm", 64, False)),
+             "--tokenizer_path", str(tiny_minimind3_tokenizer_dir), "--vision_model_path", str(tiny_siglip_dir)]
+    image = shapes_data["eval_images"] / "000000.jpg"
+    result = run_eval(flags, "--image", str(image), "--prompt", "What shape is in the picture?",
+                      "--max_new_tokens", "12", "--temperature", "0", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "tokens/s" in result.stderr and "Traceback" not in result.stderr
+    loaded = load_model(weight_path(tiny_vlm3_save_dir, "sft_vlm", 64, False), False, tiny_minimind3_tokenizer_dir,
+                        tiny_siglip_dir, "cpu", log=None)
+    expected, _ = answer_once(loaded, "What shape is in the picture?", [image], GREEDY)
+    assert loaded.model.config.chat_format == "minimind3" and expected in result.stdout
+
 
 def test_single_shot_answers_in_bfloat16_on_cpu(cli_flags, shapes_data, tmp_path):
     """--dtype reaches the model: the load line names it, and a bf16 model answers (fp32 is the CPU default)."""

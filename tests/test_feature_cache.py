@@ -1,5 +1,6 @@
 """The CLIP feature cache: hits and misses, reuse across datasets, invalidation, crash safety, workers, DDP,
 and training with the cache against training without it."""
+import json
 import multiprocessing
 import pickle
 import re
@@ -15,7 +16,7 @@ import train_pretrain_vlm
 from dataset import feature_cache
 from dataset.feature_cache import attach_feature_cache, list_shards
 from dataset.lm_dataset import VLMDataset
-from dataset.processing import ImageError, normalize_pixels
+from dataset.processing import ImageError, image_processor_for
 from model.model_vlm import MiniMindVLM, VLMConfig
 from trainer.training import RunContext
 
@@ -38,7 +39,7 @@ def vlm(tiny_clip_dir):
 
 def make_dataset(path, tokenizer, vlm, images_path=None):
     return VLMDataset(path, tokenizer, vlm.config.image_special_token, vlm.image_token_id, 640,
-                      images_path=images_path, log=None)
+                      images_path=images_path, log=None, image_processor=image_processor_for(vlm.config))
 
 
 def attach(dataset, model, cache_dir, log=None, **kwargs):
@@ -59,7 +60,30 @@ def test_features_are_the_encoder_output_rounded_to_fp16(tmp_path, shapes_data, 
     for index in range(len(dataset)):
         item = dataset[index]
         assert "pixel_values" not in item and item["image_features"].shape == (1, 196, 64)
-        assert_fp16_close(item["image_features"], vlm.encode_images(normalize_pixels(dataset.load_pixels(index))))
+        assert_fp16_close(item["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(index))))
+
+
+def test_minimind3v_features_are_sized_by_the_encoder(tmp_path, shapes_data, tiny_siglip_dir,
+                                                      tiny_minimind3_tokenizer_dir):
+    """The store holds the encoder's 64 SigLIP features per image (its own count, not the LM's placeholder run),
+    made from the SigLIP preprocessing; a CLIP cache in the same folder is another fingerprint."""
+    from model.presets import vlm_config
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(vlm_config("minimind-3v", **TINY_LM), vision_model_path=tiny_siglip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_minimind3_tokenizer_dir))
+    dataset = VLMDataset(shapes_data["pretrain_parquet"], tokenizer, model.config.image_special_token,
+                         model.image_token_id, 640, log=None, image_processor=image_processor_for(model.config),
+                         chat_format=model.config.chat_format)
+    assert dataset.load_pixels(0).shape == (1, 3, 256, 256) and dataset.load_pixels(0).dtype == torch.uint8
+    store = attach(dataset, model, tmp_path)
+    assert store.tokens == model.config.image_feature_count == 64
+    item = dataset[0]
+    assert item["image_features"].shape == (1, 64, 64)
+    assert_fp16_close(item["image_features"], model.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
+    fingerprint = json.loads((store.folder / "fingerprint.json").read_text())
+    assert fingerprint["image_size"] == 256 and fingerprint["encoder_class"] == "SiglipVisionModel"
+    assert "every token" in fingerprint["features"] and fingerprint["image_processing"]["resize"] == "exact"
 
 
 def test_images_shared_by_two_datasets_and_two_runs_are_encoded_once(tmp_path, shapes_data, tokenizer, vlm):
@@ -94,7 +118,7 @@ def test_changed_encoder_or_preprocessing_uses_a_fresh_folder(tmp_path, shapes_d
     second = attach(dataset, changed, tmp_path)
     assert second.computed == len(dataset) and second.folder != first.folder
     assert not torch.allclose(dataset[0]["image_features"].float(), before.float(), atol=1e-2)
-    assert_fp16_close(dataset[0]["image_features"], changed.encode_images(normalize_pixels(dataset.load_pixels(0))))
+    assert_fp16_close(dataset[0]["image_features"], changed.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
 
     monkeypatch.setattr(feature_cache, "PREPROCESS_VERSION", feature_cache.PREPROCESS_VERSION + 1)
     third = attach(dataset, vlm, tmp_path)
@@ -129,7 +153,7 @@ def test_a_crash_mid_build_leaves_nothing_that_is_read(tmp_path, shapes_data, to
 
     store = attach(dataset, vlm, tmp_path)
     assert store.computed == len(dataset)
-    assert_fp16_close(dataset[2]["image_features"], vlm.encode_images(normalize_pixels(dataset.load_pixels(2))))
+    assert_fp16_close(dataset[2]["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(2))))
 
 
 def test_store_pickles_without_features_and_reopens_its_maps(tmp_path, shapes_data, tokenizer, vlm):

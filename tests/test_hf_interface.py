@@ -10,12 +10,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
-from dataset.processing import IMAGE_MARKER, build_prompt, load_pixel_values, open_image, preprocess_image
+from dataset.processing import (IMAGE_MARKER, build_prompt, image_processor_for, load_pixel_values, open_image,
+                                preprocess_image)
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from model.model_vlm import CLIP_IMAGE_SIZE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.processing_minimind_v import MiniMindVImageProcessor, MiniMindVProcessor
 from conftest import export_fp32_folder, save_random_tiny_vlm
+
+CLIP_PROCESSOR = image_processor_for(VLMConfig())
 
 MODEL_SEED = 5
 ANSWER_TOKENS = 12
@@ -100,20 +103,20 @@ def test_tokenized_chat_expands_each_image_part_to_the_placeholder_run(processor
     is_image = (ids == IMAGE_PLACEHOLDER_ID).int()
     assert int(is_image.sum()) == 2 * IMAGE_TOKENS_PER_IMAGE
     assert int((is_image[1:] - is_image[:-1] == 1).sum()) == 2  # two separate runs
-    assert torch.equal(inputs["pixel_values"], load_pixel_values(image_paths[:2]))
+    assert torch.equal(inputs["pixel_values"], load_pixel_values(image_paths[:2], CLIP_PROCESSOR))
 
 
 def test_pixel_values_are_the_projects_preprocessing(folder, processor, image_paths):
     grey16 = Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)  # mode I;16
     rgba = Image.new("RGBA", (50, 20), (10, 200, 30, 128))
     images = [open_image(image_paths[0]), grey16, rgba]
-    expected = torch.stack([preprocess_image(image) for image in images])
+    expected = torch.stack([preprocess_image(image, CLIP_PROCESSOR) for image in images])
     text = " ".join([IMAGE_MARKER] * len(images))
     assert torch.equal(processor(images=images, text=text, return_tensors="pt").pixel_values, expected)
     image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     assert torch.equal(image_processor(images, return_tensors="pt").pixel_values, expected)
     assert torch.equal(processor(images=[str(p) for p in image_paths], text=IMAGE_MARKER * 3).pixel_values,
-                       load_pixel_values(image_paths))
+                       load_pixel_values(image_paths, CLIP_PROCESSOR))
 
 
 def test_images_and_markers_must_agree(processor, image_paths):
@@ -154,3 +157,51 @@ def test_pipeline_answers_as_the_native_model_does(folder, processor, random_pth
     answer = pipe(images=open_image(image_paths[1]), text=prompt, max_new_tokens=ANSWER_TOKENS,
                   generate_kwargs=generate_kwargs(), return_full_text=False)
     assert answer[0]["generated_text"] == expected
+
+
+# ------------------------------------------------------------------------------------ a minimind-3v folder
+
+@pytest.fixture(scope="module")
+def pth_3v(tmp_path_factory, tiny_siglip_dir):
+    """An upstream-format minimind-3v file (no architecture file: recognised from its keys)."""
+    from test_minimind3v import upstream_3v_file
+
+    path = tmp_path_factory.mktemp("hf_interface_3v") / "sft_vlm_64.pth"
+    upstream_3v_file(path, tiny_siglip_dir, MODEL_SEED)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder_3v(pth_3v, tiny_minimind3_tokenizer_dir, tiny_siglip_dir):
+    return export_fp32_folder(pth_3v, pth_3v.parent / "minimind-3v-tiny", tiny_minimind3_tokenizer_dir,
+                              tiny_siglip_dir)
+
+
+def test_3v_folder_through_auto_classes_and_pipeline(folder_3v, pth_3v, tiny_minimind3_tokenizer_dir,
+                                                     tiny_siglip_dir, image_paths):
+    processor = AutoProcessor.from_pretrained(folder_3v, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder_3v, trust_remote_code=True)
+    assert type(model).__name__ == "MiniMindVLM" and type(model.vision_encoder).__name__ == "SiglipVisionModel"
+    native = load_model(pth_3v, False, tiny_minimind3_tokenizer_dir, tiny_siglip_dir, "cpu", log=None)
+    config = native.model.config
+    tokenizer = native.tokenizer
+    for hf_messages, project_messages in CONVERSATIONS:
+        expected = build_prompt(tokenizer, project_messages, config.image_special_token, True, chat_format="minimind3")
+        rendered = processor.apply_chat_template(hf_messages, add_generation_prompt=True)
+        images = [Image.new("RGB", (32, 32))] * rendered.count(IMAGE_MARKER) or None
+        assert processor(images=images, text=rendered).input_ids[0] == \
+            tokenizer(expected, add_special_tokens=False).input_ids
+    inputs = processor(images=[str(image_paths[0])], return_tensors="pt",
+                       text=processor.apply_chat_template(chat(IMAGE_MARKER, QUESTION)[0], add_generation_prompt=True))
+    assert inputs.pixel_values.shape == (1, 3, 256, 256)
+    assert torch.equal(inputs.pixel_values, load_pixel_values(image_paths[:1], native.image_processor))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, native.model(**inputs).logits)
+    expected, _ = answer_once(native, QUESTION, [image_paths[1]],
+                              GenerationSettings(max_new_tokens=ANSWER_TOKENS, temperature=0.0))
+    assert expected
+    pipe = pipeline("image-text-to-text", model=str(folder_3v), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(image_paths[1])},
+                                             {"type": "text", "text": QUESTION}]}]
+    answer = pipe(text=messages, max_new_tokens=ANSWER_TOKENS, generate_kwargs={"do_sample": False})
+    assert answer[0]["generated_text"][-1] == {"role": "assistant", "content": expected}

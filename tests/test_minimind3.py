@@ -63,10 +63,11 @@ def minimind3(hidden, layers, use_moe, seed, **overrides):
 
 # ------------------------------------------------------------------- upstream's G3 math, re-derived from the spec
 
-def reference_hidden(sd, input_ids, attention_mask=None, aux=None):
+def reference_hidden(sd, input_ids, attention_mask=None, aux=None, inputs_embeds=None):
     """Final normed hidden states by upstream's G3 math: QK-norm per head before RoPE, repeat_kv, manual attention
     with an fp32 softmax, a token-by-token top-1 MoE with a plain linear gate. `aux` (a list) gets each MoE
-    layer's load-balancing loss, computed as in training."""
+    layer's load-balancing loss, computed as in training. `inputs_embeds` replaces the embedding lookup (a VLM's
+    prompt with its image features spliced in)."""
     hidden = sd["model.embed_tokens.weight"].shape[1]
     d = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
     heads = sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // d
@@ -93,7 +94,7 @@ def reference_hidden(sd, input_ids, attention_mask=None, aux=None):
         return (F.silu(x @ sd[prefix + "gate_proj.weight"].T) * (x @ sd[prefix + "up_proj.weight"].T)) \
             @ sd[prefix + "down_proj.weight"].T
 
-    h = sd["model.embed_tokens.weight"][input_ids]
+    h = sd["model.embed_tokens.weight"][input_ids] if inputs_embeds is None else inputs_embeds
     B = h.shape[0]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -372,7 +373,7 @@ def test_minimind3_lm_file_converts_with_no_flag(tmp_path):
     saved = {k: v for k, v in upstream_file(tmp_path / "all.pth", 64, 2, True, seed=3).items() if is_lm_key(k)}
     path = tmp_path / "llm_64_moe.pth"
     torch.save(saved, path)
-    config = convert_vlm.config_for(read_state_dict(path))
+    config = convert_vlm.architecture_for(path, read_state_dict(path)).config
     assert (config.lm_family, config.hidden_size, config.use_moe, config.head_dim) == ("minimind3", 64, True, 8)
     model = MiniMindForCausalLM(config).eval()
     info = load_weights(model, path, log=None)

@@ -14,6 +14,7 @@ from dataset import prepared as prepared_module
 from dataset.lm_dataset import DataError, JsonlSource, ParquetSource, SampleEncoder, VLMDataset
 from dataset.prepared import prepare_dataset
 from dataset.processing import chat_template_warning
+from dataset.processing import image_processor_for
 from dataset.published_shape import write_published_shape
 from dataset.synthetic import placeholder_jpeg
 from model.model_vlm import VLMConfig
@@ -38,7 +39,8 @@ def published(tmp_path_factory):
 
 
 def open_dataset(path, tokenizer, max_seq_len=2048, **kwargs):
-    return VLMDataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len, log=None, **kwargs)
+    return VLMDataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len, log=None,
+                      image_processor=image_processor_for(CONFIG), **kwargs)
 
 
 def test_published_shape_trains_as_is_and_counts_text_only_rows(published, tokenizer, tmp_path):

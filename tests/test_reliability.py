@@ -35,13 +35,14 @@ from transformers import AutoTokenizer
 import train_pretrain_vlm
 from dataset.lm_dataset import (DataError, DataProblem, JsonlSource, ParquetSource, Record, SampleEncoder,
                                 check_conversations, check_image_count, load_image)
-from dataset.processing import (ImageError, ROLES_BY_PARITY, build_prompt, count_image_markers, open_image,
-                                preprocess_image)
+from dataset.processing import (ImageError, ROLES_BY_PARITY, build_prompt, count_image_markers,
+                                image_processor_for, open_image, preprocess_image)
 from model.model_vlm import MiniMindVLM, VLMConfig
 from common import run_cli
 from common import atomic_save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP_PROCESSOR = image_processor_for(VLMConfig())
 PROPERTY_SETTINGS = settings(max_examples=50, deadline=None, database=None,
                              suppress_health_check=[HealthCheck.too_slow])
 IMAGE_SPECIAL_TOKEN = VLMConfig().image_special_token
@@ -187,7 +188,7 @@ def test_parquet_reader_and_image_loading_raise_only_documented_errors(parquet):
         for record in records:
             for ref in record.images:
                 try:
-                    pixels = load_image(source, ref)
+                    pixels = load_image(source, ref, CLIP_PROCESSOR)
                 except ImageError:
                     continue
                 assert pixels.shape == (3, 224, 224) and bool(pixels.isfinite().all())
@@ -257,7 +258,7 @@ def test_images_of_every_mode_preprocess_or_raise_image_error(mode, width, heigh
             except ImageError:
                 return
     try:
-        pixels = preprocess_image(image)
+        pixels = preprocess_image(image, CLIP_PROCESSOR)
     except ImageError:
         return
     assert_clip_input(pixels)
@@ -267,7 +268,7 @@ def test_images_of_every_mode_preprocess_or_raise_image_error(mode, width, heigh
 @given(prefix=st.sampled_from(MAGIC_PREFIXES), body=st.binary(max_size=200))
 def test_random_bytes_open_or_raise_image_error(prefix, body):
     try:
-        pixels = preprocess_image(open_image(prefix + body))
+        pixels = preprocess_image(open_image(prefix + body), CLIP_PROCESSOR)
     except ImageError:
         return
     assert_clip_input(pixels)
@@ -297,7 +298,7 @@ def test_extreme_aspect_ratio_is_refused_not_resized():
     buffer = io.BytesIO()
     Image.new("L", (1, 60_000)).save(buffer, "PNG")  # resized to 224 wide it would be 13 million pixels tall
     with pytest.raises(ImageError, match="aspect ratio"):
-        preprocess_image(open_image(buffer.getvalue()))
+        preprocess_image(open_image(buffer.getvalue()), CLIP_PROCESSOR)
 
 
 # ================================================================================ (b) kill -9 during saves

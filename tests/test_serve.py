@@ -28,7 +28,7 @@ pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
-from dataset.processing import build_prompt, load_pixel_values  # noqa: E402
+from dataset.processing import build_prompt, image_processor_for, load_pixel_values  # noqa: E402
 from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
 from inference.server import (APIError, ServerSettings, SlotPool, StopCutter, read_image_bytes,  # noqa: E402
@@ -167,6 +167,29 @@ def loaded(tiny_vlm_save_dir, tiny_tokenizer_dir, tiny_clip_dir):
 
 # ------------------------------------------------------------------------------------------------- answers
 
+def test_minimind3v_checkpoint_is_served(tiny_vlm3_save_dir, tiny_minimind3_tokenizer_dir, tiny_siglip_dir, images,
+                                         tmp_path):
+    weights = tiny_vlm3_save_dir / f"{MODEL_ID}.pth"
+    command = [sys.executable, "-m", "scripts.serve_openai_api", "--port", "0", "--device", "cpu",
+               "--weight", str(weights), "--tokenizer_path", str(tiny_minimind3_tokenizer_dir),
+               "--vision_model_path", str(tiny_siglip_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
+               "--temperature", "0", "--api_key", API_KEY]
+    log_path = tmp_path / "server3v.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base_url = wait_until_serving(process, log_path, STARTUP_SECONDS)
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        text = ask(client, question_about(images[0]), temperature=0).choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    loaded = load_model(weights, False, tiny_minimind3_tokenizer_dir, tiny_siglip_dir, "cpu", log=None)
+    expected, _ = answer_once(loaded, QUESTION, [images[0]], GenerationSettings(MAX_NEW_TOKENS, 0.0, 1.0))
+    assert text and text == expected
+    assert "Traceback" not in log_path.read_text()
+
+
 def test_lists_the_model_and_checks_the_key(server, client):
     assert [model.id for model in client.models.list().data] == [MODEL_ID]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
@@ -202,7 +225,8 @@ def test_history_system_prompt_and_several_images_reach_the_prompt(client, loade
     # The answer this process gets from the same prompt and the three images in their order.
     prompt = build_prompt(loaded.tokenizer, as_markers, loaded.model.config.image_special_token, True)
     input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    pixel_values = load_pixel_values(images[:3]).unsqueeze(0)  # [1, 3, 3, 224, 224]
+    pixels = load_pixel_values(images[:3], image_processor_for(loaded.model.config))
+    pixel_values = pixels.unsqueeze(0)  # [1, 3, 3, 224, 224]
     expected = "".join(stream_generation(loaded, input_ids, pixel_values, GenerationSettings(8, 0.0, 1.0),
                                          threading.Event(), lambda text, stats: None))
     reply = ask(client, messages, temperature=0, max_tokens=8)

@@ -12,7 +12,8 @@ import torch
 
 from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, assistant_label_mask, collate_batch
 from model.model_vlm import MiniMindVLM, VLMConfig
-from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, build_parser, lr_at, set_trainable
+from dataset.processing import image_processor_for
+from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, lr_at, parse_stage_args, set_trainable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FLAGS = ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0"]
@@ -83,14 +84,14 @@ def test_missing_start_weights_is_one_line_error(assets, tmp_path):
 
 def test_both_stage_parsers_have_the_same_flags_and_upstream_defaults():
 
-    pre = build_parser("", **STAGE_DEFAULTS["pretrain"]).parse_args([])
-    sft = build_parser("", **STAGE_DEFAULTS["sft"]).parse_args([])
+    pre = parse_stage_args("pretrain", [])
+    sft = parse_stage_args("sft", [])
     assert vars(pre).keys() == vars(sft).keys()
     assert (pre.epochs, pre.batch_size, pre.learning_rate, pre.max_seq_len, pre.from_weight) == (4, 16, 4e-4, 640, "llm")
     assert (sft.epochs, sft.batch_size, sft.learning_rate, sft.max_seq_len, sft.from_weight) == \
         (2, 4, 1e-6, 1536, "pretrain_vlm")
     differing = {k for k in vars(pre) if vars(pre)[k] != vars(sft)[k]}
-    assert differing == set(STAGE_DEFAULTS["pretrain"]) - {"log_interval", "save_interval"}
+    assert differing == set(STAGE_DEFAULTS["pretrain"]) - {"log_interval", "save_interval"} | {"trainable"}
     assert pre.save_dir.endswith("out") and pre.trainable == "projector_last_layer" and sft.trainable == "all"
 
 
@@ -100,7 +101,10 @@ def test_trainable_parameter_counts_at_26m():
     for policy in TRAINABLE_CHOICES:
         set_trainable(model, policy)
         counts[policy] = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800, "all": 26_223_616}
+    # projector_first_last_layers (upstream 3v's --freeze_llm 1): the projector and two of the 2,819,072-parameter
+    # blocks.
+    assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800,
+                      "projector_first_last_layers": 393_728 + 2 * 2_819_072, "all": 26_223_616}
 
 
 def test_learning_rate_schedule_matches_upstream_formula():
@@ -257,7 +261,8 @@ def test_loss_masks_on_the_real_chat_template(real_tokenizer_dir, tmp_path):
     import json
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     config = VLMConfig()
-    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None)
+    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None,
+                         image_processor=image_processor_for(config))
     for index, answers in [(0, ["A red square."]), (1, ["Yes.", "Quite sure."])]:
         item = dataset[index]
         ids, labels = item["input_ids"], item["labels"]
@@ -280,16 +285,17 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
     config = VLMConfig()
     # Pretrain records all carry an image (the SFT file also has text-only rows, which no limit here cuts).
     full = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 2048,
-                      images_path=shapes_data["pretrain_images"], log=None)
+                      images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
     shortest = int(full.lengths.min())
     # Cut inside every image run: all samples are left out and counted, none trained without its image.
     with pytest.raises(Exception, match="no usable sample"):
         VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 100,
-                   images_path=shapes_data["pretrain_images"], log=None)
+                   images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
     # A limit that keeps the images but cuts some answers entirely drops exactly those samples.
     limit = shortest - 3
     partial = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, limit,
-                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True)
+                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True,
+                         image_processor=image_processor_for(config))
     assert partial.stats.usable + partial.stats.answer_cut_by_max_seq_len + partial.stats.image_cut_by_max_seq_len \
         == full.stats.usable
     for index in range(len(partial)):
@@ -333,12 +339,14 @@ class RecordedOps:
 def sft_dataset(assets, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    config = VLMConfig(hidden_size=64, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=assets["clip"])
+    config = model.config
     dataset = VLMDataset(assets["data"]["sft_jsonl"], AutoTokenizer.from_pretrained(assets["tokenizer"]),
                          config.image_special_token, config.image_ids[0], 512, images_path=assets["data"]["sft_images"],
-                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"))
-    torch.manual_seed(0)
-    return dataset, MiniMindVLM(config, vision_model_path=assets["clip"])
+                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"),
+                         image_processor=image_processor_for(config))
+    return dataset, model
 
 
 def training_batch(dataset, indices):
@@ -346,24 +354,25 @@ def training_batch(dataset, indices):
 
     items = [dataset[i] for i in indices]
     batch = collate_batch(items, dataset.pad_token_id, None, dataset.image_token_id, dataset.image_tokens_per_image)
-    return move_batch(batch, torch.device("cpu"))
+    return move_batch(batch, torch.device("cpu"), dataset.image_processor)
 
 
 def test_pixels_travel_as_uint8_and_are_normalised_exactly_as_preprocess_image(assets, sft_dataset):
     from PIL import Image
 
-    from dataset.processing import normalize_pixels, preprocess_image
+    from dataset.processing import preprocess_image
 
     dataset, _ = sft_dataset
     index = next(i for i in range(len(dataset)) if dataset.records[i].images)
     pixels = dataset[index]["pixel_values"]
     assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 224, 224)  # 150 KB an image, not 602 KB
     path = dataset.records[index].images[0]
-    assert torch.equal(normalize_pixels(pixels)[0], preprocess_image(Image.open(path)))
+    assert torch.equal(dataset.image_processor.normalize(pixels)[0],
+                       preprocess_image(Image.open(path), dataset.image_processor))
     batch = collate_batch([dataset[index]], dataset.pad_token_id, None, dataset.image_token_id, 196)
     from trainer.training import move_batch
 
-    assert move_batch(batch, torch.device("cpu"))["pixel_values"].dtype == torch.float32  # normalised on arrival
+    assert move_batch(batch, torch.device("cpu"), dataset.image_processor)["pixel_values"].dtype == torch.float32  # normalised on arrival
 
 
 def test_collated_positions_make_the_training_forward_free_of_host_reads(sft_dataset):

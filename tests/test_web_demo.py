@@ -52,6 +52,24 @@ def chat_texts(app):
 
 # ----------------------------------------------------------------------------------------------------- AppTest
 
+def test_minimind3v_checkpoint_answers_an_image(tiny_vlm3_save_dir, tiny_minimind3_tokenizer_dir, tiny_siglip_dir,
+                                                shapes_data, monkeypatch):
+    flags = ["--device", "cpu", "--save_dir", str(tiny_vlm3_save_dir), "--hidden_size", "64",
+             "--tokenizer_path", str(tiny_minimind3_tokenizer_dir), "--vision_model_path", str(tiny_siglip_dir),
+             "--max_new_tokens", "16", "--temperature", "0"]
+    monkeypatch.setattr(sys, "argv", [str(APP), *flags])
+    app = AppTest.from_file(str(APP), default_timeout=120)
+    app.run()
+    assert not app.exception, app.exception
+    assert app.sidebar.selectbox[0].value == "sft_vlm_64.pth"
+    image = (shapes_data["eval_images"] / "000000.jpg").read_bytes()
+    app.chat_input[0].upload("shape.jpg", image, "image/jpeg").set_value("What shape is in the picture?").run()
+    assert not app.exception and not app.error
+    (_, question, _), (assistant, answer, captions) = chat_texts(app)
+    assert assistant == "assistant" and answer.strip() and "tokens/s" in captions[0]
+    assert app.session_state["chat"].loaded.model.config.chat_format == "minimind3"
+
+
 def test_page_renders(app):
     assert app.title[0].value == "MiniMind-V"
     assert app.sidebar.selectbox[0].value == "sft_vlm_64.pth"

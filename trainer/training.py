@@ -24,19 +24,21 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH,
+from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR,
                     DTYPE_NAMES, MAX_SEED, RunStopped, SaveError, atomic_save, bounded, count_parameters,
                     format_duration, quiet_transformers, torch_dtype, unwrap)
 from dataset.lm_dataset import IGNORE_INDEX, Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepared_root
-from dataset.processing import chat_template_warning, load_tokenizer, normalize_pixels
-from model.model_vlm import CLIP_IMAGE_SIZE, DEFAULT_VISION_MODEL_PATH, MiniMindVLM, VLMConfig
-from model.weights import WeightsMismatchError, load_weights, weight_path
+from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.presets import PRESETS, add_preset_flags, apply_preset, config_from_args, default_vision_model_path
+from model.weights import (WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path,
+                           write_architecture)
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
 # Which parameters train; CLIP is always frozen.
-TRAINABLE_CHOICES = ("projector", "projector_last_layer", "all")
+TRAINABLE_CHOICES = ("projector", "projector_last_layer", "projector_first_last_layers", "all")
 STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
 # How long ranks may wait in a collective while the prepared data is built (init_distributed).
 PREPARE_TIMEOUT = datetime.timedelta(hours=2)
@@ -56,7 +58,6 @@ STAGE_DEFAULTS = {
         from_weight="llm",  # the MiniMind2 language model
         data_path=DEFAULT_DATA_DIR / "pretrain_i2t.parquet",
         images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl --data_path
-        trainable="projector_last_layer",
         epochs=4,
         batch_size=16,
         learning_rate=4e-4,
@@ -70,7 +71,6 @@ STAGE_DEFAULTS = {
         from_weight="pretrain_vlm",  # stage 1's output
         data_path=DEFAULT_DATA_DIR / "sft_i2t.parquet",
         images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl --data_path
-        trainable="all",
         epochs=2,
         batch_size=4,
         learning_rate=1e-6,
@@ -109,8 +109,9 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                     help="start from {save_dir}/{from_weight}_{hidden}.pth, a .pth path, or 'none'")
     io.add_argument("--data_path", default=str(d["data_path"]), help="a .parquet file or a .jsonl file")
     io.add_argument("--images_path", default=str(d["images_path"]), help="image folder for a .jsonl dataset")
-    io.add_argument("--vision_model_path", default=str(DEFAULT_VISION_MODEL_PATH), help="CLIP ViT-B/16 folder")
-    io.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER_PATH), help="folder with tokenizer.json")
+    io.add_argument("--vision_model_path", default=None,
+                    help="vision encoder folder (default: the preset's, e.g. model/vision_model/clip-vit-base-patch16)")
+    io.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
     io.add_argument("--checkpoint_dir", default=str(DEFAULT_CHECKPOINT_DIR), help="resume checkpoints")
     io.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
                     help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
@@ -122,13 +123,14 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     io.add_argument("--prepare_workers", type=bounded(int, 1), default=os.cpu_count() or 1,
                     help="processes that prepare the data the first time (default: one per CPU core)")
     model = p.add_argument_group("model")
-    model.add_argument("--hidden_size", type=bounded(int, 1), default=512)
-    model.add_argument("--num_hidden_layers", type=bounded(int, 1), default=8)
-    model.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    add_preset_flags(model)
+    model.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="MoE FFNs (default 0)")
     model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
                        help="tokens per sample, at most")
-    model.add_argument("--trainable", default=d["trainable"], choices=TRAINABLE_CHOICES,
-                       help="parameters that train: projector, projector + last LM layer, or projector + LM")
+    model.add_argument("--trainable", default=None, choices=TRAINABLE_CHOICES,
+                       help="parameters that train: projector, projector + last LM layer, projector + first and "
+                            "last LM layers (upstream's --freeze_llm 1), or projector + LM (default: the preset's "
+                            "for this stage)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=bounded(int, 1), default=d["epochs"])
     opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"],
@@ -161,6 +163,12 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     log.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     log.add_argument("--wandb_project", default=d["wandb_project"])
     return p
+
+
+def parse_stage_args(stage: str, argv=None, description: str = None):
+    """A stage's flags with the preset's choices filled in where no flag gave one."""
+    return apply_preset(build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv),
+                        stage)
 
 
 # ------------------------------------------------------------------------------------- processes and precision
@@ -257,27 +265,43 @@ def resolve_from_weight(from_weight: str, save_dir, hidden_size, use_moe):
 
 
 def build_model(args, log=print) -> MiniMindVLM:
-    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                       max_seq_len=args.max_seq_len, use_moe=bool(args.use_moe))
+    """The model the flags describe, or, when the start weights have an architecture file and no architecture
+    flag was given (SFT after pretraining), the start weights' architecture; then the start weights, strictly."""
+    source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
+                                f"llm`), train the previous stage first, or pass --from_weight none")
+    config = config_from_args(args, max_seq_len=args.max_seq_len)
+    if source is not None and architecture_path(source).is_file() and not args.architecture_given:
+        architecture = read_architecture(source)
+        config = architecture.config
+        config.max_seq_len = args.max_seq_len
+        args.preset, args.hidden_size, args.num_hidden_layers = architecture.preset, config.hidden_size, \
+            config.num_hidden_layers
+        args.use_moe, args.vision_encoder, args.projector = int(config.use_moe), config.vision_encoder, config.projector
+        if not args.vision_model_path_given:
+            args.vision_model_path = str(default_vision_model_path(config, architecture.vision_model_path))
+        log(f"architecture of {source.name} ({architecture_path(source).name}): {args.preset}, "
+            f"{config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
+            f"{config.vision_encoder} + {config.projector} projector")
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=args.vision_model_path)
-    source = resolve_from_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
     if source is not None:
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
-                                    f"llm`), train the previous stage first, or pass --from_weight none")
         load_weights(model, source, log=log)
     return model
 
 
 def set_trainable(model: MiniMindVLM, policy: str):
-    """projector: vision_proj only; projector_last_layer: + the last LM block; all: + the whole LM."""
+    """projector: vision_proj only; projector_last_layer: + the last LM block; projector_first_last_layers: + the
+    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM."""
     if policy not in TRAINABLE_CHOICES:
         raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
     model.requires_grad_(policy == "all")
     model.vision_proj.requires_grad_(True)
-    if policy == "projector_last_layer":
+    if policy in ("projector_last_layer", "projector_first_last_layers"):
         model.model.layers[-1].requires_grad_(True)
+    if policy == "projector_first_last_layers":
+        model.model.layers[0].requires_grad_(True)
 
 
 def build_optimizer(model, lr: float):
@@ -483,26 +507,27 @@ def build_dataset(args, tokenizer, config: VLMConfig, ctx: RunContext, log=print
     folder, else by each machine's local rank 0 (the build lock keeps it to one builder either way); the other
     ranks wait for it, then all memory-map it. Rank 0 prints the start-up summary."""
     main_log = log if ctx.is_main else None
-    warning = chat_template_warning(tokenizer)
+    warning = chat_template_warning(tokenizer, config.chat_format)
     if warning and main_log is not None:
         main_log(warning)
     started = time.time()
     dataset = VLMDataset(args.data_path, tokenizer, config.image_special_token, config.image_ids[0],
                          args.max_seq_len, images_path=args.images_path, skip_bad_samples=args.skip_bad_samples,
                          log=main_log, prepared_dir=args.prepared_dir, prepare_workers=args.prepare_workers,
-                         may_build=ctx.is_main if prepared_folder_is_shared(args, ctx) else ctx.local_rank == 0)
+                         may_build=ctx.is_main if prepared_folder_is_shared(args, ctx) else ctx.local_rank == 0,
+                         image_processor=image_processor_for(config), chat_format=config.chat_format)
     if main_log is not None:
         main_log(f"data ready in {time.time() - started:.1f}s: {len(dataset)} samples "
                  f"({dataset.stats.text_only} text-only), prepared data in {dataset.prepared.folder}")
     return dataset
 
 
-def shared_memory_warning(args, shm_path: Path = SHARED_MEMORY_PATH):
+def shared_memory_warning(args, pixel_shape: tuple, shm_path: Path = SHARED_MEMORY_PATH):
     """A warning line when /dev/shm has less room than the DataLoader workers of this machine's processes may keep
     there (uint8 pixels, one image a sample; a container's default is 64 MB), else None."""
     if args.num_workers == 0 or not shm_path.is_dir():
         return None
-    image_bytes = 3 * CLIP_IMAGE_SIZE ** 2
+    image_bytes = math.prod(pixel_shape)  # uint8
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     needed = processes * args.num_workers * PREFETCH_BATCHES * args.batch_size * image_bytes
     free = shutil.disk_usage(shm_path).free
@@ -529,13 +554,14 @@ def build_loader(dataset: VLMDataset, args, ctx: RunContext, pad_to=None):
 
 # ------------------------------------------------------------------------------------------------- the loop
 
-def move_batch(batch, device):
-    """Tensors to `device` (asynchronously from pinned memory); uint8 pixels are normalised there."""
+def move_batch(batch, device, image_processor):
+    """Tensors to `device` (asynchronously from pinned memory); uint8 pixels are normalised there by the
+    model's image processor."""
     moved = {}
     for key, value in batch.items():
         moved[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
     if moved.get("pixel_values") is not None and moved["pixel_values"].dtype == torch.uint8:
-        moved["pixel_values"] = normalize_pixels(moved["pixel_values"])
+        moved["pixel_values"] = image_processor.normalize(moved["pixel_values"])
     return moved
 
 
@@ -610,7 +636,7 @@ def backward_micro_batches(setup: LoopSetup, batches, target_counts, global_targ
     loss_sum, aux_sum = 0.0, 0.0
     global_targets = global_targets.clamp(min=1.0).to(torch.float32)
     for i, batch in enumerate(batches):
-        batch = move_batch(batch, ctx.device)
+        batch = move_batch(batch, ctx.device, setup.loader.dataset.image_processor)
         # Gradient all-reduce only on the last micro-batch of the step.
         sync = nullcontext() if (not ctx.distributed or i == len(batches) - 1) else model.no_sync()
         with sync, setup.autocast():
@@ -798,7 +824,9 @@ def save_all(setup: LoopSetup, args, state: TrainState, log=print, final=False):
         model.eval()
         try:
             atomic_save(inference_state_dict(model), setup.weights_out)
+            write_architecture(setup.weights_out, model.config, args.preset, args.vision_model_path)
             save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, setup.ctx, args, rng_states)
+            write_architecture(setup.resume_out, model.config, args.preset, args.vision_model_path)
         except SaveError as error:
             failed = error
             if not final:
@@ -836,7 +864,8 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
         attach_feature_cache(dataset, model, args.cache_vision_features, ctx, autocast, log=log)
     end_long_waits(ctx)  # every rank has its data (and features): back to the default collective timeout
     total, trainable = count_parameters(model)
-    log(f"{stage}: {total / 1e6:.3f}M parameters without CLIP, {trainable / 1e6:.3f}M trainable ({args.trainable})")
+    log(f"{stage}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M trainable "
+        f"({args.trainable})")
     optimizer = build_optimizer(model, args.learning_rate)
     resume_out = resume_path(args.checkpoint_dir, args.save_weight, args.hidden_size, args.use_moe)
     state = TrainState()
@@ -857,7 +886,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
             wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=bool(args.use_moe), broadcast_buffers=False)
     loader, sampler = build_loader(dataset, args, ctx)
-    if ctx.local_rank == 0 and (warning := shared_memory_warning(args)):
+    if ctx.local_rank == 0 and (warning := shared_memory_warning(args, dataset.image_processor.pixel_shape)):
         (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
     logger = make_logger(ctx, args, stage, run_id=state.wandb_id)
     state.wandb_id = logger.run_id
@@ -868,7 +897,7 @@ def prepare_run(model: MiniMindVLM, dataset: VLMDataset, args, ctx: RunContext, 
 
 def run_stage(stage: str, description: str, argv=None):
     """A training stage from the command line to its last checkpoint (train_pretrain_vlm.py, train_sft_vlm.py)."""
-    args = build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage]).parse_args(argv)
+    args = parse_stage_args(stage, argv, description)
     # 1. Processes and device (torchrun: one per GPU; NCCL on CUDA, gloo on CPU); rank 0 alone talks
     ctx = init_distributed(args.device)
     seed_everything(args.seed + ctx.rank)
@@ -876,6 +905,8 @@ def run_stage(stage: str, description: str, argv=None):
     # 2. Tokenizer; model with CLIP frozen, start weights loaded strictly; what trains
     tokenizer = load_tokenizer(args.tokenizer_path)
     model = build_model(args, log=log)
+    if not args.trainable_given:  # the preset's, which the start weights' architecture may have changed
+        args.trainable = PRESETS[args.preset].trainable[stage]
     set_trainable(model, args.trainable)
     # 3. Data: every record checked and tokenised
     dataset = build_dataset(args, tokenizer, model.config, ctx, log=log)
