@@ -11,9 +11,11 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -471,9 +473,20 @@ def test_benchmark_files_land_in_their_repo_folders_and_are_checked(hf_hub, tmp_
     assert not (tmp_path / "dataset/bench/mmstar/mmstar.parquet").exists() and staging_leftovers(tmp_path) == []
 
 
-def test_minimind3v_preset_fetches_siglip2_minimind3_tokenizer_and_weights(hf_hub, tmp_path, capsys):
+@pytest.fixture
+def short_tmp_path():
+    """A temporary folder with a short path: huggingface_hub 0.34 gives a file whose download path passes 255
+    characters a Windows long-path prefix even on Linux, which then fails; this test's pytest folder plus the
+    SigLIP2 folder name and the hub's cache file name comes close to that."""
+    folder = Path(tempfile.mkdtemp(prefix="mm3v-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_minimind3v_preset_fetches_siglip2_minimind3_tokenizer_and_weights(hf_hub, short_tmp_path, capsys):
     """Names as upstream's README gives them: jingyaogong/siglip2-base-p32-256-ve, the MiniMind-3 tokenizer of
     jingyaogong/minimind-3v, minimind-3v-pytorch's weights; each checked for what makes it minimind-3v's."""
+    tmp_path = short_tmp_path
     siglip_repo, tokenizer_repo, weights_repo = ("jingyaogong/siglip2-base-p32-256-ve", "jingyaogong/minimind-3v",
                                                  "jingyaogong/minimind-3v-pytorch")
     hf_hub.add(siglip_repo, "config.json", json.dumps({"model_type": "siglip_vision_model", "image_size": 256,
