@@ -60,8 +60,7 @@ import numpy as np
 import torch
 
 from common import DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
-from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE,
-                             VISION_ENCODERS)
+from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, SIGLIP_PATCH_SIZE, VISION_ENCODERS
 from model.presets import DEFAULT_PRESET
 from model.presets import PRESETS as MODEL_PRESETS
 
