@@ -349,6 +349,23 @@ def sft_dataset(assets, tmp_path_factory):
     return dataset, model
 
 
+@pytest.fixture(scope="module")
+def sft_dataset_3v(shapes_data, tiny_siglip_dir, tiny_minimind3_tokenizer_dir, tmp_path_factory):
+    """The SFT file as the minimind-3v preset reads it (MiniMind-3 LM and template, SigLIP pixels, 64 tokens)."""
+    from transformers import AutoTokenizer
+
+    from model.presets import vlm_config
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(vlm_config("minimind-3v", 64, 2), vision_model_path=tiny_siglip_dir)
+    config = model.config
+    dataset = VLMDataset(shapes_data["sft_jsonl"], AutoTokenizer.from_pretrained(tiny_minimind3_tokenizer_dir),
+                         config.image_special_token, config.image_ids[0], 512, images_path=shapes_data["sft_images"],
+                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared_3v"),
+                         image_processor=image_processor_for(config), chat_format=config.chat_format)
+    return dataset, model
+
+
 def training_batch(dataset, indices):
     from trainer.training import move_batch
 
@@ -357,22 +374,61 @@ def training_batch(dataset, indices):
     return move_batch(batch, torch.device("cpu"), dataset.image_processor)
 
 
-def test_pixels_travel_as_uint8_and_are_normalised_exactly_as_preprocess_image(assets, sft_dataset):
+def test_pixels_travel_as_uint8_and_arrive_as_clips_own_processor_gives_them(assets, sft_dataset):
+    """Loader workers hand uint8 pixels over (150 KB an image, not 602 KB); what the training step receives after
+    move_batch equals transformers' CLIP image processor of the encoder folder on the same file."""
     from PIL import Image
 
-    from dataset.processing import preprocess_image
+    from model.compat import pil_clip_image_processor_class
 
     dataset, _ = sft_dataset
     index = next(i for i in range(len(dataset)) if dataset.records[i].images)
     pixels = dataset[index]["pixel_values"]
-    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 224, 224)  # 150 KB an image, not 602 KB
-    path = dataset.records[index].images[0]
-    assert torch.equal(dataset.image_processor.normalize(pixels)[0],
-                       preprocess_image(Image.open(path), dataset.image_processor))
-    batch = collate_batch([dataset[index]], dataset.pad_token_id, None, dataset.image_token_id, 196)
-    from trainer.training import move_batch
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 224, 224)
+    clip = pil_clip_image_processor_class().from_pretrained(assets["clip"])
+    with Image.open(dataset.records[index].images[0]) as image:
+        expected = clip(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    arrived = training_batch(dataset, [index])["pixel_values"]
+    assert arrived.dtype == torch.float32 and arrived.shape == expected.shape
+    assert (arrived - expected).abs().max() <= 1e-5
 
-    assert move_batch(batch, torch.device("cpu"), dataset.image_processor)["pixel_values"].dtype == torch.float32  # normalised on arrival
+
+@pytest.mark.parametrize("dataset_fixture", ["sft_dataset", "sft_dataset_3v"])
+def test_compiled_training_forward_on_collated_batches_gives_eager_losses_without_recompiling(dataset_fixture,
+                                                                                              request):
+    """The trainer's torch.compile on what the collator hands over (image positions, and the first target as a
+    Python int): a bounded set of graphs, not one per length. Dynamo specialises sizes 0 and 1 and gives equal
+    sizes one symbol, so the image count M has a graph for M == batch size (one image a row), for M == 0
+    (text-only), for M == 1 and for any other M; after those, new lengths, first targets and image counts compile
+    nothing more, and the losses equal eager ones. aot_eager: graph breaks and recompiles are dynamo's, decided
+    before the backend."""
+    from torch._dynamo.utils import counters
+
+    from trainer.training import compile_model
+
+    dataset, model = request.getfixturevalue(dataset_fixture)
+    with_images = [i for i in range(len(dataset)) if dataset.records[i].images]
+    text_only = [i for i in range(len(dataset)) if not dataset.records[i].images]
+    first = (with_images[0:3], text_only[0:3], with_images[3:5] + text_only[3:4], with_images[5:6] + text_only[4:6])
+    later = (with_images[6:9], text_only[6:9], with_images[9:11] + text_only[9:10], with_images[11:14])
+    batches = [training_batch(dataset, indices) for indices in first + later]  # the loader's fixed size 3
+    assert [len(b["pixel_values"]) for b in batches] == [3, 0, 2, 1, 3, 0, 2, 3]
+    assert len({(b["input_ids"].shape[1], b["first_target"]) for b in batches[3:]}) == len(later)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(model, backend="aot_eager")
+    for number, batch in enumerate(batches):
+        inputs = {key: batch[key] for key in ("input_ids", "labels", "pixel_values", "image_positions",
+                                              "first_target", "target_index")}
+        got = compiled(**inputs, loss_only=True).loss
+        got.backward()
+        want = model(**inputs, loss_only=True).loss
+        assert torch.allclose(got.detach(), want.detach(), atol=1e-5), number
+        if number == len(first) - 1:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
 
 
 def test_collated_positions_make_the_training_forward_free_of_host_reads(sft_dataset):
