@@ -7,7 +7,7 @@ Caption a folder (tokens/s):  python eval_vlm.py --caption --image_dir dataset/e
 Accuracy on a question file:  python eval_vlm.py --questions out/tiny_assets/data/eval_questions.jsonl
 Other weights:                python eval_vlm.py --model_mode 0 --hidden_size 768 --num_hidden_layers 16
 A transformers folder:        python eval_vlm.py --load 1 --transformers_dir MiniMind2-V   (scripts/convert_vlm.py)
-CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m dev.make_assets, then a few training steps):
     python eval_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --model_mode 0 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip \\
         --questions out/tiny_assets/data/eval_questions.jsonl

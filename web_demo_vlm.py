@@ -3,7 +3,7 @@
 Local demo:        python web_demo_vlm.py                          http://127.0.0.1:8000, weights from out/
 Other host/port:   python web_demo_vlm.py --host 0.0.0.0 --port 8501 --save_dir out --device cuda
 Through streamlit: streamlit run web_demo_vlm.py --server.port 8000 -- --save_dir out
-CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m dev.make_assets, then a few training steps):
     python web_demo_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip
 

@@ -43,6 +43,9 @@ simply be repeated; a file cut short starts over next run (current huggingface_h
 Errors, an unreachable source included, end the run with one line on stderr and exit status 1.
 """
 
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.download")
+
 import argparse
 import hashlib
 import http.client

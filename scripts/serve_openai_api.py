@@ -8,6 +8,9 @@ Any OpenAI client then talks to it: base_url http://127.0.0.1:8998/v1, model as 
 Images come as image_url parts: data:image/...;base64 URLs; files under --image_root when given; http(s) URLs
 only with --allow_remote_images. Requests without `seed` sample with fresh randomness (--seed is not used).
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.serve_openai_api")
+
 import argparse
 import logging
 import os

@@ -3,24 +3,27 @@ malformed value ends in argparse's one-line error (exit 2), never in a traceback
 ended in a ZeroDivisionError)."""
 import argparse
 import importlib
+import subprocess
+import sys
 
 import pytest
 
+from common import REPO_ROOT
 from trainer.training import STAGE_DEFAULTS, build_parser
 
 # (module, function that builds or parses with the entry point's parser)
 ENTRY_POINTS = [
     ("eval_vlm", "parse_args"),
     ("web_demo_vlm", "build_parser"),
-    ("scripts.bench", "parse_args"),
+    ("dev.bench", "parse_args"),
     ("scripts.check_data", "parse_args"),
     ("scripts.convert_vlm", "parse_args"),
     ("scripts.demo", "parse_args"),
     ("scripts.download", "parse_args"),
-    ("scripts.make_assets", "parse_args"),
+    ("dev.make_assets", "parse_args"),
     ("scripts.serve_openai_api", "parse_args"),
-    ("scripts.bench_serve", "parse_args"),
-    ("scripts.bench_data", "parse_args"),
+    ("dev.bench_serve", "parse_args"),
+    ("dev.bench_data", "parse_args"),
     ("scripts.eval_bench", "build_parser"),
 ]
 
@@ -101,3 +104,15 @@ def test_batch_size_zero_is_refused_by_the_trainer(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--batch_size", "0"])
     assert "argument --batch_size: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_entry_point_started_as_a_file_says_in_one_line_how_to_run_it(tmp_path):
+    """`python scripts/NAME.py` (upstream's README habit) cannot import the project: it names the command that can."""
+    files = [path for folder in ("scripts", "dev") for path in sorted((REPO_ROOT / folder).glob("*.py"))
+             if "__main__" in path.read_text(encoding="utf-8")]
+    assert len(files) >= 10
+    for path in files:
+        result = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        module = f"{path.parent.name}.{path.stem}"
+        assert (result.returncode, result.stdout) == (1, ""), path
+        assert result.stderr == f"run it from the repository root as: python -m {module}\n", path

@@ -4,9 +4,9 @@ The tests and the offline demo use these instead of the real MiniMind2 tokenizer
 and the MiniMind-V image-text data. Everything is generated locally and seeded, so two builds with the same
 arguments give byte-identical files.
 
-    python -m scripts.make_assets                                  # everything, into out/tiny_assets
-    python -m scripts.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
-    python -m scripts.make_assets --only tokenizer clip --clip_hidden_size 128
+    python -m dev.make_assets                                      # everything, into out/tiny_assets
+    python -m dev.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
+    python -m dev.make_assets --only tokenizer clip --clip_hidden_size 128
 
 Layout written under --out_dir:
 
