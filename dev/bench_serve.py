@@ -35,7 +35,7 @@ import torch
 
 from common import DEFAULT_TOKENIZER_PATH, REPO_ROOT, bounded, run_cli
 from dev import synthetic
-from inference.server import wait_until_serving
+from dev.serving import wait_until_serving
 
 MODEL_SHAPE = dict(hidden_size=512, num_hidden_layers=8)  # MiniMind2-V, 26M
 CLIP_SHAPE = dict(hidden_size=768, num_layers=12, num_heads=12)  # ViT-B/16

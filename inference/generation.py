@@ -1,4 +1,4 @@
-"""Generation: sampling settings, streaming `generate` in a thread, and the multi-turn `ChatSession`.
+"""Generation: sampling settings, `generate` streamed piece by piece, and the multi-turn `ChatSession`.
 
 Prompts come from the shared `build_prompt`, pixels from the shared `load_pixel_values`; the oldest turns are
 left out when the prompt would not fit `max_seq_len`; answers stream piece by piece, can be stopped half-way,
@@ -91,16 +91,16 @@ class SeededSampling(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(1, chosen, 0.0)
 
 
-class QueueStreamer(BaseStreamer):
-    """Puts the answer's text into a queue token by token, holding back only an unfinished UTF-8 character.
+class PieceStreamer(BaseStreamer):
+    """Hands the answer's text to `emit` token by token, holding back only an unfinished UTF-8 character.
 
     (transformers' TextStreamer waits for a space or a newline, so a long answer without one would not stream.)
     Byte-level BPE decodes piece by piece: once the decoded text ends cleanly it is final and the ids go.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, emit):
         self.tokenizer = tokenizer
-        self.pieces = queue.Queue()
+        self.emit = emit
         self.answer_tokens = 0
         self.prompt_seen = False
         self.undecoded_ids = []
@@ -122,25 +122,17 @@ class QueueStreamer(BaseStreamer):
     def _emit(self, text: str):
         self.undecoded_ids = []
         if text:
-            self.pieces.put(text)
+            self.emit(text)
 
 
-class GenerationDone:
-    """Queue item the generation thread leaves last: the answer ids, or the exception that ended it."""
+def generate_answer(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
+                    stop_event: threading.Event, emit):
+    """Generate one answer in this thread, handing each text piece to `emit` as it is decoded; (answer, stats).
 
-    def __init__(self, answer_ids=None, error=None):
-        self.answer_ids, self.error = answer_ids, error
-
-
-def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
-                      stop_event: threading.Event, on_done):
-    """Yield the answer's text pieces while `generate` runs in a thread; `on_done(text, stats)` gets the whole answer.
-
-    input_ids [1, T]; pixel_values [1, N, 3, 224, 224] or None. Leaving the loop early (an exception in the
-    consumer, a browser rerun, `break`) stops generation; `on_done` still gets what was generated. An error
-    inside `generate` is raised here, in the consumer's thread, and `on_done` is not called.
+    input_ids [1, T]; pixel_values [1, N, 3, H, W] or None. Setting `stop_event` (from any thread) ends the answer
+    at the next token. The model's lock is held throughout: one generation at a time per model view.
     """
-    streamer = QueueStreamer(loaded.tokenizer)
+    streamer = PieceStreamer(loaded.tokenizer, emit)
     prompt_length = input_ids.shape[1]
     kwargs = dict(input_ids=input_ids.to(loaded.device), attention_mask=torch.ones_like(input_ids).to(loaded.device),
                   pixel_values=None if pixel_values is None else pixel_values.to(loaded.device), streamer=streamer,
@@ -148,23 +140,47 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
                   stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
                   logits_processor=LogitsProcessorList(settings.logits_processors()),
                   **settings.generate_kwargs())
+    started = time.perf_counter()
+    with loaded.lock:
+        output = loaded.model.generate(**kwargs)
+    answer_ids = output[0, prompt_length:].tolist()
+    stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
+                        stopped=stop_event.is_set(), ended_by_eos=answer_ids[-1:] == [loaded.tokenizer.eos_token_id])
+    return loaded.tokenizer.decode(answer_ids, skip_special_tokens=True), stats
+
+
+@dataclass
+class GenerationDone:
+    """Queue item the generation thread leaves last: (answer, stats), or the exception that ended it."""
+    result: tuple = None
+    error: BaseException = None
+
+
+def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
+                      stop_event: threading.Event, on_done):
+    """Yield the answer's text pieces while `generate_answer` runs in a thread; `on_done(text, stats)` gets the
+    whole answer. For synchronous consumers (terminal, web demo); the API server runs `generate_answer` itself.
+
+    Leaving the loop early (an exception in the consumer, a browser rerun, `break`) stops generation; `on_done`
+    still gets what was generated. An error inside `generate` is raised here, in the consumer's thread, and
+    `on_done` is not called.
+    """
+    pieces = queue.Queue()  # text pieces, then one GenerationDone
 
     def run():
         try:
-            with loaded.lock:
-                output = loaded.model.generate(**kwargs)
-            streamer.pieces.put(GenerationDone(answer_ids=output[0, prompt_length:].tolist()))
+            result = generate_answer(loaded, input_ids, pixel_values, settings, stop_event, pieces.put)
+            pieces.put(GenerationDone(result=result))
         except BaseException as error:  # handed to the consumer thread, which re-raises it
-            streamer.pieces.put(GenerationDone(error=error))
+            pieces.put(GenerationDone(error=error))
 
-    started = time.perf_counter()
     thread = threading.Thread(target=run, name="minimind-generate", daemon=True)
     thread.start()
     done = None
     try:
         while done is None:
             try:
-                item = streamer.pieces.get(timeout=POLL_SECONDS)
+                item = pieces.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
             if isinstance(item, GenerationDone):
@@ -175,14 +191,11 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
         if done is None:  # the consumer left early: stop the thread and collect its result
             stop_event.set()
             while done is None:
-                item = streamer.pieces.get()
+                item = pieces.get()
                 done = item if isinstance(item, GenerationDone) else None
         thread.join()
         if done.error is None:
-            stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
-                                stopped=stop_event.is_set(),
-                                ended_by_eos=done.answer_ids[-1:] == [loaded.tokenizer.eos_token_id])
-            on_done(loaded.tokenizer.decode(done.answer_ids, skip_special_tokens=True), stats)
+            on_done(*done.result)
     if done.error is not None:
         raise done.error
 

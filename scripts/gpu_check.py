@@ -235,7 +235,7 @@ def generation(assets, device, new_tokens: int):
 
 def api_check(assets, device, work_dir: Path):
     """The API server on this device answers one chat completion about an image."""
-    from inference.server import wait_until_serving
+    from dev.serving import wait_until_serving
 
     log_path = work_dir / "server.log"
     command = [sys.executable, "-m", "scripts.serve_openai_api", "--device", str(device), "--port", "0",

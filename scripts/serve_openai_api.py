@@ -22,7 +22,8 @@ from common import MAX_PORT, bounded, run_cli
 from dataset.processing import MAX_IMAGE_PIXELS
 from inference.generation import GenerationSettings
 from inference.loading import add_model_flags, check_flags, load_model_from_flags
-from inference.server import HARNESS_BURST, ServerSettings, create_app
+from inference.api_requests import HARNESS_BURST, ServerSettings
+from inference.server import create_app
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
 DEFAULT_PORT = 8998
@@ -108,7 +109,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     if args.api_key is None and args.host not in LOOPBACK_HOSTS:
         log(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")
-    # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (wait_until_serving).
+    # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (dev/serving.py wait_until_serving).
     log(f"serving '{model_id}' at http://{host}:{port}/v1 (max_concurrency {args.max_concurrency}, "
         f"max_queue {args.max_queue}); Ctrl-C stops")
     server_log = logging.getLogger("minimind.server")

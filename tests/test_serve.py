@@ -1,4 +1,5 @@
-"""scripts/serve_openai_api.py: the real server on a loopback port, spoken to with the official `openai` client.
+"""scripts/serve_openai_api.py (inference/server.py, api_requests.py, slot_queue.py): the real server on a loopback
+port, spoken to with the official `openai` client.
 
 One server (started once for the module, tiny random weights) answers every test; raw HTTP (httpx) sends what
 the client would not: malformed bodies, wrong keys, oversized requests, connections dropped mid-answer.
@@ -31,8 +32,10 @@ from PIL import Image  # noqa: E402
 from dataset.processing import build_prompt, image_processor_for, load_pixel_values  # noqa: E402
 from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
-from inference.server import (APIError, ServerSettings, SlotPool, StopCutter, read_image_bytes,  # noqa: E402
-                              wait_until_serving)
+from dev.serving import wait_until_serving  # noqa: E402
+from inference.api_requests import APIError, ServerSettings, read_image_bytes  # noqa: E402
+from inference.server import StopCutter  # noqa: E402
+from inference.slot_queue import SlotPool  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
