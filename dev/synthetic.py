@@ -52,8 +52,8 @@ from dataset.processing import IMAGE_MARKER, SHORT_ANSWER_SUFFIX
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR, SIGLIP_IMAGE_SIZE,
                              SIGLIP_PATCH_SIZE)
-from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT, EOS_TOKEN,
-                                         MINIMIND3_CHAT_TEMPLATE)
+from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT,
+                                         EOS_TOKEN, MINIMIND3_CHAT_TEMPLATE)
 
 ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer")
 DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's

@@ -40,7 +40,7 @@ class ServerSettings:
     """What the server accepts and how much work it takes on (the serve_openai_api.py flags)."""
     model_id: str
     generation: GenerationSettings  # defaults for requests that leave temperature, top_p or max_tokens out
-    max_seq_len: int  # prompt + answer tokens, at most
+    max_total_tokens: int  # prompt + answer tokens, at most
     api_key: str = None  # None: no key needed
     max_concurrency: int = 1
     max_queue: int = HARNESS_BURST
@@ -335,12 +335,12 @@ def prepare_inputs(request: ChatRequest, loaded: LoadedModel, settings: ServerSe
     except TemplateError as error:  # a template that raises on what it cannot render (a system message, say)
         raise bad_request(f"the model's chat template refused these messages: {error}", "messages") from None
     input_ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    room = settings.max_seq_len - input_ids.shape[1]
+    room = settings.max_total_tokens - input_ids.shape[1]
     generation = request.settings
     if room < 1 or (request.max_tokens_given and generation.max_new_tokens > room):
         asked = f" plus max_tokens {generation.max_new_tokens}" if request.max_tokens_given else ""
         raise bad_request(f"the prompt is {input_ids.shape[1]} tokens{asked}, over this model's context of "
-                          f"{settings.max_seq_len} tokens (each image counts {loaded.model.image_token_count}); "
+                          f"{settings.max_total_tokens} tokens (each image counts {loaded.model.image_token_count}); "
                           f"shorten the conversation", "messages", "context_length_exceeded")
     if generation.max_new_tokens > room:
         generation = replace(generation, max_new_tokens=room)

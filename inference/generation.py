@@ -1,7 +1,7 @@
 """Generation: sampling settings, `generate` streamed piece by piece, and the multi-turn `ChatSession`.
 
 Prompts come from the shared `build_prompt`, pixels from the shared `load_pixel_values`; the oldest turns are
-left out when the prompt would not fit `max_seq_len`; answers stream piece by piece, can be stopped half-way,
+left out when the prompt would not fit `max_total_tokens`; answers stream piece by piece, can be stopped half-way,
 and report tokens/s.
 """
 import queue
@@ -16,8 +16,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from dataset.processing import IMAGE_MARKER, build_prompt, count_image_markers, load_pixel_values, user_content
 
-from .loading import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEQ_LEN, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, InferenceError,
-                      LoadedModel)
+from .loading import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+                      InferenceError, LoadedModel)
 
 # How often the consumer of a stream wakes up to notice Ctrl-C or a finished generation thread.
 POLL_SECONDS = 0.1
@@ -221,25 +221,26 @@ def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens:
             raise InferenceError(f"the question alone is {ids.shape[1]} tokens (images count "
                                  f"{image_token_count or len(image_special_token)} each), over the "
                                  f"{max_prompt_tokens} left for the "
-                                 f"prompt: raise --max_seq_len or lower --max_new_tokens")
+                                 f"prompt: raise --max_total_tokens or lower --max_new_tokens")
         first += 2
 
 
 class ChatSession:
     """One conversation: its messages (with `<image>` markers), its images in marker order, pending images.
 
-        session = ChatSession(loaded, max_seq_len=8192)
+        session = ChatSession(loaded, max_total_tokens=8192)
         session.attach_images(["cat.jpg"])          # for the next question; ImageError if unusable
         for piece in session.ask("What is this?", settings):
             print(piece, end="")
         session.last_stats.tokens_per_s
     """
 
-    def __init__(self, loaded: LoadedModel, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
-        if max_seq_len > loaded.max_positions:
-            raise InferenceError(f"--max_seq_len {max_seq_len} is over the model's {loaded.max_positions} positions")
+    def __init__(self, loaded: LoadedModel, max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS):
+        if max_total_tokens > loaded.max_positions:
+            raise InferenceError(f"--max_total_tokens {max_total_tokens} is over the model's {loaded.max_positions} "
+                                 f"positions")
         self.loaded = loaded
-        self.max_seq_len = max_seq_len
+        self.max_total_tokens = max_total_tokens
         # {"role", "content"}: user contents carry one `<image>` per image, user messages also "images" (the
         # sources, for display) and answers "stats".
         self.messages = []
@@ -248,7 +249,7 @@ class ChatSession:
         self.pending_sources = []
         self.stop_event = threading.Event()
         self.last_stats = None
-        self.history_dropped = 0  # messages left out of the last prompt to fit max_seq_len
+        self.history_dropped = 0  # messages left out of the last prompt to fit max_total_tokens
 
     def attach_images(self, sources):
         """Decode and preprocess images (paths, bytes, file objects) for the next question; all or none."""
@@ -287,10 +288,10 @@ class ChatSession:
             content = user_content(text, len(images))
         messages = self.messages + [{"role": "user", "content": content, "images": self.pending_sources}]
         all_images = self.images + images
-        max_prompt_tokens = self.max_seq_len - settings.max_new_tokens
+        max_prompt_tokens = self.max_total_tokens - settings.max_new_tokens
         if max_prompt_tokens <= 0:
             raise InferenceError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in "
-                                 f"max_seq_len {self.max_seq_len}")
+                                 f"max_total_tokens {self.max_total_tokens}")
         config = self.loaded.model.config
         input_ids, self.history_dropped, images_dropped = fit_prompt(
             self.loaded.tokenizer, messages, config.image_special_token, max_prompt_tokens, config.chat_format,
@@ -325,9 +326,9 @@ class ChatSession:
 
 
 def answer_once(loaded: LoadedModel, question: str, image_sources, settings: GenerationSettings,
-                max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+                max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS):
     """The whole answer to one question about some images, and its stats."""
-    session = ChatSession(loaded, max_seq_len)
+    session = ChatSession(loaded, max_total_tokens)
     if image_sources:
         session.attach_images(image_sources)
     answer = "".join(session.ask(question, settings))

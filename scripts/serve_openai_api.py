@@ -89,7 +89,7 @@ def bind(host: str, port: int) -> socket.socket:
 def server_settings(args, model_id: str, max_positions: int) -> ServerSettings:
     limits = {name: getattr(args, name) for name in LIMIT_FLAGS}
     return ServerSettings(model_id=model_id, generation=GenerationSettings.from_flags(args),
-                          max_seq_len=min(args.max_seq_len, max_positions), api_key=args.api_key,
+                          max_total_tokens=min(args.max_total_tokens, max_positions), api_key=args.api_key,
                           image_root=None if args.image_root is None else Path(args.image_root),
                           allow_remote_images=args.allow_remote_images, **limits)
 

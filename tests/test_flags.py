@@ -116,3 +116,12 @@ def test_an_entry_point_started_as_a_file_says_in_one_line_how_to_run_it(tmp_pat
         module = f"{path.parent.name}.{path.stem}"
         assert (result.returncode, result.stdout) == (1, ""), path
         assert result.stderr == f"run it from the repository root as: python -m {module}\n", path
+
+
+def test_upstreams_max_seq_len_flag_still_sets_the_prompt_and_answer_budget():
+    """Inference's budget is --max_total_tokens (the trainer's --max_seq_len is the training cut); upstream's eval
+    commands pass --max_seq_len, which stays an alias."""
+    import eval_vlm
+
+    assert eval_vlm.parse_args(["--max_seq_len", "3000"]).max_total_tokens == 3000
+    assert eval_vlm.parse_args(["--max_total_tokens", "4000"]).max_total_tokens == 4000
