@@ -31,6 +31,7 @@ REMOTE_IMAGE_TIMEOUT_S = 10.0
 # lmms-eval's `openai` model sends this many requests at once (its num_concurrent default, lmms_eval/models/simple/
 # openai.py in 0.7.3): the default queue takes them all while the default single slot is busy.
 HARNESS_BURST = 32
+SERVER_LOGGER = "minimind.server"  # what the server logs (clients that leave, failed requests) goes here
 
 
 # ------------------------------------------------------------------------------------------------ settings

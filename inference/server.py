@@ -29,11 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api_requests import APIError, ChatRequest, ServerSettings, parse_chat_request, prepare_inputs, read_json_body
+from .api_requests import (SERVER_LOGGER, APIError, ChatRequest, ServerSettings, parse_chat_request, prepare_inputs,
+                           read_json_body)
 from .loading import LoadedModel
 from .slot_queue import Finished, GenerationRun, SlotPool, queue_full
 
-log = logging.getLogger("minimind.server")
+log = logging.getLogger(SERVER_LOGGER)
 
 SSE_DONE = "data: [DONE]\n\n"
 # The line scripts.serve_openai_api logs once its socket listens, with the base URL clients use.

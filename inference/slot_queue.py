@@ -10,11 +10,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .api_requests import APIError
+from .api_requests import SERVER_LOGGER, APIError
 from .generation import GenerationSettings, generate_answer
 from .loading import LoadedModel
 
-log = logging.getLogger("minimind.server")
+log = logging.getLogger(SERVER_LOGGER)
 
 # Retry-After, in whole seconds (HTTP's delay-seconds): at least 1; at most 60, the longest wait the `openai`
 # client honours in 1.30, the oldest tests/requirements.txt allows (3.60 honours up to 120 s; longer: no retry).

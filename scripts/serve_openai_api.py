@@ -22,7 +22,7 @@ from common import MAX_PORT, bounded, run_cli
 from dataset.processing import MAX_IMAGE_PIXELS
 from inference.generation import GenerationSettings
 from inference.loading import add_model_flags, check_flags, load_model_from_flags
-from inference.api_requests import HARNESS_BURST, ServerSettings
+from inference.api_requests import HARNESS_BURST, SERVER_LOGGER, ServerSettings
 from inference.server import create_app
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
@@ -112,7 +112,7 @@ def main(argv=None):
     # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (dev/serving.py wait_until_serving).
     log(f"serving '{model_id}' at http://{host}:{port}/v1 (max_concurrency {args.max_concurrency}, "
         f"max_queue {args.max_queue}); Ctrl-C stops")
-    server_log = logging.getLogger("minimind.server")
+    server_log = logging.getLogger(SERVER_LOGGER)
     server_log.addHandler(logging.StreamHandler())
     server_log.setLevel(logging.INFO)
     config = uvicorn.Config(create_app(loaded, settings), log_level="info", timeout_graceful_shutdown=5)
