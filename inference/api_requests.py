@@ -32,6 +32,7 @@ REMOTE_IMAGE_TIMEOUT_S = 10.0
 # openai.py in 0.7.3): the default queue takes them all while the default single slot is busy.
 HARNESS_BURST = 32
 SERVER_LOGGER = "minimind.server"  # what the server logs (clients that leave, failed requests) goes here
+MIB = 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -45,8 +46,8 @@ class ServerSettings:
     api_key: str = None  # None: no key needed
     max_concurrency: int = 1
     max_queue: int = HARNESS_BURST
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
+    max_request_bytes: int = 32 * MIB
+    max_image_bytes: int = 10 * MIB
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_images: int = 8
     image_root: Path = None  # local image files are read only from under this folder

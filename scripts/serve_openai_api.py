@@ -19,26 +19,23 @@ import sys
 from pathlib import Path
 
 from common import MAX_PORT, bounded, run_cli
-from dataset.processing import MAX_IMAGE_PIXELS
 from inference.generation import GenerationSettings
 from inference.loading import add_model_flags, check_flags, load_model_from_flags
-from inference.api_requests import HARNESS_BURST, SERVER_LOGGER, ServerSettings
+from inference.api_requests import SERVER_LOGGER, ServerSettings
 from inference.server import create_app
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
 DEFAULT_PORT = 8998
 API_KEY_ENV = "MINIMIND_API_KEY"
-MIB = 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# name: (default, lowest, help)
+# name: (lowest, help); the defaults are ServerSettings'.
 LIMIT_FLAGS = {
-    "max_concurrency": (1, 1, "answers generated at once (each a thread on the one model, own KV cache)"),
-    "max_queue": (HARNESS_BURST, 0, "requests waiting for a generation slot, in arrival order; beyond: 429 with "
-                                    "Retry-After"),
-    "max_request_bytes": (32 * MIB, 1024, "largest request body in bytes; beyond: 413"),
-    "max_image_bytes": (10 * MIB, 1, "largest image in bytes (after base64 decoding); beyond: 400"),
-    "max_image_pixels": (MAX_IMAGE_PIXELS, 1, "largest image in pixels (width x height), checked before decoding"),
-    "max_images": (8, 0, "images per conversation, at most; beyond: 400"),
+    "max_concurrency": (1, "answers generated at once (each a thread on the one model, own KV cache)"),
+    "max_queue": (0, "requests waiting for a generation slot, in arrival order; beyond: 429 with Retry-After"),
+    "max_request_bytes": (1024, "largest request body in bytes; beyond: 413"),
+    "max_image_bytes": (1, "largest image in bytes (after base64 decoding); beyond: 400"),
+    "max_image_pixels": (1, "largest image in pixels (width x height), checked before decoding"),
+    "max_images": (0, "images per conversation, at most; beyond: 400"),
 }
 
 
@@ -52,7 +49,8 @@ def parse_args(argv=None):
     server.add_argument("--model_name", default=None,
                         help="the model id clients name (default: the weights' file or folder name)")
     limits = parser.add_argument_group("limits")
-    for name, (default, lowest, help_text) in LIMIT_FLAGS.items():
+    for name, (lowest, help_text) in LIMIT_FLAGS.items():
+        default = getattr(ServerSettings, name)
         limits.add_argument(f"--{name}", type=bounded(int, lowest), default=default,
                             help=f"{help_text} (default {default})")
     limits.add_argument("--image_root", default=None, metavar="DIR",
