@@ -87,13 +87,17 @@ def test_every_numeric_flag_has_a_range(monkeypatch):
 def test_out_of_range_values_end_in_one_argparse_line(monkeypatch, capsys):
     checked = 0
     for name, parser in all_parsers(monkeypatch).items():
+        # argparse names a flag with an alias by all its spellings: "--max_total_tokens/--max_seq_len"
+        spellings = {action.option_strings[0]: "/".join(action.option_strings) for action in parser._actions
+                     if action.option_strings}
         for option, parse in numeric_options(parser):
             for value in out_of_range_values(parse):
                 with pytest.raises(SystemExit) as stop:
                     parser.parse_args([option, value])
                 error = capsys.readouterr().err.strip().splitlines()[-1]
                 assert stop.value.code == 2, (name, option, value)
-                assert error.endswith(f"argument {option}: must be " + error.split(": must be ", 1)[1]), error
+                assert error.endswith(f"argument {spellings[option]}: must be " + error.split(": must be ", 1)[1]), \
+                    error
                 assert value in error and "Traceback" not in error, (name, option, value, error)
                 checked += 1
     assert checked > 100  # every entry point took part
