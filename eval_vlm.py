@@ -7,14 +7,14 @@ Caption a folder (tokens/s):  python eval_vlm.py --caption --image_dir dataset/e
 Accuracy on a question file:  python eval_vlm.py --questions out/tiny_assets/data/eval_questions.jsonl
 Other weights:                python eval_vlm.py --model_mode 0 --hidden_size 768 --num_hidden_layers 16
 A transformers folder:        python eval_vlm.py --load 1 --transformers_dir MiniMind2-V   (scripts/convert_vlm.py)
-CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m dev.make_assets, then a few training steps):
     python eval_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --model_mode 0 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip \\
         --questions out/tiny_assets/data/eval_questions.jsonl
 
 In the chat, /image PATH attaches an image to your next question, /clear forgets the conversation, /quit (or
 Ctrl-D) leaves, and Ctrl-C stops the answer being written. The conversation is fed back to the model; when it no
-longer fits --max_seq_len, the oldest turns are left out.
+longer fits --max_total_tokens, the oldest turns are left out.
 """
 import argparse
 import signal
@@ -133,7 +133,7 @@ def chat(session: ChatSession, settings: GenerationSettings):
         except InferenceError as error:
             print(f"[error: {error}]", flush=True)
             continue
-        note = f"; {session.history_dropped} oldest message(s) left out to fit --max_seq_len" \
+        note = f"; {session.history_dropped} oldest message(s) left out to fit --max_total_tokens" \
             if session.history_dropped else ""
         print(speed_line(session.last_stats) + note, flush=True)
 
@@ -168,12 +168,13 @@ def main(argv=None):
     loaded = load_model_from_flags(args, log=log)
 
     def new_session():
-        return ChatSession(loaded, args.max_seq_len)
+        return ChatSession(loaded, args.max_total_tokens)
 
     try:
         if args.questions is not None:
             max_new_tokens = SCORING_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-            score = score_questions(loaded, args.questions, args.questions_images, max_new_tokens, args.max_seq_len,
+            score = score_questions(loaded, args.questions, args.questions_images, max_new_tokens,
+                                    args.max_total_tokens,
                                     log=lambda record, answer, correct: print(
                                         f"{'ok ' if correct else 'no '} {record['image']}: {record['question']} "
                                         f"-> {answer.strip()!r} (want {record['answer']})", flush=True))

@@ -3,7 +3,7 @@
 Local demo:        python web_demo_vlm.py                          http://127.0.0.1:8000, weights from out/
 Other host/port:   python web_demo_vlm.py --host 0.0.0.0 --port 8501 --save_dir out --device cuda
 Through streamlit: streamlit run web_demo_vlm.py --server.port 8000 -- --save_dir out
-CPU smoke run on the tiny offline assets (python -m scripts.make_assets, then a few training steps):
+CPU smoke run on the tiny offline assets (python -m dev.make_assets, then a few training steps):
     python web_demo_vlm.py --device cpu --hidden_size 64 --num_hidden_layers 2 --save_dir out \\
         --tokenizer_path out/tiny_assets/tokenizer --vision_model_path out/tiny_assets/clip
 
@@ -96,7 +96,7 @@ def sidebar(args, choices: dict):
         temperature = st.slider("Temperature", 0.0, 1.5, float(args.temperature), 0.05, help="0: greedy")
         top_p = st.slider("Top-p", 0.05, 1.0, float(args.top_p), 0.05)
         default_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-        limit = min(MAX_NEW_TOKENS_LIMIT, args.max_seq_len - 1)
+        limit = min(MAX_NEW_TOKENS_LIMIT, args.max_total_tokens - 1)
         max_new_tokens = st.number_input("Max new tokens", 1, limit, min(default_tokens, limit), step=16)
         if st.button("Clear chat", width="stretch"):
             st.session_state.pop("chat", None)
@@ -162,7 +162,7 @@ def main(argv):
 
     session = st.session_state.get("chat")
     if session is None or session.loaded is not loaded:
-        session = st.session_state["chat"] = ChatSession(loaded, args.max_seq_len)
+        session = st.session_state["chat"] = ChatSession(loaded, args.max_total_tokens)
     for message in session.messages:
         show_message(message)
 
@@ -187,8 +187,8 @@ def main(argv):
         st.write_stream(answer)
         st.caption(speed_caption(session.last_stats))
     if session.history_dropped:
-        st.caption(f"{session.history_dropped} oldest message(s) were left out to fit --max_seq_len "
-                   f"{args.max_seq_len}.")
+        st.caption(f"{session.history_dropped} oldest message(s) were left out to fit --max_total_tokens "
+                   f"{args.max_total_tokens}.")
 
 
 if __name__ == "__main__":

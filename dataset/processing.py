@@ -1,57 +1,49 @@
-"""The one image preprocessing function and the one prompt builder, shared by training, CLI chat and web demo.
+"""The one image preprocessing function and the one prompt builder, shared by training, CLI chat, web demo, API
+and benchmarks.
 
 Keeping a single path is the point: a model answers well only on inputs prepared exactly as in training.
-`preprocess_image` and `expand_image_markers` live in model/processing_minimind_v.py, which exported transformers
-folders ship as their processor: the folder prepares inputs with the very same code.
+`open_image`, `preprocess_image`, `expand_image_markers` and the chat templates live in
+model/processing_minimind_v.py, which exported transformers folders ship as their processor: the folder prepares
+inputs with the very same code. Here they get the project's ImageError (one line at the command line).
 """
+import functools
 import io
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 from common import UserError
 from model import processing_minimind_v
-from model.processing_minimind_v import (DEFAULT_SYSTEM_PROMPT, IMAGE_MARKER, MAX_IMAGE_PIXELS,
-                                         MiniMindVImageProcessor, expand_image_markers)
+from model.processing_minimind_v import (CHAT_TEMPLATES, IMAGE_MARKER, MAX_IMAGE_PIXELS, MiniMindVImageProcessor,
+                                         expand_image_markers)
 
 ROLES_BY_PARITY = ("user", "assistant")
-CHAT_FORMATS = ("minimind2", "minimind3")  # MiniMind2's template; MiniMind-3's (minimind-3v)
-THINK_START, THINK_END = "<think>", "</think>"
-EMPTY_THINK_BLOCK = f"{THINK_START}\n\n{THINK_END}\n\n"  # MiniMind-3 opens every answer with it
+CHAT_FORMATS = tuple(CHAT_TEMPLATES)  # minimind2: MiniMind2's template; minimind3: MiniMind-3's (minimind-3v)
 SYSTEM_ROLE = "system"
 # lmms-eval's request after a yes/no or short-answer question (POPE, MME); the demo's synthetic data asks the same.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
-# Bump whenever render_chat's output changes: prepared token caches (dataset/prepared.py) are then rebuilt.
+# Bump whenever a chat template's output changes: prepared token caches (dataset/prepared.py) are then rebuilt.
 PROMPT_FORMAT_VERSION = 1
 # A text-only row of the published parquet data carries one tiny (8x8 black) image and no `<image>` marker.
 PLACEHOLDER_MAX_SIDE = 16
 PLACEHOLDER_MAX_BYTES = 4096
 
 
-class ImageError(UserError, processing_minimind_v.ImageError):
+class ImageError(UserError):
     """An image that cannot be used: unreadable, not an image, or too large."""
 
 
 def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> Image.Image:
-    """Open a path, bytes or file object as a decoded PIL image, refusing oversized or broken files.
-
-    `name` is how error messages call the image (default: the path, or "image").
-    """
-    name = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    """A path, bytes or file object as a decoded PIL image (model/processing_minimind_v.py open_image), refusing
+    oversized or broken files with ImageError (a UserError: one line at the command line). `name` is how error
+    messages call the image (default: the path, or "image")."""
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(f"{name}: {width}x{height} pixels is over the {max_pixels} pixel limit")
-        image.load()
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise ImageError(f"{name}: not a readable image ({error})") from None
-    return image
+        return processing_minimind_v.open_image(source, max_pixels, name)
+    except ValueError as error:
+        raise ImageError(str(error)) from None
 
 
 def image_processor_for(config) -> MiniMindVImageProcessor:
@@ -66,7 +58,7 @@ def preprocess_image(image: Image.Image, image_processor: MiniMindVImageProcesso
     one line at the command line) for an unusable image."""
     try:
         return image_processor.pixels(image, normalize)
-    except processing_minimind_v.ImageError as error:
+    except ValueError as error:  # an image mode PIL cannot convert, an aspect ratio too extreme to resize
         raise ImageError(str(error)) from None
 
 
@@ -86,38 +78,29 @@ def user_content(text: str, num_images: int) -> str:
     return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + text
 
 
-def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt: bool,
-                chat_format: str = "minimind2") -> str:
-    """The LM's chat format (CHAT_FORMATS), owned here rather than by whatever tokenizer_config.json was
-    downloaded.
+def refuse_to_render(message: str):
+    """`raise_exception` inside a chat template, as transformers provides it."""
+    raise TemplateError(message)
 
-    minimind2: a system turn (the first message when it is a system message, else DEFAULT_SYSTEM_PROMPT), then
-    `{turn_start}{role}\\n{content}{turn_end}\\n` per message, then `{turn_start}assistant\\n` when asked to.
-    minimind3 (the MiniMind-3 tokenizer's template without tools): no default system turn; an assistant turn
-    is `{turn_start}assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{answer}{turn_end}\\n` (the reasoning is
-    what a `</think>` in the content closes, usually empty); the generation prompt ends with an empty think block.
-    """
+
+@functools.lru_cache(maxsize=None)
+def compiled_chat_template(chat_format: str):
+    """The chat format's template (model/processing_minimind_v.py CHAT_TEMPLATES), compiled once in the sandbox
+    transformers renders chat templates in, so a prompt here and one from an exported folder are the same text."""
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}; choose from {CHAT_FORMATS}")
-    if messages and messages[0]["role"] == SYSTEM_ROLE:
-        system, turns = messages[0]["content"], messages[1:]
-    else:
-        system, turns = (DEFAULT_SYSTEM_PROMPT if chat_format == "minimind2" else None), messages
-    parts = [] if system is None else [f"{turn_start}{SYSTEM_ROLE}\n{system}{turn_end}\n"]
-    for m in turns:
-        content = m["content"]
-        if chat_format == "minimind3" and m["role"] == "assistant":
-            reasoning = ""
-            if THINK_END in content:
-                reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
-                content = content.split(THINK_END)[-1].lstrip("\n")
-            content = f"{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n{content.lstrip(chr(10))}"
-        parts.append(f"{turn_start}{m['role']}\n{content}{turn_end}\n")
-    if add_generation_prompt:
-        parts.append(f"{turn_start}assistant\n")
-        if chat_format == "minimind3":
-            parts.append(EMPTY_THINK_BLOCK)
-    return "".join(parts)
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = refuse_to_render
+    return environment.from_string(CHAT_TEMPLATES[chat_format])
+
+
+def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt: bool,
+                chat_format: str = "minimind2") -> str:
+    """`messages` ({"role", "content"}) in the LM's chat format (CHAT_FORMATS), rendered from its one template
+    rather than whatever tokenizer_config.json was downloaded; turn_start / turn_end are the tokenizer's bos and
+    eos tokens."""
+    return compiled_chat_template(chat_format).render(messages=messages, bos_token=turn_start, eos_token=turn_end,
+                                                      add_generation_prompt=add_generation_prompt)
 
 
 def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool,

@@ -1,7 +1,7 @@
-"""Generation: sampling settings, streaming `generate` in a thread, and the multi-turn `ChatSession`.
+"""Generation: sampling settings, `generate` streamed piece by piece, and the multi-turn `ChatSession`.
 
 Prompts come from the shared `build_prompt`, pixels from the shared `load_pixel_values`; the oldest turns are
-left out when the prompt would not fit `max_seq_len`; answers stream piece by piece, can be stopped half-way,
+left out when the prompt would not fit `max_total_tokens`; answers stream piece by piece, can be stopped half-way,
 and report tokens/s.
 """
 import queue
@@ -16,8 +16,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from dataset.processing import IMAGE_MARKER, build_prompt, count_image_markers, load_pixel_values, user_content
 
-from .loading import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEQ_LEN, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, InferenceError,
-                      LoadedModel)
+from .loading import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+                      InferenceError, LoadedModel)
 
 # How often the consumer of a stream wakes up to notice Ctrl-C or a finished generation thread.
 POLL_SECONDS = 0.1
@@ -91,16 +91,16 @@ class SeededSampling(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(1, chosen, 0.0)
 
 
-class QueueStreamer(BaseStreamer):
-    """Puts the answer's text into a queue token by token, holding back only an unfinished UTF-8 character.
+class PieceStreamer(BaseStreamer):
+    """Hands the answer's text to `emit` token by token, holding back only an unfinished UTF-8 character.
 
     (transformers' TextStreamer waits for a space or a newline, so a long answer without one would not stream.)
     Byte-level BPE decodes piece by piece: once the decoded text ends cleanly it is final and the ids go.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, emit):
         self.tokenizer = tokenizer
-        self.pieces = queue.Queue()
+        self.emit = emit
         self.answer_tokens = 0
         self.prompt_seen = False
         self.undecoded_ids = []
@@ -122,25 +122,17 @@ class QueueStreamer(BaseStreamer):
     def _emit(self, text: str):
         self.undecoded_ids = []
         if text:
-            self.pieces.put(text)
+            self.emit(text)
 
 
-class GenerationDone:
-    """Queue item the generation thread leaves last: the answer ids, or the exception that ended it."""
+def generate_answer(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
+                    stop_event: threading.Event, emit):
+    """Generate one answer in this thread, handing each text piece to `emit` as it is decoded; (answer, stats).
 
-    def __init__(self, answer_ids=None, error=None):
-        self.answer_ids, self.error = answer_ids, error
-
-
-def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
-                      stop_event: threading.Event, on_done):
-    """Yield the answer's text pieces while `generate` runs in a thread; `on_done(text, stats)` gets the whole answer.
-
-    input_ids [1, T]; pixel_values [1, N, 3, 224, 224] or None. Leaving the loop early (an exception in the
-    consumer, a browser rerun, `break`) stops generation; `on_done` still gets what was generated. An error
-    inside `generate` is raised here, in the consumer's thread, and `on_done` is not called.
+    input_ids [1, T]; pixel_values [1, N, 3, H, W] or None. Setting `stop_event` (from any thread) ends the answer
+    at the next token. The model's lock is held throughout: one generation at a time per model view.
     """
-    streamer = QueueStreamer(loaded.tokenizer)
+    streamer = PieceStreamer(loaded.tokenizer, emit)
     prompt_length = input_ids.shape[1]
     kwargs = dict(input_ids=input_ids.to(loaded.device), attention_mask=torch.ones_like(input_ids).to(loaded.device),
                   pixel_values=None if pixel_values is None else pixel_values.to(loaded.device), streamer=streamer,
@@ -148,23 +140,47 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
                   stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
                   logits_processor=LogitsProcessorList(settings.logits_processors()),
                   **settings.generate_kwargs())
+    started = time.perf_counter()
+    with loaded.lock:
+        output = loaded.model.generate(**kwargs)
+    answer_ids = output[0, prompt_length:].tolist()
+    stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
+                        stopped=stop_event.is_set(), ended_by_eos=answer_ids[-1:] == [loaded.tokenizer.eos_token_id])
+    return loaded.tokenizer.decode(answer_ids, skip_special_tokens=True), stats
+
+
+@dataclass
+class GenerationDone:
+    """Queue item the generation thread leaves last: (answer, stats), or the exception that ended it."""
+    result: tuple = None
+    error: BaseException = None
+
+
+def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: GenerationSettings,
+                      stop_event: threading.Event, on_done):
+    """Yield the answer's text pieces while `generate_answer` runs in a thread; `on_done(text, stats)` gets the
+    whole answer. For synchronous consumers (terminal, web demo); the API server runs `generate_answer` itself.
+
+    Leaving the loop early (an exception in the consumer, a browser rerun, `break`) stops generation; `on_done`
+    still gets what was generated. An error inside `generate` is raised here, in the consumer's thread, and
+    `on_done` is not called.
+    """
+    pieces = queue.Queue()  # text pieces, then one GenerationDone
 
     def run():
         try:
-            with loaded.lock:
-                output = loaded.model.generate(**kwargs)
-            streamer.pieces.put(GenerationDone(answer_ids=output[0, prompt_length:].tolist()))
+            result = generate_answer(loaded, input_ids, pixel_values, settings, stop_event, pieces.put)
+            pieces.put(GenerationDone(result=result))
         except BaseException as error:  # handed to the consumer thread, which re-raises it
-            streamer.pieces.put(GenerationDone(error=error))
+            pieces.put(GenerationDone(error=error))
 
-    started = time.perf_counter()
     thread = threading.Thread(target=run, name="minimind-generate", daemon=True)
     thread.start()
     done = None
     try:
         while done is None:
             try:
-                item = streamer.pieces.get(timeout=POLL_SECONDS)
+                item = pieces.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
             if isinstance(item, GenerationDone):
@@ -175,14 +191,11 @@ def stream_generation(loaded: LoadedModel, input_ids, pixel_values, settings: Ge
         if done is None:  # the consumer left early: stop the thread and collect its result
             stop_event.set()
             while done is None:
-                item = streamer.pieces.get()
+                item = pieces.get()
                 done = item if isinstance(item, GenerationDone) else None
         thread.join()
         if done.error is None:
-            stats = AnswerStats(tokens=streamer.answer_tokens, seconds=time.perf_counter() - started,
-                                stopped=stop_event.is_set(),
-                                ended_by_eos=done.answer_ids[-1:] == [loaded.tokenizer.eos_token_id])
-            on_done(loaded.tokenizer.decode(done.answer_ids, skip_special_tokens=True), stats)
+            on_done(*done.result)
     if done.error is not None:
         raise done.error
 
@@ -208,25 +221,26 @@ def fit_prompt(tokenizer, messages, image_special_token: str, max_prompt_tokens:
             raise InferenceError(f"the question alone is {ids.shape[1]} tokens (images count "
                                  f"{image_token_count or len(image_special_token)} each), over the "
                                  f"{max_prompt_tokens} left for the "
-                                 f"prompt: raise --max_seq_len or lower --max_new_tokens")
+                                 f"prompt: raise --max_total_tokens or lower --max_new_tokens")
         first += 2
 
 
 class ChatSession:
     """One conversation: its messages (with `<image>` markers), its images in marker order, pending images.
 
-        session = ChatSession(loaded, max_seq_len=8192)
+        session = ChatSession(loaded, max_total_tokens=8192)
         session.attach_images(["cat.jpg"])          # for the next question; ImageError if unusable
         for piece in session.ask("What is this?", settings):
             print(piece, end="")
         session.last_stats.tokens_per_s
     """
 
-    def __init__(self, loaded: LoadedModel, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
-        if max_seq_len > loaded.max_positions:
-            raise InferenceError(f"--max_seq_len {max_seq_len} is over the model's {loaded.max_positions} positions")
+    def __init__(self, loaded: LoadedModel, max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS):
+        if max_total_tokens > loaded.max_positions:
+            raise InferenceError(f"--max_total_tokens {max_total_tokens} is over the model's {loaded.max_positions} "
+                                 f"positions")
         self.loaded = loaded
-        self.max_seq_len = max_seq_len
+        self.max_total_tokens = max_total_tokens
         # {"role", "content"}: user contents carry one `<image>` per image, user messages also "images" (the
         # sources, for display) and answers "stats".
         self.messages = []
@@ -235,7 +249,7 @@ class ChatSession:
         self.pending_sources = []
         self.stop_event = threading.Event()
         self.last_stats = None
-        self.history_dropped = 0  # messages left out of the last prompt to fit max_seq_len
+        self.history_dropped = 0  # messages left out of the last prompt to fit max_total_tokens
 
     def attach_images(self, sources):
         """Decode and preprocess images (paths, bytes, file objects) for the next question; all or none."""
@@ -274,10 +288,10 @@ class ChatSession:
             content = user_content(text, len(images))
         messages = self.messages + [{"role": "user", "content": content, "images": self.pending_sources}]
         all_images = self.images + images
-        max_prompt_tokens = self.max_seq_len - settings.max_new_tokens
+        max_prompt_tokens = self.max_total_tokens - settings.max_new_tokens
         if max_prompt_tokens <= 0:
             raise InferenceError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in "
-                                 f"max_seq_len {self.max_seq_len}")
+                                 f"max_total_tokens {self.max_total_tokens}")
         config = self.loaded.model.config
         input_ids, self.history_dropped, images_dropped = fit_prompt(
             self.loaded.tokenizer, messages, config.image_special_token, max_prompt_tokens, config.chat_format,
@@ -312,9 +326,9 @@ class ChatSession:
 
 
 def answer_once(loaded: LoadedModel, question: str, image_sources, settings: GenerationSettings,
-                max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+                max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS):
     """The whole answer to one question about some images, and its stats."""
-    session = ChatSession(loaded, max_seq_len)
+    session = ChatSession(loaded, max_total_tokens)
     if image_sources:
         session.attach_images(image_sources)
     answer = "".join(session.ask(question, settings))

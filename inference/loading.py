@@ -24,7 +24,7 @@ MODEL_MODES = ("pretrain_vlm", "sft_vlm", "sft_vlm_multi")  # --model_mode 0, 1,
 DEFAULT_TEMPERATURE = 0.65
 DEFAULT_TOP_P = 0.85
 DEFAULT_MAX_NEW_TOKENS = 512
-DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_MAX_TOTAL_TOKENS = 8192  # prompt + answer (the training cut is the trainer's --max_seq_len)
 DEFAULT_SEED = 2026  # upstream reseeds with this before every eval image
 
 
@@ -57,8 +57,11 @@ def add_model_flags(parser):
     sampling = parser.add_argument_group("generation")
     sampling.add_argument("--max_new_tokens", type=bounded(int, 1), default=None,
                           help=f"answer length, at most (default {DEFAULT_MAX_NEW_TOKENS})")
-    sampling.add_argument("--max_seq_len", type=bounded(int, 2), default=DEFAULT_MAX_SEQ_LEN,
-                          help="prompt + answer tokens, at most; the oldest turns are left out to fit")
+    # --max_seq_len: upstream's eval_vlm.py / web demo name for it, kept so their commands still run.
+    sampling.add_argument("--max_total_tokens", "--max_seq_len", dest="max_total_tokens", type=bounded(int, 2),
+                          default=DEFAULT_MAX_TOTAL_TOKENS,
+                          help="prompt + answer tokens, at most; the oldest turns are left out to fit "
+                               "(--max_seq_len: the same, upstream's name)")
     sampling.add_argument("--temperature", type=bounded(float, 0), default=DEFAULT_TEMPERATURE,
                           help="0: greedy decoding")
     sampling.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), default=DEFAULT_TOP_P)
@@ -90,8 +93,9 @@ def check_flags(parser, args):
     if not 0 < args.top_p <= 1:
         parser.error("--top_p must be in (0, 1]")
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    if args.max_seq_len <= max_new_tokens:
-        parser.error(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt before {max_new_tokens} new tokens")
+    if args.max_total_tokens <= max_new_tokens:
+        parser.error(f"--max_total_tokens {args.max_total_tokens} leaves no room for a prompt before {max_new_tokens} "
+                     f"new tokens")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .generation import GenerationSettings, answer_once
-from .loading import DEFAULT_MAX_SEQ_LEN, InferenceError, LoadedModel
+from .loading import DEFAULT_MAX_TOTAL_TOKENS, InferenceError, LoadedModel
 
 SCORING_MAX_NEW_TOKENS = 32  # eval answers are one short sentence
 
@@ -57,7 +57,7 @@ def read_questions(questions_file) -> list:
 
 
 def score_questions(loaded: LoadedModel, questions_file, images_dir=None, max_new_tokens: int = SCORING_MAX_NEW_TOKENS,
-                    max_seq_len: int = DEFAULT_MAX_SEQ_LEN, log=None) -> QuestionScore:
+                    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS, log=None) -> QuestionScore:
     """Ask every question of an eval_questions.jsonl file about its image (greedy) and count right answers.
 
     Images are looked up in `images_dir`, by default the eval_images/ folder beside the file. `log(record,
@@ -68,7 +68,7 @@ def score_questions(loaded: LoadedModel, questions_file, images_dir=None, max_ne
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     score = QuestionScore()
     for record in records:
-        answer, _ = answer_once(loaded, record["question"], [images_dir / record["image"]], settings, max_seq_len)
+        answer, _ = answer_once(loaded, record["question"], [images_dir / record["image"]], settings, max_total_tokens)
         correct = is_correct(answer, record["answer"], record["choices"])
         kind = score.by_kind.setdefault(record["kind"], [0, 0])
         kind[0] += correct

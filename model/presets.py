@@ -54,7 +54,7 @@ PRESETS = {
 def lm_config_kwargs(lm_family: str, hidden_size: int, num_hidden_layers: int, use_moe: bool) -> dict:
     """The LM fields of a VLMConfig for a family and shape (MiniMind-3's defaults are upstream's 3v ones)."""
     if lm_family == "minimind2":
-        return dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
+        return dict(lm_family=lm_family, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
     return minimind3_config_kwargs(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
 
 

@@ -1,14 +1,16 @@
-"""MiniMind-V's image preprocessing, image-marker expansion and chat format, plus the transformers processor.
+"""MiniMind-V's image opening and preprocessing, image-marker expansion and chat formats, plus the transformers
+processor.
 
-The one home of `preprocess_image` and `expand_image_markers`: dataset/processing.py imports them for training,
-chat, web demo and API, and scripts/convert_vlm.py ships this file in exported folders, where
-`AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a folder
-prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
+The one home of `open_image`, `preprocess_image`, `expand_image_markers` and the chat templates: dataset/processing.py
+imports them for training, chat, web demo, API and benchmarks, and scripts/convert_vlm.py ships this file in exported
+folders, where `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` builds `MiniMindVProcessor` from it. So a
+folder prepares images and prompts with the same code as training. Shipped files are loaded without this repo, and
 transformers 4.x copies only a remote module's direct relative imports: this one imports torch, numpy, PIL,
 transformers and compat.py (which imports nothing of the project). The model's facts (its preprocessing, placeholder,
 run length) stay in its config and reach the folder's processor through processor_config.json and
 preprocessor_config.json.
 """
+import io
 import json
 import os
 from pathlib import Path
@@ -42,44 +44,58 @@ FULLWIDTH_OFFSET = 0xFEE0  # printable ASCII -> its full-width twin: '@' -> '＠
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # MiniMind2's, when a chat has no system turn
 REMOTE_IMAGE_PREFIXES = ("http://", "https://", "data:")
 
-# MiniMind2's chat format (the tokenizer's template without tools) for messages whose content is a string or a
-# list of {"type": "text", "text": ...} and {"type": "image"} parts. Parts are joined with newlines and each image
-# part becomes IMAGE_MARKER, so [image, text] renders as "<image>\nWhat is it?", as the project's own chats do;
-# MiniMindVProcessor.__call__ then expands each marker to the placeholder run.
-CHAT_TEMPLATE = (
-    "{%- macro render_content(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}"
+# MiniMind's turn markers (both generations): its tokenizer's bos and eos tokens, ids 1 and 2.
+BOS_TOKEN, EOS_TOKEN = "<|im_start|>", "<|im_end|>"
+
+# The chat formats, the one home of each: dataset/processing.py render_chat renders them for training, chat, API
+# and benchmarks, exported folders ship them (chat_template.json) and the offline tokenizer stand-ins carry them.
+# Message content is a string or a list of {"type": "text", "text": ...} and {"type": "image"} parts; parts are
+# joined with newlines and each image part becomes IMAGE_MARKER, so [image, text] renders as "<image>\nWhat is
+# it?", as the project's own chats do (MiniMindVProcessor.__call__ then expands each marker to its placeholder run).
+RENDER_PARTS_MACRO = (
+    "{%- macro render_parts(parts) -%}{%- for part in parts -%}"
     "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
     "{%- if part['type'] == 'image' -%}{{ '" + IMAGE_MARKER + "' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- else -%}{{ raise_exception('MiniMind-V reads text and image parts only, not ' + part['type']) }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
+    "{%- endif -%}{%- endfor -%}{%- endmacro -%}"
+)
+
+
+def rendered_content(content: str) -> str:
+    """Jinja expression of a message's content: a string as it is, parts through the macro (a macro call costs
+    more than the rest of a turn: training renders every sample)."""
+    return f"({content} if {content} is string else render_parts({content}))"
+
+
+# MiniMind2's (its tokenizer's template without tools): a system turn (the first message when it is a system
+# message, else DEFAULT_SYSTEM_PROMPT), then `{bos}{role}\n{content}{eos}\n` per message, then `{bos}assistant\n`
+# for a generation prompt (followed by an empty think block when enable_thinking is passed as false, as in
+# MiniMind2's own template).
+CHAT_TEMPLATE = RENDER_PARTS_MACRO + (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system_content = render_content(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+    "{%- set system_content = " + rendered_content("messages[0]['content']") + " -%}{%- set turns = messages[1:] -%}"
     "{%- else -%}"
     "{%- set system_content = '" + DEFAULT_SYSTEM_PROMPT + "' -%}{%- set turns = messages -%}"
     "{%- endif -%}"
     "{{ bos_token + 'system\\n' + system_content + eos_token + '\\n' }}"
     "{%- for message in turns -%}"
-    "{{ bos_token + message['role'] + '\\n' + render_content(message['content']) + eos_token + '\\n' }}"
+    "{{ bos_token + message['role'] + '\\n' + " + rendered_content("message['content']") + " + eos_token + '\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ bos_token + 'assistant\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ bos_token + 'assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
 )
-
-
-# MiniMind-3's chat format (the MiniMind-3 tokenizer's template without tools, whose own template renders
-# list-typed content as ''): the same content parts, no default system turn, an assistant turn opens with a think
-# block (`<think>\n{reasoning}\n</think>\n\n`, the reasoning being what a `</think>` in the content closes),
-# and the generation prompt ends with an empty one.
-MINIMIND3_CHAT_TEMPLATE = (
-    CHAT_TEMPLATE.split("{%- if messages and messages[0]['role'] == 'system' -%}")[0]
-    + "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ bos_token + 'system\\n' + render_content(messages[0]['content']) + eos_token + '\\n' }}"
+# MiniMind-3's (the MiniMind-3 tokenizer's template without tools, whose own template renders list-typed content
+# as ''): no default system turn; an assistant turn opens with a think block (`<think>\n{reasoning}\n</think>\n\n`,
+# the reasoning being what a `</think>` in the content closes, usually empty), and the generation prompt ends with
+# an empty one.
+MINIMIND3_CHAT_TEMPLATE = RENDER_PARTS_MACRO + (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ bos_token + 'system\\n' + " + rendered_content("messages[0]['content']") + " + eos_token + '\\n' }}"
     "{%- set turns = messages[1:] -%}{%- else -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- for message in turns -%}"
-    "{%- set content = render_content(message['content']) -%}"
+    "{%- set content = " + rendered_content("message['content']") + " -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{%- set reasoning = '' -%}"
     "{%- if '</think>' in content -%}"
@@ -92,12 +108,8 @@ MINIMIND3_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ bos_token + 'assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
 )
-# dataset/processing.py CHAT_FORMATS -> the template an exported folder's processor renders it with.
+# A model config's chat_format -> its template.
 CHAT_TEMPLATES = {"minimind2": CHAT_TEMPLATE, "minimind3": MINIMIND3_CHAT_TEMPLATE}
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: unreadable, not an image, or too large."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -115,7 +127,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as error:
-        raise ImageError(f"{image.mode} image: {error}") from None
+        raise ValueError(f"{image.mode} image: {error}") from None
 
 
 def read_image_processing(folder) -> dict:
@@ -183,7 +195,7 @@ def preprocess_image(image: Image.Image, processing: dict, normalize: bool = Tru
         else:
             new_width, new_height = int(size * width / height), size
     if new_width * new_height > MAX_IMAGE_PIXELS:  # a 1 x 100000 strip would be resized to 224 x 22 million
-        raise ImageError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
+        raise ValueError(f"{width}x{height} pixels: aspect ratio too extreme to resize")
     image = image.resize((new_width, new_height), resample=Image.Resampling(processing["resample"]))
     pixels = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
     if processing.get("crop_size"):
@@ -237,26 +249,37 @@ def flatten_images(images) -> list:
     return [image for item in images for image in flatten_images(item)]
 
 
+def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str = None) -> Image.Image:
+    """The one image opener: a path, bytes or a file object -> a decoded PIL image (no EXIF rotation), refusing one
+    of more than `max_pixels` pixels before decoding it. ValueError naming the image (`name`; default: the path,
+    or "image") for a missing, unreadable or oversized one."""
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        too_large = image.width * image.height > max_pixels
+        if not too_large:
+            image.load()
+    except FileNotFoundError:
+        raise ValueError(f"{name}: file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name}: not a readable image ({error})") from None
+    if too_large:
+        raise ValueError(f"{name}: {image.width}x{image.height} pixels is over the {max_pixels} pixel limit")
+    return image
+
+
 def load_image_source(source) -> Image.Image:
-    """A PIL image as given; a local path opened as the project opens files (no EXIF rotation); an http(s) or
-    base64 data URL through transformers' loader."""
+    """A PIL image as given; a local path through `open_image`; an http(s) or base64 data URL through
+    transformers' loader."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(REMOTE_IMAGE_PREFIXES):
-        try:
-            image = Image.open(source)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{source}: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS} "
-                                 f"pixel limit")
-            image.load()
-            return image
-        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-            raise ImageError(f"{source}: not a readable image ({error})") from None
+        return open_image(source)
     if isinstance(source, str):
         from transformers.image_utils import load_image
 
         return load_image(source)
-    raise ImageError(f"an image must be a PIL image, a file path or an http(s)/data URL, not {type(source).__name__}")
+    raise ValueError(f"an image must be a PIL image, a file path or an http(s)/data URL, not {type(source).__name__}")
 
 
 class MiniMindVImageProcessor(BaseImageProcessor):

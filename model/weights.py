@@ -15,9 +15,10 @@ import torch
 
 from common import SaveError, UserError
 
-from .model_vlm import PROJECTORS
+from .model_vlm import PROJECTORS, VLMConfig
 from .model_minimind import (DEFAULT_LM_FAMILY, convert_legacy_state_dict, is_legacy_buffer, is_legacy_state_dict,
-                             legacy_key_name, minimind3_config_kwargs)
+                             legacy_key_name)
+from .presets import lm_config_kwargs, preset_for, vlm_config
 
 VISION_PROJ_PREFIX = "vision_proj."
 # The projector kinds, told apart by their keys (model_vlm.PROJECTORS: each class names its input weight).
@@ -74,9 +75,6 @@ def read_architecture(weight_file, state_dict=None) -> Architecture:
     """The architecture of a weights file: its sidecar if it has one, else recognised from its keys and shapes
     (upstream's releases: MiniMind2-V and minimind-3v alike) and completed from the preset of that family and
     projector. Raises WeightsMismatchError for a file that holds no MiniMind weights."""
-    from .model_vlm import VLMConfig
-    from .presets import preset_for, vlm_config
-
     sidecar = architecture_path(weight_file)
     if sidecar.is_file():
         try:
@@ -130,7 +128,7 @@ def describe_state_dict(state_dict) -> dict:
       use_moe, n_routed_experts, n_shared_experts (0 without MoE),
       has_vision_proj, projector ("linear", "mlp" or None), image_hidden_size (the projector's input width),
       config_kwargs: MiniMindConfig kwargs that build an LM these tensors fit (what the keys cannot show comes
-      from the family: MiniMind2's config defaults, or `minimind3_config_kwargs`).
+      from the family, presets.lm_config_kwargs).
     """
     legacy = is_legacy_state_dict(state_dict)
     shapes = {(legacy_key_name(k) if legacy else k): tuple(v.shape) for k, v in state_dict.items()
@@ -175,11 +173,7 @@ def _config_kwargs(info: dict) -> dict:
     """MiniMindConfig kwargs for a described file: its family's settings, overridden by what the file shows."""
     if info["hidden_size"] is None:
         return {}
-    if info["lm_family"] == "minimind3":
-        kwargs = minimind3_config_kwargs(info["hidden_size"], info["num_hidden_layers"], info["use_moe"])
-    else:
-        kwargs = dict(lm_family=info["lm_family"], hidden_size=info["hidden_size"],
-                      num_hidden_layers=info["num_hidden_layers"], use_moe=info["use_moe"])
+    kwargs = lm_config_kwargs(info["lm_family"], info["hidden_size"], info["num_hidden_layers"], info["use_moe"])
     shown = ("vocab_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
     kwargs.update({name: info[name] for name in shown if info[name] is not None})
     if info["use_moe"]:

@@ -21,6 +21,9 @@ ETA goes to stderr.
 Exit status: 0 when no record has a problem, 1 when some record has one or no sample is usable, 2 when the
 check cannot run (a missing file, no tokenizer, ...).
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.check_data")
+
 import argparse
 import os
 import sys

@@ -19,6 +19,9 @@ work (AutoModelForCausalLM, AutoTokenizer and AutoImageProcessor too). Without a
 --vision_model_path the folder has no vision tower, and loading it needs `vision_model_path=`.
 `python eval_vlm.py --load 1 --transformers_dir MiniMind2-V` chats with the folder.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.convert_vlm")
+
 import argparse
 import json
 import shutil

@@ -11,6 +11,9 @@ MiniMind2's special tokens and chat template, and a synthetic shapes-and-colours
 There is no pretrained language model offline, so both stages here train the whole LM (--trainable all)
 from random weights; with the real assets the stages keep their upstream defaults.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.demo")
+
 import argparse
 import json
 import re
@@ -208,7 +211,7 @@ def main(argv=None):
 def main_with_args(args, score_every_stage=True):
     if args.install:
         install_requirements()
-    from dataset import synthetic
+    from dev import synthetic
 
     started = time.time()
     default_dir = DEFAULT_SAVE_DIR / ("demo" if args.preset == "minimind2-v" else f"demo-{args.preset}")

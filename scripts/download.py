@@ -43,6 +43,9 @@ simply be repeated; a file cut short starts over next run (current huggingface_h
 Errors, an unreachable source included, end the run with one line on stderr and exit status 1.
 """
 
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.download")
+
 import argparse
 import hashlib
 import http.client
@@ -74,6 +77,7 @@ from model.model_minimind import MiniMindConfig
 from model.model_vlm import (CLIP_HIDDEN_SIZE, CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR,
                              IMAGE_PLACEHOLDER_ID, SIGLIP_HIDDEN_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE)
 from model.presets import DEFAULT_PRESET, PRESETS
+from model.processing_minimind_v import BOS_TOKEN, EOS_TOKEN
 from model.weights import VISION_PROJ_PREFIX
 
 SOURCES = ("hf", "modelscope")
@@ -90,8 +94,7 @@ PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, Asserti
 
 # The MiniMind2 tokenizer; the Feb-2025 one had the same vocab but spelled ids 0-2 <unk>, <s>, </s>.
 VOCAB_SIZE = MiniMindConfig().vocab_size
-BOS_TOKEN, EOS_TOKEN = "<|im_start|>", "<|im_end|>"
-BOS_ID, EOS_ID = 1, 2
+BOS_ID, EOS_ID = 1, 2  # of BOS_TOKEN, EOS_TOKEN
 LEGACY_BOS_TOKEN = "<s>"
 IMAGE_TOKEN, IMAGE_TOKEN_ID = IMAGE_PLACEHOLDER_CHAR, IMAGE_PLACEHOLDER_ID
 TOKENIZER_MANUAL_URL = (

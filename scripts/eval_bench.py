@@ -9,6 +9,9 @@ Modes: `generate` (greedy answer, lmms-eval's prompt and parsing: comparable wit
 `likelihood` (the label, yes/no or an option letter, with the highest log-probability after the prompt). Each
 is also run blind (the same prompt, no image) unless --no_blind; chance is printed beside each.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.eval_bench")
+
 import argparse
 import json
 import sys

@@ -19,6 +19,9 @@ Rows (random weights and synthetic assets built here; nothing is downloaded):
     torchrun 2 processes   train_pretrain_vlm.py under torchrun --nproc_per_node 2 on this one device
 Prints one table and writes the JSON.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.gpu_check")
+
 import argparse
 import base64
 import json
@@ -66,7 +69,7 @@ def parse_args(argv=None):
 
 def build_assets(work_dir: Path, size: dict, seed: int) -> dict:
     """Tokenizer, a random CLIP of the size's geometry, a random VLM saved as .pth, and the tiny shapes data."""
-    from dataset import synthetic
+    from dev import synthetic
     from model.model_vlm import MiniMindVLM, VLMConfig
     from model.weights import weight_path
 
@@ -232,7 +235,7 @@ def generation(assets, device, new_tokens: int):
 
 def api_check(assets, device, work_dir: Path):
     """The API server on this device answers one chat completion about an image."""
-    from inference.server import wait_until_serving
+    from dev.serving import wait_until_serving
 
     log_path = work_dir / "server.log"
     command = [sys.executable, "-m", "scripts.serve_openai_api", "--device", str(device), "--port", "0",

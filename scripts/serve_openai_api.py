@@ -8,6 +8,9 @@ Any OpenAI client then talks to it: base_url http://127.0.0.1:8998/v1, model as 
 Images come as image_url parts: data:image/...;base64 URLs; files under --image_root when given; http(s) URLs
 only with --allow_remote_images. Requests without `seed` sample with fresh randomness (--seed is not used).
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m scripts.serve_openai_api")
+
 import argparse
 import logging
 import os
@@ -16,25 +19,23 @@ import sys
 from pathlib import Path
 
 from common import MAX_PORT, bounded, run_cli
-from dataset.processing import MAX_IMAGE_PIXELS
 from inference.generation import GenerationSettings
 from inference.loading import add_model_flags, check_flags, load_model_from_flags
-from inference.server import HARNESS_BURST, ServerSettings, create_app
+from inference.api_requests import SERVER_LOGGER, ServerSettings
+from inference.server import create_app
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
 DEFAULT_PORT = 8998
 API_KEY_ENV = "MINIMIND_API_KEY"
-MIB = 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# name: (default, lowest, help)
+# name: (lowest, help); the defaults are ServerSettings'.
 LIMIT_FLAGS = {
-    "max_concurrency": (1, 1, "answers generated at once (each a thread on the one model, own KV cache)"),
-    "max_queue": (HARNESS_BURST, 0, "requests waiting for a generation slot, in arrival order; beyond: 429 with "
-                                    "Retry-After"),
-    "max_request_bytes": (32 * MIB, 1024, "largest request body in bytes; beyond: 413"),
-    "max_image_bytes": (10 * MIB, 1, "largest image in bytes (after base64 decoding); beyond: 400"),
-    "max_image_pixels": (MAX_IMAGE_PIXELS, 1, "largest image in pixels (width x height), checked before decoding"),
-    "max_images": (8, 0, "images per conversation, at most; beyond: 400"),
+    "max_concurrency": (1, "answers generated at once (each a thread on the one model, own KV cache)"),
+    "max_queue": (0, "requests waiting for a generation slot, in arrival order; beyond: 429 with Retry-After"),
+    "max_request_bytes": (1024, "largest request body in bytes; beyond: 413"),
+    "max_image_bytes": (1, "largest image in bytes (after base64 decoding); beyond: 400"),
+    "max_image_pixels": (1, "largest image in pixels (width x height), checked before decoding"),
+    "max_images": (0, "images per conversation, at most; beyond: 400"),
 }
 
 
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     server.add_argument("--model_name", default=None,
                         help="the model id clients name (default: the weights' file or folder name)")
     limits = parser.add_argument_group("limits")
-    for name, (default, lowest, help_text) in LIMIT_FLAGS.items():
+    for name, (lowest, help_text) in LIMIT_FLAGS.items():
+        default = getattr(ServerSettings, name)
         limits.add_argument(f"--{name}", type=bounded(int, lowest), default=default,
                             help=f"{help_text} (default {default})")
     limits.add_argument("--image_root", default=None, metavar="DIR",
@@ -85,7 +87,7 @@ def bind(host: str, port: int) -> socket.socket:
 def server_settings(args, model_id: str, max_positions: int) -> ServerSettings:
     limits = {name: getattr(args, name) for name in LIMIT_FLAGS}
     return ServerSettings(model_id=model_id, generation=GenerationSettings.from_flags(args),
-                          max_seq_len=min(args.max_seq_len, max_positions), api_key=args.api_key,
+                          max_total_tokens=min(args.max_total_tokens, max_positions), api_key=args.api_key,
                           image_root=None if args.image_root is None else Path(args.image_root),
                           allow_remote_images=args.allow_remote_images, **limits)
 
@@ -105,10 +107,10 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     if args.api_key is None and args.host not in LOOPBACK_HOSTS:
         log(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")
-    # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (wait_until_serving).
+    # inference.server.SERVING_ANNOUNCEMENT reads the URL off this line (dev/serving.py wait_until_serving).
     log(f"serving '{model_id}' at http://{host}:{port}/v1 (max_concurrency {args.max_concurrency}, "
         f"max_queue {args.max_queue}); Ctrl-C stops")
-    server_log = logging.getLogger("minimind.server")
+    server_log = logging.getLogger(SERVER_LOGGER)
     server_log.addHandler(logging.StreamHandler())
     server_log.setLevel(logging.INFO)
     config = uvicorn.Config(create_app(loaded, settings), log_level="info", timeout_graceful_shutdown=5)

@@ -1,17 +1,12 @@
-"""Shared fixtures: offline stand-ins for the hub assets, built once per test session.
-
-The repo root goes on sys.path so tests can `import scripts.make_assets`, `import model...`, `import dataset...`.
-"""
-import sys
+"""Shared fixtures: offline stand-ins for the hub assets, built once per test session (the repo root is on the
+import path through pytest.ini)."""
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from dev import synthetic
 
-from dataset import synthetic  # noqa: E402  (needs the sys.path entry above)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The real MiniMind2 tokenizer lives outside the repo (it must never be copied in); tests that compare
 # against it skip when it is absent.

@@ -1,4 +1,4 @@
-"""The offline assets from scripts/make_assets.py: tokenizer parity with MiniMind2, tiny CLIP, shapes dataset."""
+"""The offline assets from dev/make_assets.py: tokenizer parity with MiniMind2, tiny CLIP, shapes dataset."""
 import filecmp
 import io
 import json
@@ -12,10 +12,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPProcessor, CLIPVisionModel
 
 from conftest import SHAPES_DATA_SIZES
-from dataset import synthetic as make_assets
+from dev import synthetic as make_assets
 from dataset.processing import is_placeholder_image
 from model.model_minimind import MiniMindConfig
-from scripts import make_assets as make_assets_script
+from dev import make_assets as make_assets_script
 
 IMAGE_TOKENS = make_assets.clip_num_patches()  # 196 placeholders per image
 PLACEHOLDER_ID = 34  # id of '@' in MiniMind2, which the VLM searches for

@@ -1,4 +1,4 @@
-"""scripts/bench.py: the quick run writes its JSON, the synthetic lengths have the intended shape, and the FLOP
+"""dev/bench.py: the quick run writes its JSON, the synthetic lengths have the intended shape, and the FLOP
 count behind MFU agrees with torch's own FLOP counter. No test here asserts a speed."""
 import json
 import subprocess
@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, MiniMindVLM, VLMConfig
-from scripts import bench
+from dev import bench
 from trainer.training import set_trainable
 
 from common import REPO_ROOT
@@ -21,7 +21,7 @@ from common import REPO_ROOT
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     # without ours_compiled: its inductor compilation alone would take minutes on a small CPU
-    subprocess.run([sys.executable, "-m", "scripts.bench", "--quick", "--out", str(out), "--modes", "upstream", "ours",
+    subprocess.run([sys.executable, "-m", "dev.bench", "--quick", "--out", str(out), "--modes", "upstream", "ours",
                     "ours_cache"],
                    check=True, cwd=REPO_ROOT, timeout=300, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())

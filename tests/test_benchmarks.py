@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import synthetic
+from dev import synthetic
 from inference import benchmarks as bm
 from inference.bench_run import read_predictions, recompute_result, run_benchmark
 from inference.loading import load_model

@@ -167,7 +167,7 @@ def test_bad_input_is_one_line_error(case, cli_flags, tiny_vlm_save_dir, shapes_
         "wrong_shape": ["--weight", str(weight_path(tiny_vlm_save_dir, "sft_vlm", 64, False)),
                         "--hidden_size", "128"],
         "not_an_image": ["--image", str(tmp_path / "fake.jpg")],
-        "prompt_too_long": ["--image", str(shapes_data["eval_images"] / "000000.jpg"), "--max_seq_len", "150",
+        "prompt_too_long": ["--image", str(shapes_data["eval_images"] / "000000.jpg"), "--max_total_tokens", "150",
                             "--max_new_tokens", "20"],
     }[case]
     (tmp_path / "fake.jpg").write_text("plain text")
@@ -177,7 +177,7 @@ def test_bad_input_is_one_line_error(case, cli_flags, tiny_vlm_save_dir, shapes_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert {"wrong_shape": "--hidden_size 64 --num_hidden_layers 2", "not_an_image": "not a readable image",
-            "prompt_too_long": "raise --max_seq_len"}[case] in errors[0]
+            "prompt_too_long": "raise --max_total_tokens"}[case] in errors[0]
 
 
 def test_question_file_prints_accuracy(cli_flags, shapes_data, capsys):
@@ -190,7 +190,7 @@ def test_question_file_prints_accuracy(cli_flags, shapes_data, capsys):
 
 def test_history_and_images_are_fed_back_in_order(loaded, shapes_data):
     images = shapes_data["eval_images"]
-    session = ChatSession(loaded, max_seq_len=2048)
+    session = ChatSession(loaded, max_total_tokens=2048)
     session.attach_images([images / "000000.jpg"])
     first = "".join(session.ask("What shape is in the picture?", GREEDY))
     session.attach_images([images / "000001.jpg", images / "000002.jpg"])
@@ -208,7 +208,7 @@ def test_history_and_images_are_fed_back_in_order(loaded, shapes_data):
 
 
 def test_truncation_drops_oldest_turns_never_part_of_an_image(loaded, shapes_data):
-    session = ChatSession(loaded, max_seq_len=700)
+    session = ChatSession(loaded, max_total_tokens=700)
     for turn in range(4):
         session.attach_images([shapes_data["eval_images"] / f"00000{turn}.jpg"])
         "".join(session.ask("What colour is it?", GenerationSettings(max_new_tokens=8, temperature=0.0)))
@@ -223,7 +223,7 @@ def test_truncation_drops_oldest_turns_never_part_of_an_image(loaded, shapes_dat
 
 
 def test_stop_ends_the_answer_and_keeps_it(loaded):
-    session = ChatSession(loaded, max_seq_len=8192)
+    session = ChatSession(loaded, max_total_tokens=8192)
     answer = session.ask("Tell me a long story.", GenerationSettings(max_new_tokens=8000, temperature=0.0))
     threading.Timer(0.5, session.stop).start()
     text = "".join(answer)
@@ -232,7 +232,7 @@ def test_stop_ends_the_answer_and_keeps_it(loaded):
 
 
 def test_leaving_the_stream_early_stops_generation(loaded):
-    session = ChatSession(loaded, max_seq_len=8192)
+    session = ChatSession(loaded, max_total_tokens=8192)
     answer = session.ask("Tell me a long story.", GenerationSettings(max_new_tokens=8000, temperature=0.0))
     next(answer)
     answer.close()  # what a browser rerun or an exception in the consumer does

@@ -3,24 +3,27 @@ malformed value ends in argparse's one-line error (exit 2), never in a traceback
 ended in a ZeroDivisionError)."""
 import argparse
 import importlib
+import subprocess
+import sys
 
 import pytest
 
+from common import REPO_ROOT
 from trainer.training import STAGE_DEFAULTS, build_parser
 
 # (module, function that builds or parses with the entry point's parser)
 ENTRY_POINTS = [
     ("eval_vlm", "parse_args"),
     ("web_demo_vlm", "build_parser"),
-    ("scripts.bench", "parse_args"),
+    ("dev.bench", "parse_args"),
     ("scripts.check_data", "parse_args"),
     ("scripts.convert_vlm", "parse_args"),
     ("scripts.demo", "parse_args"),
     ("scripts.download", "parse_args"),
-    ("scripts.make_assets", "parse_args"),
+    ("dev.make_assets", "parse_args"),
     ("scripts.serve_openai_api", "parse_args"),
-    ("scripts.bench_serve", "parse_args"),
-    ("scripts.bench_data", "parse_args"),
+    ("dev.bench_serve", "parse_args"),
+    ("dev.bench_data", "parse_args"),
     ("scripts.eval_bench", "build_parser"),
 ]
 
@@ -84,13 +87,17 @@ def test_every_numeric_flag_has_a_range(monkeypatch):
 def test_out_of_range_values_end_in_one_argparse_line(monkeypatch, capsys):
     checked = 0
     for name, parser in all_parsers(monkeypatch).items():
+        # argparse names a flag with an alias by all its spellings: "--max_total_tokens/--max_seq_len"
+        spellings = {action.option_strings[0]: "/".join(action.option_strings) for action in parser._actions
+                     if action.option_strings}
         for option, parse in numeric_options(parser):
             for value in out_of_range_values(parse):
                 with pytest.raises(SystemExit) as stop:
                     parser.parse_args([option, value])
                 error = capsys.readouterr().err.strip().splitlines()[-1]
                 assert stop.value.code == 2, (name, option, value)
-                assert error.endswith(f"argument {option}: must be " + error.split(": must be ", 1)[1]), error
+                assert error.endswith(f"argument {spellings[option]}: must be " + error.split(": must be ", 1)[1]), \
+                    error
                 assert value in error and "Traceback" not in error, (name, option, value, error)
                 checked += 1
     assert checked > 100  # every entry point took part
@@ -101,3 +108,24 @@ def test_batch_size_zero_is_refused_by_the_trainer(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--batch_size", "0"])
     assert "argument --batch_size: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_entry_point_started_as_a_file_says_in_one_line_how_to_run_it(tmp_path):
+    """`python scripts/NAME.py` (upstream's README habit) cannot import the project: it names the command that can."""
+    files = [path for folder in ("scripts", "dev") for path in sorted((REPO_ROOT / folder).glob("*.py"))
+             if "__main__" in path.read_text(encoding="utf-8")]
+    assert len(files) >= 10
+    for path in files:
+        result = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        module = f"{path.parent.name}.{path.stem}"
+        assert (result.returncode, result.stdout) == (1, ""), path
+        assert result.stderr == f"run it from the repository root as: python -m {module}\n", path
+
+
+def test_upstreams_max_seq_len_flag_still_sets_the_prompt_and_answer_budget():
+    """Inference's budget is --max_total_tokens (the trainer's --max_seq_len is the training cut); upstream's eval
+    commands pass --max_seq_len, which stays an alias."""
+    import eval_vlm
+
+    assert eval_vlm.parse_args(["--max_seq_len", "3000"]).max_total_tokens == 3000
+    assert eval_vlm.parse_args(["--max_total_tokens", "4000"]).max_total_tokens == 4000

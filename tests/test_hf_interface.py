@@ -15,7 +15,7 @@ from dataset.processing import (IMAGE_MARKER, build_prompt, image_processor_for,
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
 from model.model_vlm import CLIP_IMAGE_SIZE, IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
-from model.processing_minimind_v import MiniMindVImageProcessor, MiniMindVProcessor
+from model.processing_minimind_v import CHAT_TEMPLATE, MiniMindVImageProcessor, MiniMindVProcessor
 from conftest import export_fp32_folder, save_random_tiny_vlm
 
 CLIP_PROCESSOR = image_processor_for(VLMConfig())
@@ -63,8 +63,10 @@ CONVERSATIONS = [
 
 def test_chat_template_writes_the_projects_prompt(folder, processor, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    # The processor's template (chat_template.json) leaves the folder's tokenizer with its own.
-    assert AutoTokenizer.from_pretrained(folder).chat_template == tokenizer.chat_template != processor.chat_template
+    # The folder's tokenizer keeps its own template (its files are copied as they are); the processor's
+    # (chat_template.json) is the project's chat format, which the offline tokenizer stand-in carries too.
+    assert AutoTokenizer.from_pretrained(folder).chat_template == tokenizer.chat_template
+    assert processor.chat_template == CHAT_TEMPLATE
     special = "@" * IMAGE_TOKENS_PER_IMAGE
     for hf_messages, project_messages in CONVERSATIONS:
         expected = build_prompt(tokenizer, project_messages, special, add_generation_prompt=True)

@@ -211,7 +211,7 @@ def test_3v_pixels_logits_and_greedy_tokens_match_the_spec(tiny_siglip_dir, real
 @pytest.mark.slow
 def test_real_shape_768x8_logits_match_the_spec(tmp_path, real_minimind3_tokenizer_dir):
     """The released shape: MiniMind-3 768x8 behind a SigLIP of width 768 (random, 1 layer: the LM is the point)."""
-    from dataset.synthetic import build_tiny_siglip
+    from dev.synthetic import build_tiny_siglip
 
     siglip_dir = build_tiny_siglip(tmp_path / "siglip768", hidden_size=768, num_layers=1, num_heads=12)
     tokenizer = AutoTokenizer.from_pretrained(real_minimind3_tokenizer_dir)

@@ -15,8 +15,8 @@ from dataset.lm_dataset import DataError, JsonlSource, ParquetSource, SampleEnco
 from dataset.prepared import prepare_dataset
 from dataset.processing import chat_template_warning
 from dataset.processing import image_processor_for
-from dataset.published_shape import write_published_shape
-from dataset.synthetic import placeholder_jpeg
+from dev.published_shape import write_published_shape
+from dev.synthetic import placeholder_jpeg
 from model.model_vlm import VLMConfig
 from scripts import check_data
 

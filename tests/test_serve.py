@@ -1,4 +1,5 @@
-"""scripts/serve_openai_api.py: the real server on a loopback port, spoken to with the official `openai` client.
+"""scripts/serve_openai_api.py (inference/server.py, api_requests.py, slot_queue.py): the real server on a loopback
+port, spoken to with the official `openai` client.
 
 One server (started once for the module, tiny random weights) answers every test; raw HTTP (httpx) sends what
 the client would not: malformed bodies, wrong keys, oversized requests, connections dropped mid-answer.
@@ -31,14 +32,16 @@ from PIL import Image  # noqa: E402
 from dataset.processing import build_prompt, image_processor_for, load_pixel_values  # noqa: E402
 from inference.generation import GenerationSettings, answer_once, stream_generation  # noqa: E402
 from inference.loading import load_model  # noqa: E402
-from inference.server import (APIError, ServerSettings, SlotPool, StopCutter, read_image_bytes,  # noqa: E402
-                              wait_until_serving)
+from dev.serving import wait_until_serving  # noqa: E402
+from inference.api_requests import APIError, ServerSettings, read_image_bytes  # noqa: E402
+from inference.server import StopCutter  # noqa: E402
+from inference.slot_queue import SlotPool  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MODEL_ID = "sft_vlm_64"
 MAX_NEW_TOKENS = 16
-MAX_SEQ_LEN = 8192
+MAX_TOTAL_TOKENS = 8192
 LONG_ANSWER_TOKENS = 7500  # minutes of decoding on a CPU: only stopping ends it early
 LIMITS = dict(max_concurrency=2, max_queue=8, max_images=3, max_image_bytes=50_000, max_image_pixels=100_000,
               max_request_bytes=300_000)
@@ -59,7 +62,7 @@ def running_server(assets: tuple, log_path: Path, limits: dict):
                "--weight", str(vlm_dir / f"{MODEL_ID}.pth"), "--hidden_size", "64",
                "--num_hidden_layers", "2", "--tokenizer_path", str(tokenizer_dir),
                "--vision_model_path", str(clip_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
-               "--max_seq_len", str(MAX_SEQ_LEN), "--temperature", "0", "--api_key", API_KEY,
+               "--max_total_tokens", str(MAX_TOTAL_TOKENS), "--temperature", "0", "--api_key", API_KEY,
                "--image_root", str(image_dir), *limit_flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -419,7 +422,7 @@ def test_default_queue_holds_a_harness_burst(default_server, images):
 # ---------------------------------------------------------------------------------------------- bad input
 
 def long_text_message() -> list:
-    return [{"role": "user", "content": "shape " * MAX_SEQ_LEN}]
+    return [{"role": "user", "content": "shape " * MAX_TOTAL_TOKENS}]
 
 
 def noise_png(size: int) -> Image.Image:
@@ -490,16 +493,16 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path, images):
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
         threading.Thread(target=web.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{web.server_address[1]}/shape.jpg"
-        allowed = ServerSettings(MODEL_ID, GenerationSettings(), MAX_SEQ_LEN, allow_remote_images=True)
+        allowed = ServerSettings(MODEL_ID, GenerationSettings(), MAX_TOTAL_TOKENS, allow_remote_images=True)
         assert read_image_bytes(url, "image", allowed) == images[0].read_bytes()
-        small = ServerSettings(MODEL_ID, GenerationSettings(), MAX_SEQ_LEN, allow_remote_images=True,
+        small = ServerSettings(MODEL_ID, GenerationSettings(), MAX_TOTAL_TOKENS, allow_remote_images=True,
                                max_image_bytes=100)
         with pytest.raises(APIError) as too_big:
             read_image_bytes(url, "image", small)
         assert too_big.value.code == "image_too_large"
         web.shutdown()
     with pytest.raises(APIError) as refused:
-        read_image_bytes(url, "image", ServerSettings(MODEL_ID, GenerationSettings(), MAX_SEQ_LEN))
+        read_image_bytes(url, "image", ServerSettings(MODEL_ID, GenerationSettings(), MAX_TOTAL_TOKENS))
     assert "--allow_remote_images" in refused.value.message
 
 

@@ -1,9 +1,9 @@
 """Requests/s and time to first token of the API server (scripts/serve_openai_api.py) for 1, 4 and 8 clients.
 
-    python -m scripts.bench_serve                 # random 26M model (512 x 8) + random ViT-B/16 CLIP, on the CPU
-    python -m scripts.bench_serve --max_concurrency 1 4 --clients 1 4 8 --requests 4 --max_tokens 64
-    python -m scripts.bench_serve --server_flags "--weight out/sft_vlm_512.pth --device cuda"
-    python -m scripts.bench_serve --url http://127.0.0.1:8998 --model sft_vlm_512     # a server already running
+    python -m dev.bench_serve                     # random 26M model (512 x 8) + random ViT-B/16 CLIP, on the CPU
+    python -m dev.bench_serve --max_concurrency 1 4 --clients 1 4 8 --requests 4 --max_tokens 64
+    python -m dev.bench_serve --server_flags "--weight out/sft_vlm_512.pth --device cuda"
+    python -m dev.bench_serve --url http://127.0.0.1:8998 --model sft_vlm_512         # a server already running
 
 Each client sends --requests streaming chat requests one after another, each with one image (a data URL) and
 a question, greedy, answer length fixed at --max_tokens (the random model never ends its turn early; a trained
@@ -12,6 +12,9 @@ first text piece: queueing, image decoding, CLIP and prefill. Without --url the 
 per --max_concurrency value, and stopped afterwards. Figures depend on what else the machine runs: the load
 average is printed with them.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m dev.bench_serve")
+
 import argparse
 import base64
 import http.client
@@ -31,8 +34,8 @@ from pathlib import Path
 import torch
 
 from common import DEFAULT_TOKENIZER_PATH, REPO_ROOT, bounded, run_cli
-from dataset import synthetic
-from inference.server import wait_until_serving
+from dev import synthetic
+from dev.serving import wait_until_serving
 
 MODEL_SHAPE = dict(hidden_size=512, num_hidden_layers=8)  # MiniMind2-V, 26M
 CLIP_SHAPE = dict(hidden_size=768, num_layers=12, num_heads=12)  # ViT-B/16

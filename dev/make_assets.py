@@ -1,16 +1,19 @@
-"""Build the offline stand-ins for the hub downloads (tokenizer, tiny CLIP, shapes dataset): see dataset/synthetic.py.
+"""Build the offline stand-ins for the hub downloads (tokenizer, tiny CLIP, shapes dataset): see dev/synthetic.py.
 
-    python -m scripts.make_assets                                  # everything, into out/tiny_assets
-    python -m scripts.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
-    python -m scripts.make_assets --only tokenizer clip --clip_hidden_size 128
-    python -m scripts.make_assets --only siglip minimind3_tokenizer data   # minimind-3v's stand-ins
+    python -m dev.make_assets                                      # everything, into out/tiny_assets
+    python -m dev.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
+    python -m dev.make_assets --only tokenizer clip --clip_hidden_size 128
+    python -m dev.make_assets --only siglip minimind3_tokenizer data       # minimind-3v's stand-ins
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m dev.make_assets")
+
 import argparse
 import time
 from pathlib import Path
 
 from common import DEFAULT_SAVE_DIR, MAX_SEED, bounded
-from dataset.synthetic import (ASSET_PARTS, DEFAULT_ASSET_PARTS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, build_all,
+from dev.synthetic import (ASSET_PARTS, DEFAULT_ASSET_PARTS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, build_all,
                                describe_path)
 
 DEFAULT_OUT_DIR = DEFAULT_SAVE_DIR / "tiny_assets"

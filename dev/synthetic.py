@@ -4,9 +4,9 @@ The tests and the offline demo use these instead of the real MiniMind2 tokenizer
 and the MiniMind-V image-text data. Everything is generated locally and seeded, so two builds with the same
 arguments give byte-identical files.
 
-    python -m scripts.make_assets                                  # everything, into out/tiny_assets
-    python -m scripts.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
-    python -m scripts.make_assets --only tokenizer clip --clip_hidden_size 128
+    python -m dev.make_assets                                      # everything, into out/tiny_assets
+    python -m dev.make_assets --out_dir /tmp/assets --only data --n_pretrain 2000 --n_sft 2000
+    python -m dev.make_assets --only tokenizer clip --clip_hidden_size 128
 
 Layout written under --out_dir:
 
@@ -52,7 +52,8 @@ from dataset.processing import IMAGE_MARKER, SHORT_ANSWER_SUFFIX
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR, SIGLIP_IMAGE_SIZE,
                              SIGLIP_PATCH_SIZE)
-from model.processing_minimind_v import CLIP_MEAN, CLIP_STD
+from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT,
+                                         EOS_TOKEN, MINIMIND3_CHAT_TEMPLATE)
 
 ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer")
 DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's
@@ -62,11 +63,8 @@ DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + m
 # ----------------------------------------------------------------------------------------------------------
 
 PAD_TOKEN = "<|endoftext|>"  # also the unk token, as in MiniMind2
-BOS_TOKEN = "<|im_start|>"  # opens every chat turn
-EOS_TOKEN = "<|im_end|>"  # closes every chat turn
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2 in this order
 MODEL_MAX_LENGTH = 32768
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"  # no final period, like MiniMind2's template
 # The VLM replaces each `<image>` by 196 copies of this character and finds the image slots by its id. With
 # the byte alphabet placed right after the three special tokens '@' gets id 34, as in MiniMind2, and it stays
 # a single-byte token only if no merge contains it, hence a corpus without it.
@@ -80,41 +78,6 @@ FILLER_LETTERS = string.ascii_lowercase
 FILLER_LENGTH = 3  # 26^3 = 17,576 three-letter fillers: enough for any padding up to MODEL_VOCAB_SIZE
 
 
-def make_chat_template(turn_start: str, turn_end: str, default_system_prompt: str) -> str:
-    """Jinja chat template that renders plain system/user/assistant chats the way MiniMind2's does.
-
-    Output: a system turn (the first message if it is a system message, else `default_system_prompt`), then
-    `{turn_start}{role}\\n{content}{turn_end}\\n` per remaining message, then `{turn_start}assistant\\n` when
-    add_generation_prompt is set (plus an empty think block when enable_thinking is passed as false).
-    Tool calls are not supported.
-    """
-    constants = (
-        f"{{%- set turn_start = {json.dumps(turn_start)} -%}}\n"
-        f"{{%- set turn_end = {json.dumps(turn_end)} -%}}\n"
-        f"{{%- set default_system_prompt = {json.dumps(default_system_prompt)} -%}}\n"
-    )
-    body = r"""{%- if messages and messages[0].role == 'system' -%}
-    {%- set system_prompt = messages[0].content -%}
-    {%- set turns = messages[1:] -%}
-{%- else -%}
-    {%- set system_prompt = default_system_prompt -%}
-    {%- set turns = messages -%}
-{%- endif -%}
-{{- turn_start ~ 'system\n' ~ system_prompt ~ turn_end ~ '\n' -}}
-{%- for turn in turns -%}
-    {{- turn_start ~ turn.role ~ '\n' ~ turn.content ~ turn_end ~ '\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- turn_start ~ 'assistant\n' -}}
-    {%- if enable_thinking is defined and enable_thinking is false -%}
-        {{- '<think>\n\n</think>\n\n' -}}
-    {%- endif -%}
-{%- endif -%}
-"""
-    return constants + body
-
-
-CHAT_TEMPLATE = make_chat_template(BOS_TOKEN, EOS_TOKEN, DEFAULT_SYSTEM_PROMPT)
 # The MiniMind-3 tokenizer's 36 special tokens (ids 0-35 in this order: `<|image_pad|>` 12, `<think>` 25), the
 # minimind-3v stand-in's; its byte alphabet follows them, as in the real one ('@' 67, '\n' 234).
 MINIMIND3_SPECIAL_TOKENS = (
@@ -128,8 +91,6 @@ MINIMIND3_SPECIAL_TOKENS = (
 def build_minimind3_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """A MiniMind-3-structured tokenizer (its special tokens and ids, the MiniMind-3 chat format) trained on
     `corpus_texts`: the offline stand-in for minimind-3v's."""
-    from model.processing_minimind_v import MINIMIND3_CHAT_TEMPLATE
-
     return build_tokenizer(out_dir, corpus_texts, vocab_size + len(MINIMIND3_SPECIAL_TOKENS) - len(SPECIAL_TOKENS),
                            special_tokens=MINIMIND3_SPECIAL_TOKENS, chat_template=MINIMIND3_CHAT_TEMPLATE)
 

@@ -1,6 +1,6 @@
 """Parquet files shaped like today's published data (pretrain_i2t.parquet, sft_i2t.parquet), at any row count.
 
-For scripts/bench_data.py and the tests: `conversations` (JSON string of [{role, content}]) and `image_bytes`
+For dev/bench_data.py and the tests: `conversations` (JSON string of [{role, content}]) and `image_bytes`
 (binary), 256x256 JPEGs of about 16 KB, answers of 30-300 words, a share of text-only rows that carry an 8x8
 black JPEG and no `<image>` (about 230K of the 2.9M SFT rows), a share of records whose stored first turn is
 a system prompt, and row groups of a fixed size. The JPEGs come from a pool of distinct pre-encoded pictures

@@ -1,10 +1,10 @@
 """Training and generation throughput of this repo against an upstream-equivalent pipeline, on one machine.
 
-    python -m scripts.bench                           # 26M config (512 x 8), CPU fp32: about 7 min on 2 cores
-    python -m scripts.bench --quick                   # tiny smoke configuration, well under a minute
-    python -m scripts.bench --device cuda --samples 512 --upstream_steps 8
-    python -m scripts.bench --out out/bench.json      # where the JSON result goes (default shown)
-    python -m scripts.bench --preset minimind2-v minimind-3v   # both models side by side (196 vs 64 image tokens)
+    python -m dev.bench                               # 26M config (512 x 8), CPU fp32: about 7 min on 2 cores
+    python -m dev.bench --quick                       # tiny smoke configuration, well under a minute
+    python -m dev.bench --device cuda --samples 512 --upstream_steps 8
+    python -m dev.bench --out out/bench.json          # where the JSON result goes (default shown)
+    python -m dev.bench --preset minimind2-v minimind-3v       # both models side by side (196 vs 64 image tokens)
 
 Every mode runs the same code: MiniMindVLM, the collate function, the GlobalBatchSampler, the loss
 normalisation and AdamW step of trainer.training.train(), on the same synthetic data. The modes differ only
@@ -42,6 +42,9 @@ where there is a target, backward as the trainable set requires, and the CLIP fo
 (for ours it counts the last layer in full, although that layer skips positions before the first target).
 `other_load` is the share of the machine other programs used while a mode was timed (Linux only).
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m dev.bench")
+
 import argparse
 import io
 import json
@@ -106,7 +109,7 @@ class TextOfLength:
     """Plain English text of about n tokens: a window of a long tokenised text, decoded back."""
 
     def __init__(self, tokenizer, seed):
-        from dataset import synthetic as make_assets
+        from dev import synthetic as make_assets
 
         lines = make_assets.simple_english_lines(4000, seed)
         self.tokenizer = tokenizer
@@ -138,7 +141,7 @@ def build_assets(work_dir: Path, preset: dict, seed: int, tokenizer_path=None, m
     from transformers.utils import logging as hf_logging
 
     from dataset.processing import IMAGE_MARKER
-    from dataset import synthetic as make_assets
+    from dev import synthetic as make_assets
 
     work_dir.mkdir(parents=True, exist_ok=True)
     minimind3 = MODEL_PRESETS[model_preset].lm_family == "minimind3"

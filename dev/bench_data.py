@@ -1,8 +1,8 @@
 """Benchmark the data path at the published files' size: start-up time, memory per process, preparation rate.
 
-    python -m scripts.bench_data --rows 100000 300000 --tokenizer_path model --out /tmp/bench_data
+    python -m dev.bench_data --rows 100000 300000 --tokenizer_path model --out /tmp/bench_data
 
-For each row count it writes a parquet file shaped like sft_i2t.parquet (dataset/published_shape.py: 256x256
+For each row count it writes a parquet file shaped like sft_i2t.parquet (dev/published_shape.py: 256x256
 JPEGs, answers of 30-300 words, about 8% text-only rows with an 8x8 placeholder, stored system turns), then
 launches `train_sft_vlm.py --max_steps 1` as a user would, without --skip_bad_samples:
   cold 1 process     no prepared data yet: the run prepares it (in parallel) before its first step
@@ -16,6 +16,9 @@ random CLIP of ViT-B/16 geometry unless --vision_model_path names a real one) be
 data path: reading, tokenising, decoding and preprocessing images. Generated files go under --out (about 17 KB
 a row), not into the repo. The machine's load average is printed with every run: shared machines vary.
 """
+if not __package__:  # started as a file: its folder, not the repo root, is on the import path
+    raise SystemExit("run it from the repository root as: python -m dev.bench_data")
+
 import argparse
 import json
 import os
@@ -59,7 +62,7 @@ def generate(path: Path, rows: int) -> dict:
     """The published-shape file, written once per row count (reused by later benchmark runs)."""
     from tqdm import tqdm
 
-    from dataset.published_shape import write_published_shape
+    from dev.published_shape import write_published_shape
 
     facts_path = path.with_suffix(".json")
     if path.is_file() and facts_path.is_file():
@@ -73,7 +76,7 @@ def generate(path: Path, rows: int) -> dict:
 
 
 def tiny_clip(out: Path) -> Path:
-    from dataset.synthetic import build_tiny_clip
+    from dev.synthetic import build_tiny_clip
 
     folder = out / "tiny_clip"
     if not (folder / "config.json").is_file():
