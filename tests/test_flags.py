@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from trainer.training import STAGE_DEFAULTS, build_parser
+from trainer.config import STAGE_DEFAULTS, build_parser
 
 # (module, function that builds or parses with the entry point's parser)
 ENTRY_POINTS = [
