@@ -46,10 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .lm_dataset import (CUT_ANSWER, CUT_IMAGE, PARQUET_SUFFIXES, DataError, DataProblem, Record,
-                         SampleEncoder, check_data_path, column_values, image_at, jsonl_record, open_parquet,
-                         parquet_record)
 from .processing import PROMPT_FORMAT_VERSION
+from .records import (CUT_ANSWER, CUT_IMAGE, PARQUET_SUFFIXES, DataError, DataProblem, Record, SampleEncoder,
+                      check_data_path, column_values, image_at, jsonl_record, open_parquet, parquet_record)
 
 # Bump whenever the files above change meaning: every prepared folder is then rebuilt.
 LAYOUT_VERSION = 1
@@ -57,6 +56,7 @@ CACHE_FOLDER = "prepared"
 STATUS_OK, STATUS_MALFORMED, STATUS_CUT_IMAGE, STATUS_CUT_ANSWER, STATUS_BLANK = range(5)
 CUT_STATUS = {CUT_IMAGE: STATUS_CUT_IMAGE, CUT_ANSWER: STATUS_CUT_ANSWER}
 EXAMPLES_PER_KIND = 20  # problems kept per kind: enough to list the first few of all kinds in file order
+PROBLEMS_SHOWN = 10  # problems spelled out in a message before the rest is summarised
 READ_BATCH_ROWS = 2048  # parquet rows decoded at a time inside a row group: bounded memory, big enough batches
 JSONL_UNIT_BYTES = 8 << 20
 KEY_CHARS = 16
@@ -79,20 +79,19 @@ def data_key(path: Path, images_path) -> str:
                    "layout": LAYOUT_VERSION})
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """The vocabulary and merges (tokenizer.json as loaded) plus the special tokens the prompts use."""
+def token_key(encoder: SampleEncoder) -> str:
+    """What the token ids depend on: the vocabulary and merges (tokenizer.json as loaded) with the special tokens
+    the prompts use, the image placeholder, max_seq_len, the prompt format and the chat format."""
+    tokenizer = encoder.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return digest({"tokenizer": hashlib.sha256(text.encode()).hexdigest(), "bos": tokenizer.bos_token,
-                   "eos": tokenizer.eos_token, "added": len(tokenizer)})
-
-
-def token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format="minimind2") -> str:
-    key = {"tokenizer": tokenizer_digest(tokenizer), "image_special_token": image_special_token,
-           "image_token_id": image_token_id, "max_seq_len": max_seq_len,
+    vocabulary = digest({"tokenizer": hashlib.sha256(text.encode()).hexdigest(), "bos": tokenizer.bos_token,
+                         "eos": tokenizer.eos_token, "added": len(tokenizer)})
+    key = {"tokenizer": vocabulary, "image_special_token": encoder.image_special_token,
+           "image_token_id": encoder.image_token_id, "max_seq_len": encoder.max_seq_len,
            "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION}
-    if chat_format != "minimind2":  # MiniMind2's caches keep their names
-        key["chat_format"] = chat_format
+    if encoder.chat_format != "minimind2":  # MiniMind2's caches keep their names
+        key["chat_format"] = encoder.chat_format
     return digest(key)
 
 
@@ -288,7 +287,10 @@ class UnitBuilder:
     def add(self, offset: int, record: Record, problem: DataProblem):
         if problem is not None:
             self.status[offset] = STATUS_MALFORMED
-            count_problem(self.problems, problem)
+            entry = self.problems.setdefault(problem.kind, [0, []])  # [count, first examples as "origin: reason"]
+            entry[0] += 1
+            if len(entry[1]) < EXAMPLES_PER_KIND:
+                entry[1].append(str(problem))
         elif record is not None:
             self.pending.append((offset, record))
 
@@ -312,13 +314,6 @@ class UnitBuilder:
         tokens = np.concatenate(self.kept_tokens) if self.kept_tokens else np.zeros(0, dtype=dtype)
         return UnitResult(self.unit, self.status, self.row_length, self.row_images,
                           np.array(self.kept_lengths, dtype=np.int32), tokens, self.problems, self.text_only)
-
-
-def count_problem(problems: dict, problem: DataProblem):
-    entry = problems.setdefault(problem.kind, [0, []])
-    entry[0] += 1
-    if len(entry[1]) < EXAMPLES_PER_KIND:
-        entry[1].append(str(problem))
 
 
 def prepare_parquet_unit(job: PrepareJob, unit: Unit) -> UnitResult:
@@ -432,19 +427,15 @@ def run_units(job: PrepareJob, units, workers: int):
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def progress_bar(total, label, enabled):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=label, unit="rows", unit_scale=True, disable=not enabled, mininterval=1.0,
-                dynamic_ncols=True)
-
-
 def build_tokens(job: PrepareJob, units, out_dir: Path, workers: int, show_progress: bool) -> dict:
     """Run every unit, stream the token ids to tokens.bin, write the index arrays and the manifest."""
+    from tqdm import tqdm
+
     statuses, row_lengths, row_images, lengths = [], [], [], []
     problems, text_only, token_count = {}, 0, 0
     with open(out_dir / "tokens.bin", "wb") as tokens_file, \
-            progress_bar(sum(u.rows for u in units), f"preparing {job.data_path.name}", show_progress) as bar:
+            tqdm(total=sum(u.rows for u in units), desc=f"preparing {job.data_path.name}", unit="rows",
+                 unit_scale=True, disable=not show_progress, mininterval=1.0, dynamic_ncols=True) as bar:
         for result in run_units(job, units, workers):
             statuses.append(result.status)
             row_lengths.append(result.row_length)
@@ -488,8 +479,8 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     kind = "parquet" if path.suffix in PARQUET_SUFFIXES else "jsonl"
     images_path = (Path(images_path) if images_path else path.parent) if kind == "jsonl" else None
     data_dir = prepared_root(path, cache_dir) / f"{path.stem}-{data_key(path, images_path)}"
-    tokens_key = token_key(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
-    tokens_dir = data_dir / f"tokens-{tokens_key}"
+    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
+    tokens_dir = data_dir / f"tokens-{token_key(encoder)}"
     if not may_build:
         while not (tokens_dir / "manifest.json").is_file():
             time.sleep(WAIT_POLL_S)
@@ -501,9 +492,9 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
                             f"pass a writable folder with --prepared_dir") from None
         with BuildLock(data_dir.with_name(data_dir.name + ".build-lock"), data_dir) as lock:
             if not (tokens_dir / "manifest.json").is_file():  # another process may have built it meanwhile
-                build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token,
-                      image_token_id, max_seq_len, workers or os.cpu_count() or 1, log, lock.token, chat_format)
-    return PreparedData(path, kind, data_dir, tokens_dir)
+                build(path, kind, images_path, data_dir, tokens_dir, encoder, workers or os.cpu_count() or 1, log,
+                      lock.token)
+    return PreparedData(path, kind, data_dir, tokens_dir, encoder)
 
 
 def prepared_root(data_path, cache_dir=None) -> Path:
@@ -511,8 +502,7 @@ def prepared_root(data_path, cache_dir=None) -> Path:
     return Path(cache_dir) if cache_dir else Path(data_path).parent / CACHE_FOLDER
 
 
-def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_special_token, image_token_id,
-          max_seq_len, workers, log, builder: str, chat_format="minimind2"):
+def build(path, kind, images_path, data_dir, tokens_dir, encoder: SampleEncoder, workers, log, builder: str):
     """Build tokens_dir (and the image units when data_dir has none yet) under temporary names of this
     `builder` (BuildLock.token), then rename them; another builder's files are never touched."""
     started, cpu_started = time.time(), cpu_seconds()
@@ -524,8 +514,7 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
         images_tmp.mkdir()
     tokens_tmp = data_dir / f".{tokens_dir.name}-building-{builder}"
     tokens_tmp.mkdir()
-    encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
-    token_dtype = "uint16" if len(tokenizer) <= MAX_UINT16_VOCAB else "uint32"
+    token_dtype = "uint16" if len(encoder.tokenizer) <= MAX_UINT16_VOCAB else "uint32"
     job = PrepareJob(path, kind, images_path, encoder, token_dtype, images_tmp)
     try:
         manifest = build_tokens(job, units, tokens_tmp, workers, log is not None)
@@ -534,7 +523,7 @@ def build(path, kind, images_path, data_dir, tokens_dir, tokenizer, image_specia
                 {"kind": kind, "units": [[u.first_row, u.rows] for u in units]}))
             publish(images_tmp, images_dir)
         elapsed = time.time() - started
-        manifest.update(max_seq_len=max_seq_len, data_path=str(path), seconds=round(elapsed, 2),
+        manifest.update(max_seq_len=encoder.max_seq_len, data_path=str(path), seconds=round(elapsed, 2),
                         rows_per_second=round(manifest["rows"] / max(elapsed, 1e-9), 1),
                         cpu_seconds=round(cpu_seconds() - cpu_started, 2), workers=workers)
         (tokens_tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -597,12 +586,40 @@ class ImageStore:
         return Path(ref).name if isinstance(ref, str) else f"image_bytes[{ref[1]}]"
 
 
-class PreparedData:
-    """The prepared folders of one data file, memory-mapped (module docstring)."""
+@dataclass
+class DatasetStats:
+    records: int = 0
+    bad_records: int = 0
+    image_cut_by_max_seq_len: int = 0
+    answer_cut_by_max_seq_len: int = 0
+    text_only: int = 0  # usable samples without an image
+    problems: list = field(default_factory=list)  # DataProblem examples of malformed records, in file order
+    cut: list = field(default_factory=list)  # DataProblem examples of samples left out at max_seq_len
 
-    def __init__(self, data_path: Path, kind: str, data_dir: Path, tokens_dir: Path):
-        self.opened_with = (data_path, kind, data_dir, tokens_dir)
+    @property
+    def usable(self):
+        return self.records - self.bad_records - self.image_cut_by_max_seq_len - self.answer_cut_by_max_seq_len
+
+    def summary(self):
+        return (f"{self.usable} usable samples of {self.records}; left out: {self.bad_records} malformed, "
+                f"{self.image_cut_by_max_seq_len} whose image does not fit max_seq_len, "
+                f"{self.answer_cut_by_max_seq_len} whose answer is cut entirely; "
+                f"{self.text_only} of the usable are text-only (no image)")
+
+
+def listed(problems, total: int, limit: int = PROBLEMS_SHOWN) -> str:
+    """Indented lines, one per problem, the rest (of `total`) summarised."""
+    shown = "\n".join(f"  {p}" for p in problems[:limit])
+    return shown + (f"\n  ... and {total - min(limit, len(problems))} more" if total > limit else "")
+
+
+class PreparedData:
+    """The prepared folders of one data file, memory-mapped (module docstring), and the encoder that made them."""
+
+    def __init__(self, data_path: Path, kind: str, data_dir: Path, tokens_dir: Path, encoder: SampleEncoder):
+        self.opened_with = (data_path, kind, data_dir, tokens_dir, encoder)
         self.data_path, self.kind, self.folder = Path(data_path), kind, Path(tokens_dir)
+        self.encoder = encoder
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         self.images = ImageStore(data_path, kind, Path(data_dir) / "images")
 
@@ -634,11 +651,6 @@ class PreparedData:
         name = self.data_path.name
         return f"{name}:row {row}" if self.kind == "parquet" else f"{name}:{row + 1}"
 
-    def record(self, index: int) -> Record:
-        """Usable sample `index` as a Record without its text (origin and image references)."""
-        row = int(self.samples[index])
-        return Record(None, self.images.refs(row, int(self.row_images[row])), self.origin(row))
-
     def problems(self):
         """The kept examples of malformed rows as DataProblems, in file order, and the total count."""
         found = []
@@ -659,6 +671,30 @@ class PreparedData:
                                                                 f"({int(self.row_length[row])} tokens)"))
         return sorted(found, key=lambda p: row_number(p.origin))
 
+    def check(self, skip_bad_samples: bool, log=print) -> DatasetStats:
+        """Training's start-up check: malformed records stop it with a DataError listing them, unless
+        skip_bad_samples leaves them out (counted); rank 0 (`log`) says what is usable and lists the samples left
+        out at max_seq_len; no usable sample at all is a DataError."""
+        counts = self.manifest
+        problems, malformed = self.problems()
+        stats = DatasetStats(records=counts["records"], bad_records=malformed,
+                             image_cut_by_max_seq_len=counts["cut_image"],
+                             answer_cut_by_max_seq_len=counts["cut_answer"], text_only=counts["text_only"],
+                             problems=problems, cut=self.cut())
+        name = self.data_path.name
+        if malformed and not skip_bad_samples:
+            raise DataError(f"{name}: {malformed} malformed record(s):\n{listed(problems, malformed)}\n"
+                            f"Fix them (check with `python -m scripts.check_data`), or pass --skip_bad_samples to "
+                            f"leave them out.")
+        if log is not None:
+            log(f"{name}: {stats.summary()}")
+            cut_total = stats.image_cut_by_max_seq_len + stats.answer_cut_by_max_seq_len
+            if cut_total:
+                log(f"left out at max_seq_len {counts['max_seq_len']} ({cut_total}):\n{listed(stats.cut, cut_total)}")
+        if not len(self):
+            raise DataError(f"{self.data_path}: no usable sample ({stats.summary()})")
+        return stats
+
 
 def row_number(origin: str) -> int:
     """Sort key: the line or row number that ends every origin."""
@@ -667,7 +703,8 @@ def row_number(origin: str) -> int:
 
 
 class RecordView:
-    """`dataset.records[i]`: a Record (origin, image references) made on demand from the prepared data."""
+    """`records[i]`: usable sample i as a Record without its text (origin, image references), made on demand from
+    the prepared data."""
 
     def __init__(self, prepared: PreparedData):
         self.prepared = prepared
@@ -680,4 +717,6 @@ class RecordView:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return self.prepared.record(index)
+        row = int(self.prepared.samples[index])
+        return Record(None, self.prepared.images.refs(row, int(self.prepared.row_images[row])),
+                      self.prepared.origin(row))

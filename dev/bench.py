@@ -7,14 +7,14 @@
     python -m dev.bench --preset minimind2-v minimind-3v       # both models side by side (196 vs 64 image tokens)
 
 Every mode runs the same code: MiniMindVLM, the collate function, the GlobalBatchSampler, the loss
-normalisation and AdamW step of trainer.training.train(), on the same synthetic data. The modes differ only
+normalisation and AdamW step of trainer.training.train_step(), on the same synthetic data. The modes differ only
 in what the issue asks to compare:
 
     upstream     upstream's trainers: every sample right-padded to max_seq_len (640 pretrain, 1536 SFT), plain
                  random batches, the CLIP forward on every step, each image turned into pixels alone by
                  transformers' PIL CLIP image processor (upstream's image2tensor), logits for every position
     ours         pad to the batch's longest sample, length-grouped batches, dataset.processing.preprocess_image,
-                 logits only where there is a target (the training loop's loss_only)
+                 logits only where there is a target (the training step's loss_only forward)
     ours_cache   ours plus --cache_vision_features (CLIP features read from the fp16 cache; the cache is built
                  once before timing, and its build time is reported and amortised separately)
     ours_compiled  ours plus --use_compile 1 (torch.compile, dynamic shapes; the compilation falls in the
@@ -48,6 +48,7 @@ if not __package__:  # started as a file: its folder, not the repo root, is on t
 import argparse
 import io
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -296,8 +297,8 @@ def peak_memory_mb(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------ worker processes
 
 def stage_args(spec: dict, extra=()):
-    """The stage script's own parser and defaults, pointed at the synthetic assets."""
-    from trainer.training import parse_stage_args
+    """The stage script's own parser and defaults (a TrainConfig), pointed at the synthetic assets."""
+    from trainer.config import parse_stage_args
 
     out = Path(spec["work_dir"]) / "runs" / f"{spec['stage']}_{spec['mode']}"
     argv = ["--device", spec["device"], "--dtype", spec["dtype"], "--from_weight", "none",
@@ -311,6 +312,18 @@ def stage_args(spec: dict, extra=()):
     if max_seq_len is not None:
         argv += ["--max_seq_len", str(max_seq_len)]
     return parse_stage_args(spec["stage"], argv)
+
+
+class FullLogits(torch.nn.Module):
+    """Upstream's training forward around the model: logits at every position (the training step asks for them
+    only where there is a target)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model(**{**inputs, "loss_only": False})
 
 
 class UpstreamPixelsDataset:
@@ -342,36 +355,9 @@ def machine_busy_seconds():
     return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-class StepClock:
-    """The loop's `on_step` hook: times each optimizer step and hands the turn back to the parent."""
-
-    def __init__(self, conn, total_steps):
-        self.conn, self.total_steps = conn, total_steps
-        self.started = None
-        self.steps = 0
-
-    def wait_for_turn(self):
-        message = self.conn.recv()
-        if message != "go":
-            raise RuntimeError(f"unexpected message {message!r}")
-        self.started = (time.perf_counter(), time.process_time(), machine_busy_seconds())
-
-    def __call__(self, state, result):
-        wall, cpu, busy = self.started
-        now_busy = machine_busy_seconds()
-        self.steps += 1
-        self.conn.send(("step", {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                                 "machine_busy_s": None if busy is None else now_busy - busy,
-                                 "loss": result.loss}))
-        if self.steps < self.total_steps:
-            self.wait_for_turn()
-        else:
-            self.conn.recv()  # "finish": every mode is done, so saving now disturbs no timing
-
-
 def batch_facts(dataset, batches, pad_to):
     """Per optimizer step: the samples' real lengths, padded length, supervised targets and images."""
-    from dataset.lm_dataset import assistant_label_mask
+    from dataset.records import assistant_label_mask
 
     facts = []
     for batch in batches:
@@ -392,12 +378,25 @@ def worker_main(conn, body, spec):
         conn.send(("error", traceback.format_exc()))
 
 
+def epochs_of_batches(setup, epochs: int):
+    """The loader's batches, epoch after epoch, each epoch in the sampler's order for it."""
+    for epoch in range(epochs):
+        setup.sampler.set_epoch(epoch)
+        yield from setup.loader
+
+
 def train_worker(conn, spec):
+    """One mode's training steps, timed one at a time when the parent gives the turn: the trainer's setup and
+    training step; upstream's mode composes its own loader (upstream pixels, padding to max_seq_len, plain random
+    batches) and forward (FullLogits) around them."""
+    from dataclasses import replace
+
+    from common import unwrap
     from dataset.lm_dataset import VLMDataset
-    from dataset.processing import image_processor_for, load_tokenizer
-    from trainer.training import (RunContext, build_dataset, build_loader, build_model,
-                                  prepare_run, seed_everything, set_trainable, train)
+    from dataset.processing import image_processor_for
     from model.compat import pil_image_processor_class
+    from trainer.setup import RunContext, build_loader, prepare_run, seed_everything
+    from trainer.training import lr_at, micro_batches, train_step
 
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -409,52 +408,61 @@ def train_worker(conn, spec):
         extra += ["--cache_vision_features", str(spec["cache_dir"])]
     if mode == "ours_compiled":
         extra += ["--use_compile", "1"]
-    args = stage_args(spec, extra)
-    ctx = RunContext(device=torch.device(args.device))
-    seed_everything(args.seed)
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    model = build_model(args, log=quiet)
-    set_trainable(model, args.trainable)
+    ctx = RunContext(device=torch.device(spec["device"]))
+    seed_everything(spec["seed"])
+    setup, _ = prepare_run(stage_args(spec, extra), spec["stage"], ctx, log=quiet)
+    cfg = setup.cfg
+    pad_to = None
     if mode == "upstream":
+        config = unwrap(setup.model).config
         dataset_class = type("UpstreamVLMDataset", (UpstreamPixelsDataset, VLMDataset), {})
-        processor_class = pil_image_processor_class(VISION_ENCODERS[model.config.vision_encoder].image_processor_class)
-        dataset_class.processor = processor_class.from_pretrained(str(args.vision_model_path))
-        dataset = dataset_class(args.data_path, tokenizer, model.config.image_special_token,
-                                model.config.image_ids[0], args.max_seq_len, log=None,
-                                image_processor=image_processor_for(model.config),
-                                chat_format=model.config.chat_format)
-    else:
-        dataset = build_dataset(args, tokenizer, model.config, ctx, log=quiet)
-    setup, state = prepare_run(model, dataset, args, ctx, stage=spec["stage"], log=quiet)
-    pad_to = args.max_seq_len if mode == "upstream" else None
-    if mode == "upstream":
-        setup.loader, setup.sampler = build_loader(dataset, args, ctx, pad_to=pad_to)
-        setup.loss_only = False  # upstream's forward: logits at every position
-    clock = StepClock(conn, args.max_steps)
+        processor_class = pil_image_processor_class(VISION_ENCODERS[config.vision_encoder].image_processor_class)
+        dataset_class.processor = processor_class.from_pretrained(str(cfg.vision_model_path))
+        dataset = dataset_class(setup.loader.dataset.prepared, image_processor_for(config), log=None)
+        pad_to = cfg.max_seq_len
+        loader, sampler = build_loader(dataset, cfg, ctx, pad_to=pad_to)
+        setup = replace(setup, model=FullLogits(setup.model), loader=loader, sampler=sampler)
     setup_s = time.perf_counter() - started
-    conn.send(("ready", {"samples": len(dataset), "steps_per_epoch": setup.sampler.steps_per_epoch()}))
-    clock.wait_for_turn()
-    train(setup, args, state, log=quiet, on_step=clock)
+    conn.send(("ready", {"samples": len(setup.loader.dataset), "steps_per_epoch": setup.sampler.steps_per_epoch()}))
 
-    batches = [list(b) for epoch in (0, 1) for b in setup.sampler.global_batches(epoch)][:args.max_steps]
-    return {"facts": batch_facts(dataset, batches, pad_to), "peak_memory_mb": peak_memory_mb(ctx.device),
-            "trainable": args.trainable, "max_seq_len": args.max_seq_len, "batch_size": args.batch_size,
-            "replaced_samples": state.replaced_samples, "setup_s": setup_s}
+    # The training loop's schedule and step, one optimizer step per turn, timed from the parent's "go" to its end
+    # (the batch is fetched in that time, as the loop fetches it).
+    total_steps = math.ceil(setup.sampler.steps_per_epoch() / cfg.accumulation_steps) * cfg.epochs
+    replaced = 0
+    setup.model.train()
+    batches = epochs_of_batches(setup, cfg.epochs)
+    for step in range(cfg.max_steps):
+        if (message := conn.recv()) != "go":
+            raise RuntimeError(f"unexpected message {message!r}")
+        wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
+        result = train_step(setup, micro_batches(batches, cfg.accumulation_steps, cfg.loader_timeout),
+                            lr_at(step, total_steps, cfg.learning_rate), cfg.grad_clip, stop_requested=False)
+        now_busy = machine_busy_seconds()
+        conn.send(("step", {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                            "machine_busy_s": None if busy is None else now_busy - busy, "loss": result.loss}))
+        replaced += result.replaced_samples
+    conn.recv()  # "finish": every mode is done
+
+    batches = [list(b) for epoch in (0, 1) for b in setup.sampler.global_batches(epoch)][:cfg.max_steps]
+    return {"facts": batch_facts(setup.loader.dataset, batches, pad_to), "peak_memory_mb": peak_memory_mb(ctx.device),
+            "trainable": cfg.trainable, "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size,
+            "replaced_samples": replaced, "setup_s": setup_s}
 
 
 def cache_worker(conn, spec):
     """Build (or find) the feature cache as training would, timed; the training process then only opens it."""
-    from dataset.feature_cache import attach_feature_cache
     from dataset.processing import load_tokenizer
-    from trainer.training import RunContext, autocast_for, build_dataset, build_model
+    from trainer.feature_cache import build_feature_store
+    from trainer.setup import RunContext, autocast_for, build_dataset, build_model
 
-    args = stage_args(spec)
-    ctx = RunContext(device=torch.device(args.device))
-    model = build_model(args, log=None).to(ctx.device)
-    dataset = build_dataset(args, load_tokenizer(args.tokenizer_path), model.config, ctx, log=None)
-    autocast, _ = autocast_for(ctx.device, args.dtype)
+    ctx = RunContext(device=torch.device(spec["device"]))
+    model, cfg = build_model(stage_args(spec), spec["stage"], log=None)
+    model.to(ctx.device)
+    autocast, _ = autocast_for(ctx.device, cfg.dtype)
+    dataset = build_dataset(cfg, load_tokenizer(cfg.tokenizer_path), model, ctx, autocast, log=None)
     start = time.perf_counter()
-    store = attach_feature_cache(dataset, model, spec["cache_dir"], ctx, autocast, log=None)
+    store = build_feature_store(dataset.prepared, dataset.image_processor, model, spec["cache_dir"], ctx, autocast,
+                                log=None)
     seconds = time.perf_counter() - start
     unique = len(set(zip(store.image_shard.tolist(), store.image_row.tolist())))
     return {"build_s": seconds, "images_encoded": store.computed, "unique_images": unique}
@@ -487,7 +495,7 @@ def generation_worker(conn, spec):
     from model.model_vlm import MiniMindVLM
     from model.presets import vlm_config
     from dataset.processing import load_tokenizer
-    from trainer.training import autocast_for
+    from trainer.setup import autocast_for
 
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
@@ -560,7 +568,7 @@ def time_generation_modes(generate, modes: dict, blobs, new_tokens: int, repeats
 
 # Workers fork from a server that has imported these once: each starts in a moment instead of re-importing.
 # (A plain fork of this process is not safe once torch's thread pool has run the matmul peak.)
-WORKER_PRELOAD = ["__main__", "torch", "transformers", "trainer.training", "dataset.feature_cache"]
+WORKER_PRELOAD = ["__main__", "torch", "transformers", "trainer.training"]
 
 
 def worker_context():

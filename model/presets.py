@@ -30,7 +30,7 @@ class Preset:
     image_token_count: int  # placeholder tokens per image (= the encoder's features per image)
     chat_format: str  # dataset/processing.py CHAT_FORMATS
     tokenizer_path: Path  # where scripts/download.py puts the preset's tokenizer
-    trainable: dict  # stage ("pretrain" | "sft") -> trainer.training TRAINABLE_CHOICES entry
+    trainable: dict  # stage ("pretrain" | "sft") -> trainer.config TRAINABLE_CHOICES entry
 
     @property
     def vision_model_path(self) -> Path:

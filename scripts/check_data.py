@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from common import bounded, format_duration, run_cli
-from dataset.lm_dataset import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
 from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_IMAGE, STATUS_OK,
                               prepare_dataset, row_number)
 from dataset.processing import (ImageError, chat_template_warning, check_tokenizer_matches, image_processor_for,
                                 load_tokenizer)
+from dataset.records import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
 from model.model_vlm import read_encoder_folder
 from model.presets import add_preset_flags, apply_preset, vlm_config
-from trainer.training import STAGE_DEFAULTS
+from trainer.config import STAGE_DEFAULTS
 
 STAGE_MAX_SEQ_LEN = {stage: defaults["max_seq_len"] for stage, defaults in STAGE_DEFAULTS.items()}
 ROWS_PER_TASK = 256  # rows one worker decodes per task: few tasks, smooth progress

@@ -107,7 +107,7 @@ def training_batch(model, batch_size: int, text_length: int, device, seed: int):
 # ------------------------------------------------------------------------------------------------ rows
 
 def losses_bf16_vs_fp32(model, batch, device):
-    from trainer.training import autocast_for
+    from trainer.setup import autocast_for
 
     if device.type != "cuda":
         return NO_CUDA
@@ -154,7 +154,7 @@ def compiled_steps(model, batches, device, autocast, backend):
     the end (the later batches have new lengths: equal counts mean no recompilation)."""
     from torch._dynamo.utils import counters
 
-    from trainer.training import compile_model
+    from trainer.setup import compile_model
 
     torch._dynamo.reset()
     counters.clear()
@@ -299,7 +299,7 @@ def format_table(report: dict) -> str:
 
 
 def run_checks(args, work_dir: Path) -> dict:
-    from trainer.training import autocast_for, set_trainable
+    from trainer.setup import autocast_for, set_trainable
 
     size = SIZES["tiny" if args.tiny else "full"]
     device = torch.device(args.device)

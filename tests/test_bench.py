@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, MiniMindVLM, VLMConfig
 from dev import bench
-from trainer.training import set_trainable
+from trainer.setup import set_trainable
 
 from common import REPO_ROOT
 

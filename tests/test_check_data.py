@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from dataset.lm_dataset import DataError, VLMDataset
+from dataset.prepared import prepare_dataset
+from dataset.records import DataError
 from model.model_vlm import VLMConfig
-from dataset.processing import image_processor_for
 from scripts import check_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +258,10 @@ def test_training_refuses_with_the_same_problems(launched):
 def test_training_start_up_on_parquet_lists_the_same_problems(defect_data):
     tokenizer = AutoTokenizer.from_pretrained(defect_data["tokenizer"])
     config = VLMConfig()
+    prepared = prepare_dataset(defect_data["parquet"], tokenizer, config.image_special_token, config.image_ids[0],
+                               MAX_SEQ_LEN, log=None)
     with pytest.raises(DataError) as error:
-        VLMDataset(defect_data["parquet"], tokenizer, config.image_special_token, config.image_ids[0], MAX_SEQ_LEN,
-                   log=None, image_processor=image_processor_for(config))
+        prepared.check(skip_bad_samples=False, log=None)  # what the trainers run at start-up
     lines = str(error.value).splitlines()
     assert lines[0] == "data.parquet: 3 malformed record(s):"
     assert_reasons(parse_problem_lines(lines[1:-1]), parquet_expected(PARQUET_ERRORS - DECODE_KINDS))

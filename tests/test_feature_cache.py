@@ -13,12 +13,13 @@ import torch
 from transformers import AutoTokenizer
 
 import train_pretrain_vlm
-from dataset import feature_cache
-from dataset.feature_cache import attach_feature_cache, list_shards
 from dataset.lm_dataset import VLMDataset
+from dataset.prepared import prepare_dataset
 from dataset.processing import ImageError, image_processor_for
 from model.model_vlm import MiniMindVLM, VLMConfig
-from trainer.training import RunContext
+from trainer import feature_cache
+from trainer.feature_cache import build_feature_store, list_shards
+from trainer.setup import RunContext
 
 TINY_LM = dict(hidden_size=64, num_hidden_layers=2)
 # fp16 keeps 11 significant bits: rounding moves a value by at most 2**-11 of itself. The encoder also runs on
@@ -37,14 +38,18 @@ def vlm(tiny_clip_dir):
     return MiniMindVLM(VLMConfig(**TINY_LM), vision_model_path=tiny_clip_dir).eval()
 
 
-def make_dataset(path, tokenizer, vlm, images_path=None):
-    return VLMDataset(path, tokenizer, vlm.config.image_special_token, vlm.image_token_id, 640,
-                      images_path=images_path, log=None, image_processor=image_processor_for(vlm.config))
+def make_dataset(path, tokenizer, vlm, images_path=None, **prepare_kwargs):
+    """The dataset without a feature store (pixels), over its prepared data."""
+    prepared = prepare_dataset(path, tokenizer, vlm.config.image_special_token, vlm.image_token_id, 640,
+                               images_path=images_path, log=None, **prepare_kwargs)
+    return VLMDataset(prepared, image_processor_for(vlm.config), log=None)
 
 
-def attach(dataset, model, cache_dir, log=None, **kwargs):
-    return attach_feature_cache(dataset, model, cache_dir, RunContext(), nullcontext, log=log, num_workers=0,
-                                **kwargs)
+def attach(dataset, model, cache_dir, log=None, ctx=None, **kwargs):
+    """(store, the dataset's samples with that store): the features of `dataset`'s images, computed where missing."""
+    store = build_feature_store(dataset.prepared, dataset.image_processor, model, cache_dir, ctx or RunContext(),
+                                nullcontext, log=log, num_workers=0, **kwargs)
+    return store, VLMDataset(dataset.prepared, dataset.image_processor, feature_store=store, log=None)
 
 
 def assert_fp16_close(cached, reference):
@@ -55,10 +60,10 @@ def assert_fp16_close(cached, reference):
 
 def test_features_are_the_encoder_output_rounded_to_fp16(tmp_path, shapes_data, tokenizer, vlm):
     dataset = make_dataset(shapes_data["pretrain_parquet"], tokenizer, vlm)
-    store = attach(dataset, vlm, tmp_path)
-    assert store.computed == len(dataset) and dataset.feature_store is store
+    store, cached = attach(dataset, vlm, tmp_path)
+    assert store.computed == len(dataset) and cached.feature_store is store
     for index in range(len(dataset)):
-        item = dataset[index]
+        item = cached[index]
         assert "pixel_values" not in item and item["image_features"].shape == (1, 196, 64)
         assert_fp16_close(item["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(index))))
 
@@ -72,13 +77,11 @@ def test_minimind3v_features_are_sized_by_the_encoder(tmp_path, shapes_data, tin
     torch.manual_seed(0)
     model = MiniMindVLM(vlm_config("minimind-3v", **TINY_LM), vision_model_path=tiny_siglip_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_minimind3_tokenizer_dir))
-    dataset = VLMDataset(shapes_data["pretrain_parquet"], tokenizer, model.config.image_special_token,
-                         model.image_token_id, 640, log=None, image_processor=image_processor_for(model.config),
-                         chat_format=model.config.chat_format)
+    dataset = make_dataset(shapes_data["pretrain_parquet"], tokenizer, model, chat_format=model.config.chat_format)
     assert dataset.load_pixels(0).shape == (1, 3, 256, 256) and dataset.load_pixels(0).dtype == torch.uint8
-    store = attach(dataset, model, tmp_path)
+    store, cached = attach(dataset, model, tmp_path)
     assert store.tokens == model.config.image_feature_count == 64
-    item = dataset[0]
+    item = cached[0]
     assert item["image_features"].shape == (1, 64, 64)
     assert_fp16_close(item["image_features"], model.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
     fingerprint = json.loads((store.folder / "fingerprint.json").read_text())
@@ -90,17 +93,19 @@ def test_images_shared_by_two_datasets_and_two_runs_are_encoded_once(tmp_path, s
     parquet = make_dataset(shapes_data["pretrain_parquet"], tokenizer, vlm)
     jsonl = make_dataset(shapes_data["pretrain_jsonl"], tokenizer, vlm, shapes_data["pretrain_images"])
     sft = make_dataset(shapes_data["sft_parquet"], tokenizer, vlm)
-    assert attach(parquet, vlm, tmp_path).computed == len(parquet)
+    store, parquet_cached = attach(parquet, vlm, tmp_path)
+    assert store.computed == len(parquet)
     messages = []
-    assert attach(jsonl, vlm, tmp_path, log=messages.append).computed == 0  # same images, other file format
+    store, jsonl_cached = attach(jsonl, vlm, tmp_path, log=messages.append)
+    assert store.computed == 0  # same images, other file format
     assert "8 cached, 0 to encode" in messages[0]
-    assert attach(parquet, vlm, tmp_path).computed == 0  # the next epoch or run
+    assert attach(parquet, vlm, tmp_path)[0].computed == 0  # the next epoch or run
     sft_images = sum(len(record.images) for record in sft.records)  # its text-only rows have none
     assert 0 < sft_images < len(sft)
-    assert attach(sft, vlm, tmp_path).computed == sft_images  # other images: encoded
-    assert attach(sft, vlm, tmp_path).computed == 0
+    assert attach(sft, vlm, tmp_path)[0].computed == sft_images  # other images: encoded
+    assert attach(sft, vlm, tmp_path)[0].computed == 0
     for index in range(len(parquet)):
-        assert torch.equal(parquet[index]["image_features"], jsonl[index]["image_features"])
+        assert torch.equal(parquet_cached[index]["image_features"], jsonl_cached[index]["image_features"])
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(list_shards(folder)) == 2  # one per build that encoded something
 
@@ -108,20 +113,20 @@ def test_images_shared_by_two_datasets_and_two_runs_are_encoded_once(tmp_path, s
 def test_changed_encoder_or_preprocessing_uses_a_fresh_folder(tmp_path, shapes_data, tokenizer, vlm, tiny_clip_dir,
                                                               monkeypatch):
     dataset = make_dataset(shapes_data["pretrain_parquet"], tokenizer, vlm)
-    first = attach(dataset, vlm, tmp_path)
-    before = dataset[0]["image_features"]
+    first, cached = attach(dataset, vlm, tmp_path)
+    before = cached[0]["image_features"]
 
     changed = MiniMindVLM(VLMConfig(**TINY_LM), vision_model_path=tiny_clip_dir).eval()
-    assert attach(dataset, changed, tmp_path).computed == 0  # another model object, the same encoder
+    assert attach(dataset, changed, tmp_path)[0].computed == 0  # another model object, the same encoder
     with torch.no_grad():
         changed.vision_encoder.encoder.layers[0].mlp.fc1.weight.mul_(1.5)
-    second = attach(dataset, changed, tmp_path)
+    second, cached = attach(dataset, changed, tmp_path)
     assert second.computed == len(dataset) and second.folder != first.folder
-    assert not torch.allclose(dataset[0]["image_features"].float(), before.float(), atol=1e-2)
-    assert_fp16_close(dataset[0]["image_features"], changed.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
+    assert not torch.allclose(cached[0]["image_features"].float(), before.float(), atol=1e-2)
+    assert_fp16_close(cached[0]["image_features"], changed.encode_images(dataset.image_processor.normalize(dataset.load_pixels(0))))
 
     monkeypatch.setattr(feature_cache, "PREPROCESS_VERSION", feature_cache.PREPROCESS_VERSION + 1)
-    third = attach(dataset, vlm, tmp_path)
+    third, _ = attach(dataset, vlm, tmp_path)
     assert third.computed == len(dataset) and third.folder not in (first.folder, second.folder)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
@@ -151,21 +156,21 @@ def test_a_crash_mid_build_leaves_nothing_that_is_read(tmp_path, shapes_data, to
     (folder / "shard-junk.keys.npy").write_bytes(b"not a numpy file")
     assert list_shards(folder) == []
 
-    store = attach(dataset, vlm, tmp_path)
+    store, cached = attach(dataset, vlm, tmp_path)
     assert store.computed == len(dataset)
-    assert_fp16_close(dataset[2]["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(2))))
+    assert_fp16_close(cached[2]["image_features"], vlm.encode_images(dataset.image_processor.normalize(dataset.load_pixels(2))))
 
 
 def test_store_pickles_without_features_and_reopens_its_maps(tmp_path, shapes_data, tokenizer, vlm):
     dataset = make_dataset(shapes_data["pretrain_parquet"], tokenizer, vlm)
-    store = attach(dataset, vlm, tmp_path)
-    expected = store.features_for(dataset, 1)
+    store, _ = attach(dataset, vlm, tmp_path)
+    expected = store.features_for(1)
     assert store._maps  # opened in this process
     payload = pickle.dumps(store)
     assert len(payload) < 10_000  # paths and index arrays only, not the 8 x 196 x 64 features
     copy = pickle.loads(payload)
     assert copy._maps == {}
-    assert torch.equal(copy.features_for(dataset, 1), expected)
+    assert torch.equal(copy.features_for(1), expected)
 
 
 def test_an_image_that_does_not_decode_is_reported_for_its_record(tmp_path, shapes_data, tokenizer, vlm):
@@ -175,15 +180,18 @@ def test_an_image_that_does_not_decode_is_reported_for_its_record(tmp_path, shap
     broken.write_bytes(b"not a jpeg")
     dataset = make_dataset(shapes_data["pretrain_jsonl"], tokenizer, vlm, images)
     messages = []
-    store = attach(dataset, vlm, tmp_path / "cache", log=messages.append)
+    store, cached = attach(dataset, vlm, tmp_path / "cache", log=messages.append)
     assert store.computed == len(dataset) - 1
     assert any("1 image(s) could not be decoded" in m for m in messages)
     broken_index = next(i for i, r in enumerate(dataset.records) if r.images[0].endswith(broken.name))
     with pytest.raises(ImageError, match="could not be decoded"):
-        store.features_for(dataset, broken_index)
-    dataset.log = None
-    assert dataset[broken_index]["replaced"] == 1  # the dataset's usual replacement
-    assert attach(dataset, vlm, tmp_path / "cache").computed == 0  # retried, still broken, nothing new stored
+        store.features_for(broken_index)
+    warnings = []
+    cached.log = warnings.append
+    assert cached[broken_index]["replaced"] == 1  # the dataset's usual replacement, said once with the record
+    assert warnings == [f"warning: {dataset.records[broken_index].origin}: an image could not be decoded when the "
+                        f"feature cache was built; using the next sample instead"]
+    assert attach(dataset, vlm, tmp_path / "cache")[0].computed == 0  # retried, still broken, nothing new stored
 
 
 def _ddp_rank(rank, world_size, init_file, cache_dir, data, clip_dir, tokenizer_dir, results):
@@ -195,9 +203,8 @@ def _ddp_rank(rank, world_size, init_file, cache_dir, data, clip_dir, tokenizer_
         model = MiniMindVLM(VLMConfig(**TINY_LM), vision_model_path=clip_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         dataset = make_dataset(data, tokenizer, model)
-        ctx = RunContext(rank=rank, world_size=world_size)
-        store = attach_feature_cache(dataset, model, cache_dir, ctx, nullcontext, log=None, num_workers=0)
-        results.put((rank, store.computed, [dataset[i]["image_features"].numpy() for i in range(len(dataset))]))
+        store, cached = attach(dataset, model, cache_dir, ctx=RunContext(rank=rank, world_size=world_size))
+        results.put((rank, store.computed, [cached[i]["image_features"].numpy() for i in range(len(cached))]))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -223,8 +230,7 @@ def test_two_ranks_split_the_work_and_both_read_everything(tmp_path, shapes_data
 def test_world_size_one_context_never_waits_at_a_barrier(tmp_path, shapes_data, tokenizer, vlm, monkeypatch):
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("barrier with one process"))
     dataset = make_dataset(shapes_data["pretrain_parquet"], tokenizer, vlm)
-    ctx = RunContext(rank=0, world_size=1)
-    assert attach_feature_cache(dataset, vlm, tmp_path, ctx, nullcontext, log=None, num_workers=0).computed == 8
+    assert attach(dataset, vlm, tmp_path, ctx=RunContext(rank=0, world_size=1))[0].computed == 8
 
 
 # --------------------------------------------------------------------------- training with and without the cache

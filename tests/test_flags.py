@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from common import REPO_ROOT
-from trainer.training import STAGE_DEFAULTS, build_parser
+from trainer.config import STAGE_DEFAULTS, build_parser
 
 # (module, function that builds or parses with the entry point's parser)
 ENTRY_POINTS = [

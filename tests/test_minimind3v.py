@@ -279,7 +279,7 @@ def test_a_3v_file_in_a_minimind2_model_names_the_keys_that_differ(tmp_path, tin
 def test_loss_mask_is_upstream_g3s(real_minimind3_tokenizer_dir):
     """Trained: each answer with its think block, `<|im_end|>` and the newline after it (upstream G3's span
     after `<|im_start|>assistant\\n` through `<|im_end|>\\n`), nothing of the user's turns or the image."""
-    from dataset.lm_dataset import SampleEncoder
+    from dataset.records import SampleEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(real_minimind3_tokenizer_dir)
     config = vlm_config("minimind-3v")

@@ -211,7 +211,7 @@ def test_compile_reuses_its_graphs_for_new_lengths_and_gives_eager_losses():
     length two new ones compile nothing more, in both the plain and the loss-only path. (aot_eager: graph breaks
     and recompiles are dynamo's, decided before the backend; inductor would only add minutes of C++ here.)"""
     from torch._dynamo.utils import counters
-    from trainer.training import compile_model
+    from trainer.setup import compile_model
 
     torch._dynamo.reset()
     counters.clear()

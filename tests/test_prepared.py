@@ -11,10 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from dataset import prepared as prepared_module
-from dataset.lm_dataset import DataError, JsonlSource, ParquetSource, SampleEncoder, VLMDataset
-from dataset.prepared import prepare_dataset
+from dataset.lm_dataset import VLMDataset
+from dataset.prepared import RecordView, prepare_dataset
 from dataset.processing import chat_template_warning
 from dataset.processing import image_processor_for
+from dataset.records import DataError, SampleEncoder, column_values, jsonl_record, parquet_record
 from dev.published_shape import write_published_shape
 from dev.synthetic import placeholder_jpeg
 from model.model_vlm import VLMConfig
@@ -38,17 +39,44 @@ def published(tmp_path_factory):
     return path, facts
 
 
-def open_dataset(path, tokenizer, max_seq_len=2048, **kwargs):
-    return VLMDataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len, log=None,
-                      image_processor=image_processor_for(CONFIG), **kwargs)
+def open_dataset(path, tokenizer, max_seq_len=2048, skip_bad_samples=False, images_path=None, prepared_dir=None,
+                 prepare_workers=None):
+    """(dataset, stats) as the trainers open them: prepared, checked at start-up, then read as training samples."""
+    prepared = prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len,
+                               images_path=images_path, cache_dir=prepared_dir, workers=prepare_workers, log=None)
+    stats = prepared.check(skip_bad_samples, log=None)
+    return VLMDataset(prepared, image_processor_for(CONFIG), log=None), stats
+
+
+def read_parquet_records(path):
+    """(records, problems) of every row in file order, with the record reader the preparing workers use."""
+    table = pq.read_table(path)
+    images = table.column("image_bytes")
+    records, problems = [], []
+    for row, text in enumerate(column_values(table.column("conversations"))):
+        record, problem = parquet_record(text, images[row], row, path.name)
+        records += [record] if record else []
+        problems += [problem] if problem else []
+    return records, problems
+
+
+def read_jsonl_records(path, images_path):
+    """(records, problems) of every line in file order, with the record reader the preparing workers use."""
+    records, problems = [], []
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            record, problem = jsonl_record(raw, line_no, path.name, images_path)
+            records += [record] if record else []
+            problems += [problem] if problem else []
+    return records, problems
 
 
 def test_published_shape_trains_as_is_and_counts_text_only_rows(published, tokenizer, tmp_path):
     path, facts = published
-    dataset = open_dataset(path, tokenizer, prepared_dir=tmp_path, prepare_workers=2)
-    assert dataset.stats.bad_records == 0 and len(dataset) == facts["rows"]
-    assert dataset.stats.text_only == facts["text_only"]
-    assert f"{facts['text_only']} of the usable are text-only" in dataset.stats.summary()
+    dataset, stats = open_dataset(path, tokenizer, prepared_dir=tmp_path, prepare_workers=2)
+    assert stats.bad_records == 0 and len(dataset) == facts["rows"]
+    assert stats.text_only == facts["text_only"]
+    assert f"{facts['text_only']} of the usable are text-only" in stats.summary()
     text_only = [i for i in range(len(dataset)) if not dataset.records[i].images]
     assert len(text_only) == facts["text_only"]
     item = dataset[text_only[0]]
@@ -62,11 +90,12 @@ def test_published_shape_trains_as_is_and_counts_text_only_rows(published, token
 def test_parallel_build_equals_the_whole_file_reader(published, tokenizer, tmp_path):
     path, _ = published
     max_seq_len = 215  # cuts some images and answers: the left-out rows must match too
-    dataset = open_dataset(path, tokenizer, max_seq_len, prepared_dir=tmp_path, prepare_workers=2,
-                           skip_bad_samples=True)
-    records, problems = ParquetSource(path).read()
+    dataset, _ = open_dataset(path, tokenizer, max_seq_len, prepared_dir=tmp_path, prepare_workers=2,
+                              skip_bad_samples=True)
+    records, problems = read_parquet_records(path)
     assert not problems
-    samples = SampleEncoder(tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len).encode(records)
+    encoder = SampleEncoder(tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, max_seq_len)
+    samples = encoder.encode_chats([(record.conversations, len(record.images)) for record in records])
     kept = [(record, sample) for record, sample in zip(records, samples) if sample.cut is None]
     assert 0 < len(kept) < len(records)
     assert len(dataset) == len(kept)
@@ -81,12 +110,12 @@ def test_jsonl_in_several_units_equals_the_whole_file_reader(shapes_data, tokeni
     data = tmp_path / "data.jsonl"
     lines = shapes_data["sft_jsonl"].read_text().splitlines()
     data.write_text("\n".join(lines[:4] + ["", "{not json"] + lines[4:]))  # a blank line, a bad one, no final \n
-    dataset = open_dataset(data, tokenizer, images_path=shapes_data["sft_images"], prepared_dir=tmp_path / "p",
-                           prepare_workers=2, skip_bad_samples=True)
+    dataset, stats = open_dataset(data, tokenizer, images_path=shapes_data["sft_images"], prepared_dir=tmp_path / "p",
+                                  prepare_workers=2, skip_bad_samples=True)
     assert len(prepared_module.jsonl_units(data)) > 2
-    records, problems = JsonlSource(data, shapes_data["sft_images"]).read()
-    assert [p.origin for p in dataset.stats.problems] == [p.origin for p in problems] == ["data.jsonl:6"]
-    assert dataset.stats.records == len(records) + 1
+    records, problems = read_jsonl_records(data, shapes_data["sft_images"])
+    assert [p.origin for p in stats.problems] == [p.origin for p in problems] == ["data.jsonl:6"]
+    assert stats.records == len(records) + 1
     assert [dataset.records[i].origin for i in range(len(dataset))] == [r.origin for r in records]
     assert [dataset.records[i].images for i in range(len(dataset))] == [r.images for r in records]
 
@@ -139,8 +168,8 @@ def test_stored_roles_are_honoured_and_bad_ones_reported(real_tokenizer_dir, sha
     assert "data.parquet:row 1: turn 1 has role 'user' where 'assistant' was expected" in message
     assert "data.parquet:row 4: 0 <image> marker(s) but 1 image(s)" in message  # a real image needs its marker
 
-    dataset = open_dataset(data, tokenizer, skip_bad_samples=True)
-    assert len(dataset) == 3 and dataset.stats.text_only == 1
+    dataset, stats = open_dataset(data, tokenizer, skip_bad_samples=True)
+    assert len(dataset) == 3 and stats.text_only == 1
     system = dataset[0]
     text = tokenizer.decode(system["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
@@ -182,7 +211,7 @@ def test_a_tokenizer_with_another_template_gets_a_warning(tokenizer):
 
 def test_backend_token_ids_equal_the_tokenizer_call(tokenizer, published):
     path, _ = published
-    records, _ = ParquetSource(path).read()
+    records, _ = read_parquet_records(path)
     encoder = SampleEncoder(tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 4096)
     from dataset.processing import build_prompt
 
@@ -194,7 +223,7 @@ def test_a_pickled_dataset_maps_the_files_again(published, tokenizer, tmp_path):
     import pickle
 
     path, _ = published
-    dataset = open_dataset(path, tokenizer, prepared_dir=tmp_path)
+    dataset, _ = open_dataset(path, tokenizer, prepared_dir=tmp_path)
     blob = pickle.dumps(dataset)
     assert len(blob) < 200_000  # paths and small objects, not the token arrays (a spawned worker's copy)
     copy = pickle.loads(blob)
@@ -240,7 +269,8 @@ def build_in_child(path, cache_dir, tokenizer, results, name, no_lock):
         data = prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 2048, cache_dir=cache_dir,
                                workers=1, log=lambda message: results.put((name, "log", message)))
         ids = [data.token_ids(i).tolist() for i in range(len(data))]
-        results.put((name, "ok", (str(data.folder), ids, [data.record(i).images for i in range(len(data))])))
+        records = RecordView(data)
+        results.put((name, "ok", (str(data.folder), ids, [records[i].images for i in range(len(data))])))
     except BaseException as error:  # noqa: BLE001 - the parent reports it
         results.put((name, "error", f"{type(error).__name__}: {error}"))
 

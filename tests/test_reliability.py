@@ -33,8 +33,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import train_pretrain_vlm
-from dataset.lm_dataset import (DataError, DataProblem, JsonlSource, ParquetSource, Record, SampleEncoder,
-                                check_conversations, check_image_count, load_image)
+from dataset.prepared import RecordView, prepare_dataset
+from dataset.records import DataError, SampleEncoder, load_image
 from dataset.processing import (ImageError, ROLES_BY_PARITY, build_prompt, count_image_markers,
                                 image_processor_for, open_image, preprocess_image)
 from model.model_vlm import MiniMindVLM, VLMConfig
@@ -120,20 +120,35 @@ def expected_entries(raw_lines):
     return count
 
 
-def assert_well_formed(records, problems, name, entries):
-    assert all(isinstance(p, DataProblem) and isinstance(p.reason, str) and p.reason for p in problems)
-    assert all(isinstance(r, Record) for r in records)
-    assert len(records) + len(problems) == entries
-    origins = [r.origin for r in records] + [p.origin for p in problems]
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def prepare(path, tokenizer):
+    """The data as training reads it (dataset/prepared.py), built in this process; no sample is cut."""
+    return prepare_dataset(path, tokenizer, IMAGE_SPECIAL_TOKEN, IMAGE_TOKEN_ID, 100_000, workers=1, log=None)
+
+
+def assert_well_formed(prepared, name, entries):
+    """Every entry is a usable sample or a counted problem with a reason; each usable sample has one intact
+    placeholder run per image (what the reader lets through is what the encoder needs)."""
+    counts = prepared.manifest
+    assert counts["records"] == entries == counts["usable"] + counts["malformed"]
+    problems, malformed = prepared.problems()
+    assert malformed == counts["malformed"] == len(problems)  # up to 8 entries: every problem is kept
+    assert all(p.reason and p.kind for p in problems)
+    records = RecordView(prepared)
+    origins = [records[i].origin for i in range(len(records))] + [p.origin for p in problems]
     assert len(set(origins)) == len(origins) and all(o.startswith(f"{name}:") for o in origins)
-    for record in records:  # what the reader lets through is what the encoder needs
-        assert check_conversations(record.conversations) is None
-        assert check_image_count(record.conversations, len(record.images)) is None
+    for index in range(len(records)):
+        assert image_runs(prepared.token_ids(index)) == [IMAGE_RUN] * len(records[index].images)
+    return records
 
 
 @PROPERTY_SETTINGS
 @given(lines=st.lists(jsonl_lines(), max_size=8))
-def test_jsonl_reader_reports_problems_and_never_raises_anything_else(lines):
+def test_jsonl_reader_reports_problems_and_never_raises_anything_else(tiny_tokenizer, lines):
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         (folder / "a.jpg").write_bytes(png_bytes())
@@ -141,12 +156,12 @@ def test_jsonl_reader_reports_problems_and_never_raises_anything_else(lines):
         raw = b"\n".join(lines) + b"\n"
         path.write_bytes(raw)
         try:
-            records, problems = JsonlSource(path, folder).read()
+            prepared = prepare(path, tiny_tokenizer)
         except DataError:
             return
-        assert_well_formed(records, problems, "data.jsonl", expected_entries(raw.split(b"\n")[:-1]))
-        for record in records:
-            assert all(Path(image).is_file() for image in record.images)
+        records = assert_well_formed(prepared, "data.jsonl", expected_entries(raw.split(b"\n")[:-1]))
+        for index in range(len(records)):
+            assert all(Path(image).is_file() for image in records[index].images)
 
 
 image_blobs = st.one_of(st.none(), st.binary(max_size=30), st.just(png_bytes()),
@@ -174,21 +189,20 @@ def parquet_files(draw):
 
 @PROPERTY_SETTINGS
 @given(parquet=parquet_files())
-def test_parquet_reader_and_image_loading_raise_only_documented_errors(parquet):
+def test_parquet_reader_and_image_loading_raise_only_documented_errors(tiny_tokenizer, parquet):
     data, rows = parquet
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data.parquet"
         path.write_bytes(data)
         try:
-            source = ParquetSource(path)
-            records, problems = source.read()
+            prepared = prepare(path, tiny_tokenizer)
         except DataError:
             return
-        assert_well_formed(records, problems, "data.parquet", len(source.table))
-        for record in records:
-            for ref in record.images:
+        records = assert_well_formed(prepared, "data.parquet", pq.ParquetFile(path).metadata.num_rows)
+        for index in range(len(records)):
+            for ref in records[index].images:
                 try:
-                    pixels = load_image(source, ref, CLIP_PROCESSOR)
+                    pixels = load_image(prepared.images, ref, CLIP_PROCESSOR)
                 except ImageError:
                     continue
                 assert pixels.shape == (3, 224, 224) and bool(pixels.isfinite().all())
@@ -219,8 +233,8 @@ def test_prompt_has_one_placeholder_run_per_marker_and_no_stray_placeholder(any_
 def test_a_record_that_fits_is_never_reported_as_cut(tiny_tokenizer_dir, contents):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     turns = [{"role": ROLES_BY_PARITY[i % 2], "content": text} for i, text in enumerate(contents)]
-    record = Record(turns, ["img"] * count_image_markers(turns), "data.jsonl:1")
-    sample = SampleEncoder(tokenizer, IMAGE_SPECIAL_TOKEN, IMAGE_TOKEN_ID, max_seq_len=100_000).encode([record])[0]
+    encoder = SampleEncoder(tokenizer, IMAGE_SPECIAL_TOKEN, IMAGE_TOKEN_ID, max_seq_len=100_000)
+    sample, = encoder.encode_chats([(turns, count_image_markers(turns))])
     assert sample.cut is None and sample.length == len(sample.ids)
 
 
@@ -526,12 +540,12 @@ def test_a_few_non_finite_losses_are_skipped_and_counted(assets, tmp_path, capsy
 
 def cpu_fp16_with_scale(monkeypatch, init_scale):
     """fp16 autocast and a GradScaler on the CPU (the trainer uses them on CUDA only), starting at `init_scale`."""
-    from trainer import training
+    from trainer import setup
 
     def autocast_for(device, dtype_name):
         return (lambda: torch.autocast("cpu", dtype=torch.float16)), torch.amp.GradScaler("cpu", init_scale=init_scale)
 
-    monkeypatch.setattr(training, "autocast_for", autocast_for)
+    monkeypatch.setattr(setup, "autocast_for", autocast_for)
 
 
 def test_fp16_overflow_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path, capsys, monkeypatch):
@@ -581,7 +595,7 @@ class FakeCudaGenerators:
 
 
 def test_resume_with_fewer_cuda_generators_restores_what_is_visible(monkeypatch):
-    from trainer.training import RunContext, capture_rng, restore_rng
+    from trainer.setup import RunContext, capture_rng, restore_rng
 
     # A file of the former format from an 8-GPU box: rank 0's states plus all 8 generators (get_rng_state_all).
     saved_on_8 = FakeCudaGenerators(monkeypatch, 8)
@@ -615,7 +629,7 @@ def test_resume_with_fewer_cuda_generators_restores_what_is_visible(monkeypatch)
 
 
 def test_resume_restores_python_numpy_and_torch_states_per_rank():
-    from trainer.training import RunContext, capture_rng, restore_rng
+    from trainer.setup import RunContext, capture_rng, restore_rng
 
     states = []
     for rank in range(2):  # two ranks seeded apart, as run_stage seeds them

@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, assistant_label_mask, collate_batch
-from model.model_vlm import MiniMindVLM, VLMConfig
+from dataset.lm_dataset import GlobalBatchSampler, VLMDataset, collate_batch
+from dataset.prepared import prepare_dataset
 from dataset.processing import image_processor_for
-from trainer.training import STAGE_DEFAULTS, TRAINABLE_CHOICES, lr_at, parse_stage_args, set_trainable
+from dataset.records import assistant_label_mask
+from model.model_vlm import MiniMindVLM, VLMConfig
+from trainer.config import STAGE_DEFAULTS, TRAINABLE_CHOICES, parse_stage_args
+from trainer.setup import set_trainable
+from trainer.training import lr_at
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FLAGS = ["--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0"]
@@ -261,8 +265,8 @@ def test_loss_masks_on_the_real_chat_template(real_tokenizer_dir, tmp_path):
     import json
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     config = VLMConfig()
-    dataset = VLMDataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None,
-                         image_processor=image_processor_for(config))
+    prepared = prepare_dataset(data, tokenizer, config.image_special_token, 34, 1536, images_path=images, log=None)
+    dataset = VLMDataset(prepared, image_processor_for(config), log=None)
     for index, answers in [(0, ["A red square."]), (1, ["Yes.", "Quite sure."])]:
         item = dataset[index]
         ids, labels = item["input_ids"], item["labels"]
@@ -283,21 +287,24 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer_dir, shapes_data):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     config = VLMConfig()
+
+    def prepare(max_seq_len):
+        return prepare_dataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, max_seq_len,
+                               images_path=shapes_data["pretrain_images"], log=None)
+
     # Pretrain records all carry an image (the SFT file also has text-only rows, which no limit here cuts).
-    full = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 2048,
-                      images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
+    full = prepare(2048)
+    full_stats = full.check(skip_bad_samples=False, log=None)
     shortest = int(full.lengths.min())
     # Cut inside every image run: all samples are left out and counted, none trained without its image.
     with pytest.raises(Exception, match="no usable sample"):
-        VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, 100,
-                   images_path=shapes_data["pretrain_images"], log=None, image_processor=image_processor_for(config))
+        prepare(100).check(skip_bad_samples=False, log=None)
     # A limit that keeps the images but cuts some answers entirely drops exactly those samples.
     limit = shortest - 3
-    partial = VLMDataset(shapes_data["pretrain_jsonl"], tokenizer, config.image_special_token, 34, limit,
-                         images_path=shapes_data["pretrain_images"], log=None, skip_bad_samples=True,
-                         image_processor=image_processor_for(config))
-    assert partial.stats.usable + partial.stats.answer_cut_by_max_seq_len + partial.stats.image_cut_by_max_seq_len \
-        == full.stats.usable
+    prepared = prepare(limit)
+    stats = prepared.check(skip_bad_samples=True, log=None)
+    partial = VLMDataset(prepared, image_processor_for(config), log=None)
+    assert stats.usable + stats.answer_cut_by_max_seq_len + stats.image_cut_by_max_seq_len == full_stats.usable
     for index in range(len(partial)):
         ids = partial.token_ids(index)
         assert len(ids) <= limit
@@ -342,10 +349,11 @@ def sft_dataset(assets, tmp_path_factory):
     torch.manual_seed(0)
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=assets["clip"])
     config = model.config
-    dataset = VLMDataset(assets["data"]["sft_jsonl"], AutoTokenizer.from_pretrained(assets["tokenizer"]),
-                         config.image_special_token, config.image_ids[0], 512, images_path=assets["data"]["sft_images"],
-                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared"),
-                         image_processor=image_processor_for(config))
+    prepared = prepare_dataset(assets["data"]["sft_jsonl"], AutoTokenizer.from_pretrained(assets["tokenizer"]),
+                               config.image_special_token, config.image_ids[0], 512,
+                               images_path=assets["data"]["sft_images"], cache_dir=tmp_path_factory.mktemp("prepared"),
+                               log=None)
+    dataset = VLMDataset(prepared, image_processor_for(config), log=None)
     return dataset, model
 
 
@@ -359,11 +367,11 @@ def sft_dataset_3v(shapes_data, tiny_siglip_dir, tiny_minimind3_tokenizer_dir, t
     torch.manual_seed(0)
     model = MiniMindVLM(vlm_config("minimind-3v", 64, 2), vision_model_path=tiny_siglip_dir)
     config = model.config
-    dataset = VLMDataset(shapes_data["sft_jsonl"], AutoTokenizer.from_pretrained(tiny_minimind3_tokenizer_dir),
-                         config.image_special_token, config.image_ids[0], 512, images_path=shapes_data["sft_images"],
-                         log=None, prepared_dir=tmp_path_factory.mktemp("prepared_3v"),
-                         image_processor=image_processor_for(config), chat_format=config.chat_format)
-    return dataset, model
+    prepared = prepare_dataset(shapes_data["sft_jsonl"], AutoTokenizer.from_pretrained(tiny_minimind3_tokenizer_dir),
+                               config.image_special_token, config.image_ids[0], 512,
+                               images_path=shapes_data["sft_images"], cache_dir=tmp_path_factory.mktemp("prepared_3v"),
+                               log=None, chat_format=config.chat_format)
+    return VLMDataset(prepared, image_processor_for(config), log=None), model
 
 
 def training_batch(dataset, indices):
@@ -404,7 +412,7 @@ def test_compiled_training_forward_on_collated_batches_gives_eager_losses_withou
     before the backend."""
     from torch._dynamo.utils import counters
 
-    from trainer.training import compile_model
+    from trainer.setup import compile_model
 
     dataset, model = request.getfixturevalue(dataset_fixture)
     with_images = [i for i in range(len(dataset)) if dataset.records[i].images]

@@ -23,6 +23,9 @@ the index is rebuilt from the keys files at each start.
 
 Under DDP every rank hashes all images (the same list on every rank, no communication), encodes its
 `rank::world_size` share of the missing ones into its own shards, waits at a barrier, then opens all shards.
+
+Building the store runs the model's vision encoder (under the run's autocast, with DDP collectives), so it lives
+with the trainer; the dataset only reads the store it is handed (VLMDataset(..., feature_store=store)).
 """
 import hashlib
 import json
@@ -34,11 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lm_dataset import load_image
+from common import unwrap
+from dataset.prepared import PreparedData, RecordView
+from dataset.processing import ImageError
+from dataset.records import load_image
 from model.model_vlm import VISION_ENCODERS
 from model.processing_minimind_v import CLIP_IMAGE_PROCESSING, output_size
-
-from .processing import ImageError
 
 # Bump whenever dataset.processing.preprocess_image (or what it is fed) changes: old caches are then unused.
 PREPROCESS_VERSION = 1
@@ -53,54 +57,29 @@ SHARD_SUFFIX = ".npy"
 KEYS_SUFFIX = ".keys.npy"
 
 
-def image_key(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
-
-
-def _key_of(source, ref, progress) -> bytes:
-    """The image's key; an unreadable file gets the empty key, which is never cached (reported as undecodable)."""
-    progress.update(1)
-    try:
-        return image_key(source.image_bytes(ref))
-    except OSError:
-        return b""
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """BLAKE2b of every parameter and buffer (name, dtype, shape, bytes): the weights as loaded."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def compute_precision(encoder, device: torch.device, autocast) -> str:
-    """The dtype the encoder really computes in: the autocast dtype when autocast is on, else its weights'."""
-    with autocast():
-        if torch.is_autocast_enabled(device.type):
-            return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
-    return str(next(encoder.parameters()).dtype).replace("torch.", "")
-
-
-def cache_fingerprint(encoder, precision: str, vlm_config) -> dict:
+def cache_fingerprint(encoder, vlm_config, device: torch.device, autocast) -> dict:
     """Everything the cached features depend on besides the image bytes (`vlm_config`: for its encoder
     kind and preprocessing; CLIP's fingerprint keeps the fields it had before encoders were a choice)."""
     encoder_config = {k: v for k, v in encoder.config.to_dict().items()
                       if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    # The weights as loaded: BLAKE2b of every parameter and buffer (name, dtype, shape, bytes).
+    weights = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(encoder.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        weights.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        weights.update(flat.view(torch.uint8).numpy().tobytes())
+    # The dtype the encoder really computes in: the autocast dtype when autocast is on, else its weights'.
+    precision = str(next(encoder.parameters()).dtype)
+    with autocast():
+        if torch.is_autocast_enabled(device.type):
+            precision = str(torch.get_autocast_dtype(device.type))
     fingerprint = {
         "encoder_class": type(encoder).__name__,
         "encoder_config": encoder_config,
-        "encoder_weights_blake2b": weights_digest(encoder),
+        "encoder_weights_blake2b": weights.hexdigest(),
         "preprocess_version": PREPROCESS_VERSION,
         "image_size": output_size(vlm_config.image_processing)[0],
-        "precision": precision,
+        "precision": precision.replace("torch.", ""),
         "features": f"{VISION_ENCODERS[vlm_config.vision_encoder].features}, stored as float16",
     }
     if vlm_config.image_processing != CLIP_IMAGE_PROCESSING:
@@ -108,22 +87,10 @@ def cache_fingerprint(encoder, precision: str, vlm_config) -> dict:
     return fingerprint
 
 
-def fingerprint_dir(cache_dir, fingerprint: dict) -> Path:
-    name = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / name
-
-
 def _fsync_replace(tmp: Path, final: Path):
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray):
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    _fsync_replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ the store on disk
@@ -147,7 +114,7 @@ def list_shards(folder: Path):
 
 
 class FeatureStore:
-    """Per-record CLIP features of one dataset, read from memory-mapped fp16 shards.
+    """Per-sample CLIP features of one prepared data file, read from memory-mapped fp16 shards.
 
     Picklable for DataLoader workers: only paths and small index arrays travel; each process opens the
     memory maps itself on first use.
@@ -156,7 +123,7 @@ class FeatureStore:
     def __init__(self, folder: Path, shard_stems, image_offsets, image_shard, image_row, tokens, hidden):
         self.folder = Path(folder)
         self.shard_stems = list(shard_stems)
-        self.image_offsets = image_offsets  # [records + 1] into the two arrays below
+        self.image_offsets = image_offsets  # [usable samples + 1] into the two arrays below
         self.image_shard = image_shard  # [images] shard number, -1: the image could not be decoded
         self.image_row = image_row  # [images] row in that shard
         self.tokens, self.hidden = tokens, hidden
@@ -168,22 +135,20 @@ class FeatureStore:
         state["_maps"] = {}
         return state
 
-    def _shard(self, number):
-        if number not in self._maps:
-            path = self.folder / f"{self.shard_stems[number]}{SHARD_SUFFIX}"
-            self._maps[number] = np.load(path, mmap_mode="r", allow_pickle=False)
-        return self._maps[number]
-
-    def features_for(self, dataset, index) -> torch.Tensor:
-        """fp16 [N_images, 196, hidden] for record `index`, images in reading order."""
+    def features_for(self, index) -> torch.Tensor:
+        """fp16 [N_images, 196, hidden] for usable sample `index`, images in reading order."""
         start, stop = int(self.image_offsets[index]), int(self.image_offsets[index + 1])
         if stop == start:
             return torch.zeros(0, self.tokens, self.hidden, dtype=torch.float16)
         shards = self.image_shard[start:stop]
         if (shards < 0).any():
-            raise ImageError(f"{dataset.records[index].origin}: an image could not be decoded when the feature "
-                             f"cache was built")
-        rows = [self._shard(int(s))[int(r)] for s, r in zip(shards, self.image_row[start:stop])]
+            raise ImageError("an image could not be decoded when the feature cache was built")
+        rows = []
+        for shard, row in zip(shards.tolist(), self.image_row[start:stop].tolist()):
+            if shard not in self._maps:  # each process maps a shard on first use
+                path = self.folder / f"{self.shard_stems[shard]}{SHARD_SUFFIX}"
+                self._maps[shard] = np.load(path, mmap_mode="r", allow_pickle=False)
+            rows.append(self._maps[shard][row])
         return torch.from_numpy(np.stack(rows))  # copies out of the memory map
 
 
@@ -231,7 +196,10 @@ def _encode_shard(model, loader, keys, folder: Path, ctx, autocast, progress) ->
         features.flush()
         del features
         _fsync_replace(tmp, folder / f"{stem}{SHARD_SUFFIX}")
-        _save_npy_atomic(folder / f"{stem}{KEYS_SUFFIX}", stored_keys)
+        keys_tmp = folder / f".{stem}{KEYS_SUFFIX}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(keys_tmp, "wb") as handle:
+            np.save(handle, stored_keys, allow_pickle=False)
+        _fsync_replace(keys_tmp, folder / f"{stem}{KEYS_SUFFIX}")  # now the shard is visible
     finally:
         tmp.unlink(missing_ok=True)
     return decoded_count
@@ -277,7 +245,7 @@ def check_undecodable(refs, source, image_processor, folder: Path):
 
 def open_cache_folder(cache_dir, fingerprint: dict) -> Path:
     """The folder for this encoder and precision, created with its fingerprint.json on first use."""
-    folder = fingerprint_dir(cache_dir, fingerprint)
+    folder = Path(cache_dir) / hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "fingerprint.json").is_file():
         tmp = folder / f".fingerprint.{uuid.uuid4().hex[:8]}.tmp"
@@ -286,36 +254,45 @@ def open_cache_folder(cache_dir, fingerprint: dict) -> Path:
     return folder
 
 
-def key_images(dataset, log):
-    """Every image reference of every record in order, the records' offsets into that list, and content keys."""
-    refs, counts = [], np.zeros(len(dataset.records), dtype=np.int64)
-    for index in range(len(dataset.records)):
-        images = dataset.records[index].images
+def key_images(prepared: PreparedData, log):
+    """Every image reference of every usable sample in order, the samples' offsets into that list, and each
+    image's key: the BLAKE2b digest of its file bytes, or the empty key for an unreadable file (never cached,
+    reported as undecodable)."""
+    records = RecordView(prepared)
+    refs, counts = [], np.zeros(len(records), dtype=np.int64)
+    for index in range(len(records)):
+        images = records[index].images
         refs += images
         counts[index] = len(images)
     offsets = np.concatenate([[0], np.cumsum(counts)])
+    keys = []
     with _progress(len(refs), log, "hashing images") as hashing:
-        keys = np.array([_key_of(dataset.source, ref, hashing) for ref in refs], dtype=KEY_DTYPE)
-    return refs, offsets, keys
+        for ref in refs:
+            hashing.update(1)
+            try:
+                keys.append(hashlib.blake2b(prepared.images.image_bytes(ref), digest_size=KEY_BYTES).digest())
+            except OSError:
+                keys.append(b"")
+    return refs, offsets, np.array(keys, dtype=KEY_DTYPE)
 
 
-def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, batch_size: int = ENCODE_BATCH_SIZE,
-                         num_workers: int = None) -> FeatureStore:
-    """Make `dataset` yield cached CLIP features: compute the missing ones, then set `dataset.feature_store`.
+def build_feature_store(prepared: PreparedData, image_processor, model, cache_dir, ctx, autocast, log=print,
+                        batch_size: int = ENCODE_BATCH_SIZE, num_workers: int = None) -> FeatureStore:
+    """The feature store of `prepared`'s usable samples (VLMDataset's feature_store): the missing features are
+    computed first.
 
     model: the MiniMindVLM (its frozen `vision_encoder` runs on ctx.device under `autocast`, as in training);
-    ctx: the RunContext (rank, world_size, device). Returns the store; `store.computed` counts the images this
-    process encoded.
+    image_processor: the model's (dataset.processing.image_processor_for); ctx: the RunContext (rank, world_size,
+    device). `store.computed` counts the images this process encoded.
     """
-    vlm = _unwrap(model)
+    vlm = unwrap(model)
     encoder = vlm.vision_encoder
     if encoder is None:
         raise RuntimeError("--cache_vision_features needs the vision encoder (the model was built without one)")
-    folder = open_cache_folder(cache_dir, cache_fingerprint(encoder, compute_precision(encoder, ctx.device, autocast),
-                                                            vlm.config))
-    # 1. Key every image of every record by its content hash (same list on every rank)
+    folder = open_cache_folder(cache_dir, cache_fingerprint(encoder, vlm.config, ctx.device, autocast))
+    # 1. Key every image of every sample by its content hash (same list on every rank)
     started = time.time()
-    refs, offsets, keys = key_images(dataset, log)
+    refs, offsets, keys = key_images(prepared, log)
 
     # 2. Which unique images are not cached yet; this rank encodes its share of them
     cached = list_shards(folder)
@@ -337,23 +314,22 @@ def attach_feature_cache(dataset, model, cache_dir, ctx, autocast, log=print, ba
         with _progress(len(mine), log, label) as progress:
             for start in range(0, len(mine), SHARD_IMAGES):
                 part = mine[start:start + SHARD_IMAGES]
-                source = _PixelsToEncode(dataset.source, [refs[first_ref[i]] for i in part], dataset.image_processor)
+                source = _PixelsToEncode(prepared.images, [refs[first_ref[i]] for i in part], image_processor)
                 loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
                 computed += _encode_shard(vlm, loader, unique_keys[part], folder, ctx, autocast, progress)
     if ctx.distributed:
         torch.distributed.barrier()  # every rank's shards are on disk before anyone builds its index
 
-    # 3. Index every complete shard; map each record's images to (shard, row)
+    # 3. Index every complete shard; map each sample's images to (shard, row)
     shards = list_shards(folder)
     image_shard, image_row = lookup(keys, [k for _, k in shards])
     missing = np.flatnonzero(image_shard < 0)
     if len(missing):
-        check_undecodable([refs[i] for i in missing], dataset.source, dataset.image_processor, folder)
+        check_undecodable([refs[i] for i in missing], prepared.images, image_processor, folder)
         if log is not None:
             log(f"warning: {len(missing)} image(s) could not be decoded; their samples are replaced by others")
     hidden = encoder.config.hidden_size
     store = FeatureStore(folder, [stem for stem, _ in shards], offsets, image_shard, image_row,
                          vlm.config.image_feature_count, hidden)
     store.computed = computed
-    dataset.feature_store = store
     return store

@@ -1,0 +1,435 @@
+"""Everything a training run needs before its first step: processes and precision, the model (built, loaded,
+frozen), the data (prepared, checked, optionally its vision features cached) and its loader, the optimizer, resume
+files and the run logger. trainer/training.py holds the loop that runs on what `prepare_run` returns.
+"""
+import datetime
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
+from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
+from dataset.prepared import prepare_dataset, prepared_root
+from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
+from model.model_vlm import MiniMindVLM
+from model.presets import PRESETS, config_from_args, default_vision_model_path
+from model.weights import WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path
+
+from .config import TRAINABLE_CHOICES, TrainConfig
+from .feature_cache import build_feature_store
+
+STAGE_NAMES = {"pretrain": "Pretrain", "sft": "SFT"}  # in log lines and wandb run names
+# How long ranks may wait in a collective while the prepared data is built (init_distributed).
+PREPARE_TIMEOUT = datetime.timedelta(hours=2)
+# Batches each DataLoader worker keeps ready (torch's default): with uint8 pixels, 8 workers at batch 16 keep
+# about 40 MB in /dev/shm per process.
+PREFETCH_BATCHES = 2
+SHARED_MEMORY_PATH = Path("/dev/shm")  # where DataLoader workers hand batches to the main process (Linux)
+
+
+# ------------------------------------------------------------------------------------- processes and precision
+
+@dataclass
+class RunContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def init_distributed(device_arg: str) -> RunContext:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU. Otherwise one process.
+
+    The process group starts with PREPARE_TIMEOUT, long enough for the ranks that wait while another one
+    builds the prepared data (a cold build of the full SFT set takes up to half an hour); `end_long_waits`
+    brings it back to torch's default once every rank has its data.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world_size == 1:
+        return RunContext(device=torch.device(device_arg))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.device(device_arg).type == "cuda" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no extra context).
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PREPARE_TIMEOUT,
+                            device_id=device if use_cuda else None)
+    return RunContext(rank, local_rank, world_size, device)
+
+def end_long_waits(ctx: RunContext):
+    """Every rank has its data: collectives get torch's default timeout again, so that a rank that dies in
+    training is noticed in minutes, not hours (torch has no public setter; without it the long one stays)."""
+    if not ctx.distributed:
+        return
+    dist.barrier()
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        nccl_default = dist.constants.default_pg_nccl_timeout if ctx.device.type == "cuda" else None
+        set_timeout(nccl_default or dist.constants.default_pg_timeout)
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+def autocast_for(device: torch.device, dtype_name: str):
+    """bf16/fp16 autocast on CUDA; fp32 elsewhere. The GradScaler only acts for fp16."""
+    dtype = torch_dtype(dtype_name)
+    use_autocast = device.type == "cuda" and dtype != torch.float32
+    context = (lambda: torch.autocast(device_type="cuda", dtype=dtype)) if use_autocast else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
+    return context, scaler
+
+def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
+    """Sum each value (a number, or a 0-dim tensor on the device) over all ranks in one all-reduce; a tensor
+    [len(values)] on the device. The numbers go to the device without waiting for it (non_blocking)."""
+    dtype = torch.float64 if ctx.device.type == "cpu" else torch.float32
+    tensor = torch.cat([v.to(dtype).reshape(1) if isinstance(v, torch.Tensor)
+                        else torch.tensor([float(v)], dtype=dtype).to(ctx.device, non_blocking=True) for v in values])
+    if ctx.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+def build_model(cfg: TrainConfig, stage: str, log=print):
+    """(model, cfg): the model the flags describe, or, when the start weights have an architecture file and no
+    architecture flag was given (SFT after pretraining), the start weights' architecture, written into the
+    returned cfg with the stage's trainable set of its preset (unless --trainable was given); the start weights
+    are loaded strictly."""
+    source = None  # --from_weight: a name in --save_dir, a .pth path, or none
+    if cfg.from_weight != "none":
+        source = (Path(cfg.from_weight) if cfg.from_weight.endswith(".pth") or os.sep in cfg.from_weight
+                  else weight_path(cfg.save_dir, cfg.from_weight, cfg.hidden_size, cfg.use_moe))
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
+                                f"llm`), train the previous stage first, or pass --from_weight none")
+    config = config_from_args(cfg, max_seq_len=cfg.max_seq_len)
+    if source is not None and architecture_path(source).is_file() and not cfg.architecture_given:
+        architecture = read_architecture(source)
+        config = architecture.config
+        config.max_seq_len = cfg.max_seq_len
+        cfg = replace(cfg, preset=architecture.preset, hidden_size=config.hidden_size,
+                      num_hidden_layers=config.num_hidden_layers, use_moe=int(config.use_moe),
+                      vision_encoder=config.vision_encoder, projector=config.projector)
+        if not cfg.vision_model_path_given:
+            cfg = replace(cfg, vision_model_path=str(default_vision_model_path(config,
+                                                                              architecture.vision_model_path)))
+        log(f"architecture of {source.name} ({architecture_path(source).name}): {cfg.preset}, "
+            f"{config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
+            f"{config.vision_encoder} + {config.projector} projector")
+    if not cfg.trainable_given:  # the preset's, which the start weights' architecture may have changed
+        cfg = replace(cfg, trainable=PRESETS[cfg.preset].trainable[stage])
+    with quiet_transformers():
+        model = MiniMindVLM(config, vision_model_path=cfg.vision_model_path)
+    if source is not None:
+        load_weights(model, source, log=log)
+    return model, cfg
+
+
+def set_trainable(model: MiniMindVLM, policy: str):
+    """projector: vision_proj only; projector_last_layer: + the last LM block; projector_first_last_layers: + the
+    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM."""
+    if policy not in TRAINABLE_CHOICES:
+        raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
+    model.requires_grad_(policy == "all")
+    model.vision_proj.requires_grad_(True)
+    if policy in ("projector_last_layer", "projector_first_last_layers"):
+        model.model.layers[-1].requires_grad_(True)
+    if policy == "projector_first_last_layers":
+        model.model.layers[0].requires_grad_(True)
+
+
+def compile_model(model, backend: str = "inductor"):
+    """torch.compile with dynamic shapes from the first step: batches vary in length (and the first target's
+    position), and a new length then reuses the compiled graphs instead of compiling another set."""
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------- the data
+
+def prepared_folder_is_shared(cfg: TrainConfig, ctx: RunContext) -> bool:
+    """True when every machine of the run sees the same prepared-data folder (a shared filesystem): rank 0 leaves
+    a marker file there and every rank looks for it. One machine: True without looking."""
+    if not ctx.distributed or int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) == ctx.world_size:
+        return True
+    root = prepared_root(cfg.data_path, cfg.prepared_dir)
+    names = [f".shared-probe-{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(names, src=0)
+    marker = root / names[0]
+    if ctx.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # an unwritable folder: prepare_dataset says so in one line
+            pass
+    dist.barrier()
+    seen = all_reduce_sum([float(marker.exists())], ctx)[0]
+    dist.barrier()
+    if ctx.is_main:
+        marker.unlink(missing_ok=True)
+    return int(seen) == ctx.world_size
+
+
+def build_dataset(cfg: TrainConfig, tokenizer, model: MiniMindVLM, ctx: RunContext, autocast,
+                  log=print) -> VLMDataset:
+    """The training dataset: its prepared data built once per prepared folder (by global rank 0 when every
+    machine shares the folder, else by each machine's local rank 0; the build lock keeps it to one builder either
+    way; the other ranks wait for it, then all memory-map it) and checked; then, with --cache_vision_features,
+    every image's features computed once (the model is on ctx.device). Rank 0 prints the start-up summary."""
+    main_log = log if ctx.is_main else None
+    warning = chat_template_warning(tokenizer, model.config.chat_format)
+    if warning and main_log is not None:
+        main_log(warning)
+    started = time.time()
+    config = model.config
+    prepared = prepare_dataset(cfg.data_path, tokenizer, config.image_special_token, config.image_ids[0],
+                               cfg.max_seq_len, images_path=cfg.images_path, cache_dir=cfg.prepared_dir,
+                               workers=cfg.prepare_workers, log=main_log, chat_format=config.chat_format,
+                               may_build=ctx.is_main if prepared_folder_is_shared(cfg, ctx) else ctx.local_rank == 0)
+    stats = prepared.check(cfg.skip_bad_samples, log=main_log)
+    if main_log is not None:
+        main_log(f"data ready in {time.time() - started:.1f}s: {len(prepared)} samples "
+                 f"({stats.text_only} text-only), prepared data in {prepared.folder}")
+    image_processor = image_processor_for(config)
+    store = None
+    if cfg.cache_vision_features:
+        store = build_feature_store(prepared, image_processor, model, cfg.cache_vision_features, ctx, autocast,
+                                    log=log)
+    return VLMDataset(prepared, image_processor, feature_store=store, log=main_log)
+
+
+def shared_memory_warning(cfg: TrainConfig, pixel_shape: tuple, shm_path: Path = SHARED_MEMORY_PATH):
+    """A warning line when /dev/shm has less room than the DataLoader workers of this machine's processes may keep
+    there (uint8 pixels, one image a sample; a container's default is 64 MB), else None."""
+    if cfg.num_workers == 0 or not shm_path.is_dir():
+        return None
+    image_bytes = math.prod(pixel_shape)  # uint8
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = processes * cfg.num_workers * PREFETCH_BATCHES * cfg.batch_size * image_bytes
+    free = shutil.disk_usage(shm_path).free
+    if free >= needed:
+        return None
+    return (f"warning: {shm_path} has {free / 2 ** 20:.0f} MB free, but the DataLoader workers may keep about "
+            f"{needed / 2 ** 20:.0f} MB of batches there; in a container run with --ipc=host or --shm-size=2g, or "
+            f"lower --num_workers (a lost batch stops the run after --loader_timeout)")
+
+
+def build_loader(dataset: VLMDataset, cfg: TrainConfig, ctx: RunContext, pad_to=None):
+    """Batches with uint8 pixels (normalised on the device, move_batch) and the positions the forward needs
+    precomputed (collate_batch); a worker that loses a batch ends the run after --loader_timeout."""
+    sampler = GlobalBatchSampler(dataset.lengths, cfg.batch_size, ctx.world_size, ctx.rank, seed=cfg.seed,
+                                 group_by_length=not cfg.no_length_grouping)
+    workers = cfg.num_workers > 0
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=Collator(dataset.pad_token_id, pad_to, dataset.image_token_id, dataset.image_tokens_per_image),
+        pin_memory=ctx.device.type == "cuda", worker_init_fn=init_worker, persistent_workers=False,
+        prefetch_factor=PREFETCH_BATCHES if workers else None, timeout=cfg.loader_timeout if workers else 0)
+    return loader, sampler
+
+
+# ------------------------------------------------------------------------------------------------ resume files
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0  # optimizer steps done in total
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    replaced_samples: int = 0
+    wandb_id: str = None
+    extra: dict = field(default_factory=dict)
+
+
+def capture_rng(device: torch.device):
+    """This process's RNG states (Python, numpy, torch CPU, and the CUDA generator of the device it trains on)
+    as tensors, ints and tuples only, so that resume files load with weights_only=True."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(saved, ctx: RunContext, log=print):
+    """Restore this rank's states from `saved` (every rank's capture_rng() in rank order; a dict in files written
+    before per-rank states: rank 0's, with every visible GPU's CUDA state). Another world size, or a CUDA state
+    that does not fit this process's device, is said in one line and that part starts from --seed instead."""
+    if isinstance(saved, dict):
+        saved = [saved] * ctx.world_size
+    if len(saved) != ctx.world_size:
+        log(f"resume: saved by {len(saved)} process(es), resumed by {ctx.world_size}: random states (dropout) "
+            f"start from --seed; the data order goes on as saved")
+        return
+    state = saved[ctx.rank]
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    saved_cuda = state.get("cuda")
+    if ctx.device.type != "cuda":
+        return
+    index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    cuda = saved_cuda
+    if isinstance(saved_cuda, (list, tuple)):  # older files: one state per GPU visible then
+        cuda = saved_cuda[index] if index < len(saved_cuda) else None
+    if cuda is None:
+        where = f"{len(saved_cuda)} GPU(s) visible" if isinstance(saved_cuda, (list, tuple)) else "no GPU"
+        log(f"resume: no saved CUDA random state for {ctx.device} (saved with {where}); it starts from --seed")
+        return
+    torch.cuda.set_rng_state(cuda, ctx.device)
+
+
+def save_resume(path, model, optimizer, scaler, state: TrainState, ctx: RunContext, cfg: TrainConfig, rng_states):
+    atomic_save({
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step_in_epoch, "global_step": state.global_step,
+        "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples,
+        "world_size": ctx.world_size, "batch_size": cfg.batch_size,
+        "accumulation_steps": cfg.accumulation_steps, "wandb_id": state.wandb_id, "rng": rng_states,
+    }, path)
+
+
+def load_resume(path, model, optimizer, scaler, ctx: RunContext, cfg: TrainConfig, log=print) -> TrainState:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a checkpoint, or a pickle that would run code
+        raise WeightsMismatchError(f"{path}: not a loadable resume checkpoint ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0] if str(error) else ''}); delete it or run "
+                                   f"without --from_resume") from error
+    try:
+        load_weights(unwrap(model), checkpoint["model"], allow_missing_vision_proj=False, log=None)
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(f"{path}: {error}") from None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainState(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step"],
+                       global_step=checkpoint["global_step"], skipped_steps=checkpoint["skipped_steps"],
+                       replaced_samples=checkpoint["replaced_samples"], wandb_id=checkpoint["wandb_id"])
+    old_global_batch = checkpoint["world_size"] * checkpoint["batch_size"] * checkpoint["accumulation_steps"]
+    new_global_batch = ctx.world_size * cfg.batch_size * cfg.accumulation_steps
+    if old_global_batch != new_global_batch:
+        # Same samples seen, counted in the new step size (the epoch's order changes with the batch size).
+        state.step_in_epoch = state.step_in_epoch * old_global_batch // new_global_batch
+        log(f"resume: global batch {old_global_batch} -> {new_global_batch}; continuing at step "
+            f"{state.step_in_epoch} of epoch {state.epoch + 1}")
+    restore_rng(checkpoint["rng"], ctx, log)
+    log(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step_in_epoch}, "
+        f"{state.global_step} optimizer steps done")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- run logging
+
+class NullLogger:
+    run_id = None
+
+    def log(self, metrics, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+class WandbLogger:
+    def __init__(self, project, name, run_id, config):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config)
+        self.run_id = self.run.id
+
+    def log(self, metrics, step):
+        self.wandb.log(metrics, step=step)
+
+    def finish(self):
+        self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------------- assembly
+
+@dataclass
+class LoopSetup:
+    """What the loop (trainer/training.py train) runs on."""
+    cfg: TrainConfig  # with the start weights' architecture and the trainable set resolved (build_model)
+    model: torch.nn.Module  # possibly DDP- or compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # a function returning the autocast context (autocast_for)
+    loader: torch.utils.data.DataLoader
+    sampler: GlobalBatchSampler
+    ctx: RunContext
+    logger: object  # NullLogger or WandbLogger
+    weights_out: Path
+    resume_out: Path
+
+
+def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
+    """(LoopSetup, TrainState) of a stage ("pretrain" or "sft"): model, data, optimizer, resume state, compile/DDP
+    wrappers, loader and logger."""
+    # Tokenizer; model with the vision encoder frozen, start weights loaded strictly; what trains
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    model, cfg = build_model(cfg, stage, log=log)
+    set_trainable(model, cfg.trainable)
+    # Data: every record checked and tokenised; with --cache_vision_features, every image encoded once
+    autocast, scaler = autocast_for(ctx.device, cfg.dtype)
+    model.to(ctx.device)
+    dataset = build_dataset(cfg, tokenizer, model, ctx, autocast, log=log)
+    end_long_waits(ctx)  # every rank has its data (and features): back to the default collective timeout
+    total, trainable = count_parameters(model)
+    log(f"{STAGE_NAMES[stage]}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M "
+        f"trainable ({cfg.trainable})")
+    # Optimizer (AdamW, torch defaults: weight decay 0.01) over the trainable parameters only; resume state
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    weights_out = weight_path(cfg.save_dir, cfg.save_weight, cfg.hidden_size, cfg.use_moe)
+    resume_out = weight_path(cfg.checkpoint_dir, cfg.save_weight, cfg.hidden_size, cfg.use_moe)
+    resume_out = resume_out.with_name(f"{resume_out.stem}_resume.pth")  # {save_weight}_{hidden}{_moe}_resume.pth
+    state = TrainState()
+    if cfg.from_resume:
+        if resume_out.is_file():
+            state = load_resume(resume_out, model, optimizer, scaler, ctx, cfg, log=log)
+        else:
+            log(f"no resume checkpoint at {resume_out}; starting from the beginning")
+    # Wrappers, loader, logger
+    wrapped = compile_model(model) if cfg.use_compile else model
+    if ctx.distributed:
+        # Every step uses every trainable parameter on every rank (a text-only batch still runs vision_proj on
+        # its zero images, collate_batch), so DDP need not search the graph for unused ones, except with MoE,
+        # whose experts may get no token on a rank. The only buffers are the constant RoPE tables: no broadcast
+        # before each forward.
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=bool(cfg.use_moe), broadcast_buffers=False)
+    loader, sampler = build_loader(dataset, cfg, ctx)
+    if ctx.local_rank == 0 and (warning := shared_memory_warning(cfg, dataset.image_processor.pixel_shape)):
+        (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
+    logger = NullLogger()  # wandb on rank 0 with --use_wandb, continuing the resumed run's
+    if cfg.use_wandb and ctx.is_main:
+        logger = WandbLogger(cfg.wandb_project, f"MiniMind-V-{STAGE_NAMES[stage]}-Epoch-{cfg.epochs}-BatchSize-"
+                             f"{cfg.batch_size}-LearningRate-{cfg.learning_rate}", state.wandb_id, asdict(cfg))
+    state.wandb_id = logger.run_id
+    return LoopSetup(cfg, wrapped, optimizer, scaler, autocast, loader, sampler, ctx, logger, weights_out,
+                     resume_out), state
