@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=2)
     p.add_argument("--pretrain_epochs", type=bounded(int, 1), default=2)
     # Yes/no answers are learnt late: at 128x2 the POPE-format accuracy is near chance for the first few hundred
-    # SFT steps and climbs over the next thousand (README, "Benchmarks").
+    # SFT steps and climbs over the next thousand (docs/demo.md).
     p.add_argument("--sft_epochs", type=bounded(int, 1), default=5)
     p.add_argument("--batch_size", type=bounded(int, 1), default=16)
     p.add_argument("--pretrain_lr", type=bounded(float, 0, low_open=True), default=1e-3)

@@ -192,7 +192,7 @@ def train(setup: LoopSetup, state: TrainState, log=print):
                 if not batches:
                     break
                 lr = lr_at(state.global_step, total_steps, cfg.learning_rate)
-                # ------------------------------------------------------ the step (scripts/bench.py times it)
+                # ------------------------------------------------------ the step (dev/bench.py times it)
                 result = train_step(setup, batches, lr, cfg.grad_clip, stop.received is not None)
                 # ------------------------------------------------------------------------------------------
                 state.global_step += 1
