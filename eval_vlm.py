@@ -166,10 +166,6 @@ def main(argv=None):
             open_image(source)
     torch.manual_seed(args.seed)
     loaded = load_model_from_flags(args, log=log)
-
-    def new_session():
-        return ChatSession(loaded, args.max_total_tokens)
-
     try:
         if args.questions is not None:
             max_new_tokens = SCORING_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
@@ -182,9 +178,10 @@ def main(argv=None):
             return
         settings = GenerationSettings.from_flags(args)
         if args.caption:
-            caption_folder(new_session, args.image_dir, args.caption_prompt, settings, args.seed)
+            caption_folder(lambda: ChatSession(loaded, args.max_total_tokens), args.image_dir, args.caption_prompt,
+                           settings, args.seed)
             return
-        session = new_session()
+        session = ChatSession(loaded, args.max_total_tokens)
         if args.image:
             session.attach_images(args.image)
         if args.prompt is not None:

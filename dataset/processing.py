@@ -68,11 +68,6 @@ def load_pixel_values(sources, image_processor: MiniMindVImageProcessor,
     return torch.stack([preprocess_image(open_image(s, max_pixels), image_processor) for s in sources])
 
 
-def roles_by_parity(turns):
-    """Training records: turn i is the user's when i is even, the assistant's when odd (stored roles ignored)."""
-    return [{"role": ROLES_BY_PARITY[i % 2], "content": turn["content"]} for i, turn in enumerate(turns)]
-
-
 def user_content(text: str, num_images: int) -> str:
     """A chat message with its images first, each marker on its own line, then the question."""
     return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + text

@@ -18,7 +18,7 @@ import torch
 from common import UserError
 
 from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
-                         count_image_markers, is_placeholder_image, open_image, preprocess_image, roles_by_parity)
+                         count_image_markers, is_placeholder_image, open_image, preprocess_image)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -78,7 +78,7 @@ def resolve_roles(turns):
     turn first, then user and assistant alternating. Records without roles get them by position."""
     has_role = ["role" in turn for turn in turns]
     if not any(has_role):
-        return roles_by_parity(turns), None
+        return [{"role": ROLES_BY_PARITY[i % 2], "content": turn["content"]} for i, turn in enumerate(turns)], None
     if not all(has_role):
         return None, f"turn {has_role.index(False)} has no 'role' (the other turns have one)"
     roles = [turn["role"] for turn in turns]

@@ -176,21 +176,18 @@ def parse_content(content, role: str, param: str):
         elif kind == "image_url":
             if role != "user":
                 raise bad_request(f"{part_param}: only user messages can carry images", part_param)
-            urls.append((part_param, image_url_of(part, part_param)))
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if not isinstance(url, str) or not url:
+                raise bad_request(f"{part_param}.image_url.url must be a data:, file or http(s) URL",
+                                  f"{part_param}.image_url")
+            urls.append((part_param, url))
             pieces.append(IMAGE_MARKER)
         else:
             raise bad_request(f"{part_param} must be {{\"type\": \"text\", \"text\": ...}} or {{\"type\": "
                               f"\"image_url\", \"image_url\": {{\"url\": ...}}}}", part_param)
     # Parts on their own lines, so images first then the question read as in training ("<image>\nquestion").
     return "\n".join(pieces), urls
-
-
-def image_url_of(part: dict, param: str) -> str:
-    image_url = part.get("image_url")
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{param}.image_url.url must be a data:, file or http(s) URL", f"{param}.image_url")
-    return url
 
 
 def checked_text(text: str, param: str) -> str:

@@ -19,18 +19,16 @@ def mode_key(mode: str, variant: str) -> str:
     return mode if variant == WITH_IMAGE else f"{mode}_{BLIND}"
 
 
-def label_forms(question) -> dict:
-    """The spellings a likelihood scorer adds up for each label: Yes/yes, No/no, or the option letter."""
-    return {label: LABEL_FORMS.get(label, (label,)) for label in question.labels}
-
-
 def run_benchmark(bench, loaded, questions, images, modes=MODES, blind=True, batch_size=32,
                   max_new_tokens=BENCH_MAX_NEW_TOKENS, share_prefix=True, progress=True):
     """Score every question; returns (PRED records, seconds)."""
     started = time.perf_counter()
     scorer = PrefixScorer(loaded, batch_size, max_new_tokens, generate="generate" in modes,
                           likelihood="likelihood" in modes, share_prefix=share_prefix)
-    answers = scorer.score(questions, images, label_forms, blind, progress)
+    # The spellings a likelihood scorer adds up for each label: Yes/yes, No/no, or the option letter.
+    answers = scorer.score(questions, images,
+                           lambda question: {label: LABEL_FORMS.get(label, (label,)) for label in question.labels},
+                           blind, progress)
     records = prediction_records(bench, questions, answers, modes, blind)
     return records, time.perf_counter() - started
 

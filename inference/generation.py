@@ -316,13 +316,11 @@ class ChatSession:
                                          record_answer)
         except BaseException:
             if self.messages and self.messages[-1]["role"] == "user":
-                self._forget_question()  # no answer came: the question goes too, so turns still alternate
+                # No answer came: the question goes too (with its images), so turns still alternate.
+                question = self.messages.pop()
+                if question["content"].count(IMAGE_MARKER):
+                    del self.images[len(self.images) - question["content"].count(IMAGE_MARKER):]
             raise
-
-    def _forget_question(self):
-        question = self.messages.pop()
-        if question["content"].count(IMAGE_MARKER):
-            del self.images[len(self.images) - question["content"].count(IMAGE_MARKER):]
 
 
 def answer_once(loaded: LoadedModel, question: str, image_sources, settings: GenerationSettings,

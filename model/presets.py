@@ -133,9 +133,3 @@ def apply_preset(args, stage: str = None, fill_tokenizer: bool = True):
     if stage is not None and getattr(args, "trainable", "") is None:
         args.trainable = chosen.trainable[stage]
     return args
-
-
-def config_from_args(args, **extra) -> VLMConfig:
-    """vlm_config for flags filled by apply_preset."""
-    return vlm_config(args.preset, args.hidden_size, args.num_hidden_layers, bool(getattr(args, "use_moe", 0)),
-                      args.vision_encoder, args.projector, **extra)

@@ -181,12 +181,6 @@ def _config_kwargs(info: dict) -> dict:
     return kwargs
 
 
-def fitting_flags(info: dict) -> str:
-    preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
-    return (f"{preset}--hidden_size {info['hidden_size']} --num_hidden_layers {info['num_hidden_layers']} "
-            f"--use_moe {int(info['use_moe'])}")
-
-
 def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=print) -> dict:
     """Load a `.pth` path (or a state_dict) into `model` strictly; returns what was found.
 
@@ -218,7 +212,11 @@ def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=p
             problems.append(f"{len(missing)} key(s) missing from the file (e.g. {missing[0]})")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
-        hint = f"; the file fits {fitting_flags(info)}" if info["hidden_size"] else ""
+        hint = ""
+        if info["hidden_size"]:  # the flags that build a model this file fits
+            preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
+            hint = (f"; the file fits {preset}--hidden_size {info['hidden_size']} --num_hidden_layers "
+                    f"{info['num_hidden_layers']} --use_moe {int(info['use_moe'])}")
         raise WeightsMismatchError(f"{name} does not fit the model: {'; '.join(problems)}{hint}")
 
     model_keys = set(expected)

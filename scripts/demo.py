@@ -196,14 +196,6 @@ def print_pope_card(result):
               f"without ({gain:+.1%})")
 
 
-def print_table(results):
-    print("\nheld-out accuracy (greedy answers naming exactly the right choice)")
-    print(f"{'run':<14}{'model':<16}{'accuracy':>10}{'chance':>9}")
-    for run_name, scores in results.items():
-        for model_name, s in scores.items():
-            print(f"{run_name:<14}{model_name:<16}{s['accuracy']:>10.1%}{s['chance']:>9.1%}")
-
-
 def main(argv=None):
     return main_with_args(parse_args(argv))
 
@@ -226,7 +218,11 @@ def main_with_args(args, score_every_stage=True):
     if args.blank_control:
         blank = blank_copy(assets["data"], out_dir / "blank_data")
         results["blank images"] = train_and_score(out_dir / "blank_run", assets, blank, args, score_every_stage)
-    print_table(results)
+    print("\nheld-out accuracy (greedy answers naming exactly the right choice)")
+    print(f"{'run':<14}{'model':<16}{'accuracy':>10}{'chance':>9}")
+    for run_name, scores in results.items():
+        for model_name, s in scores.items():
+            print(f"{run_name:<14}{model_name:<16}{s['accuracy']:>10.1%}{s['chance']:>9.1%}")
     print_pope_card(pope)
     print(f"\ntotal {time.time() - started:.0f} s; weights and logs in {out_dir}")
     results["pope"] = pope

@@ -261,19 +261,6 @@ def first_line(text, limit=200):
     return line[:limit]
 
 
-def hf_endpoint():
-    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or HF_DEFAULT_ENDPOINT
-
-
-def modelscope_endpoint():
-    return os.environ.get(MODELSCOPE_ENDPOINT_ENV, "").rstrip("/") or MODELSCOPE_DEFAULT_ENDPOINT
-
-
-def modelscope_url(endpoint, repo_type, repo_id, revision, filename):
-    kind = "datasets" if repo_type == "dataset" else "models"
-    return f"{endpoint}/{kind}/{repo_id}/resolve/{revision}/{filename}"
-
-
 def unreachable(source, endpoint, repo_id, filename, url, dest_dir, err):
     by_hand = f"download it by hand from {url} into {dest_dir}"
     if source == "hf":
@@ -285,7 +272,7 @@ def unreachable(source, endpoint, repo_id, filename, url, dest_dir, err):
 
 
 def fetch_from_hf(repo_id, repo_type, filename, revision, staging):
-    endpoint = hf_endpoint()
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or HF_DEFAULT_ENDPOINT
     url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
     try:
         # One HEAD without retries first: an offline machine fails here at once instead of after the
@@ -314,8 +301,9 @@ def fetch_from_hf(repo_id, repo_type, filename, revision, staging):
 
 
 def fetch_from_modelscope(repo_id, repo_type, filename, revision, staging):
-    endpoint = modelscope_endpoint()
-    url = modelscope_url(endpoint, repo_type, repo_id, revision, filename)
+    endpoint = os.environ.get(MODELSCOPE_ENDPOINT_ENV, "").rstrip("/") or MODELSCOPE_DEFAULT_ENDPOINT
+    kind = "datasets" if repo_type == "dataset" else "models"
+    url = f"{endpoint}/{kind}/{repo_id}/resolve/{revision}/{filename}"
     target = staging / filename
     partial = staging / f"{filename}.part"
     request = urllib.request.Request(url, headers={"User-Agent": "minimind-v-download"})
@@ -544,15 +532,6 @@ def read_parquet_metadata(path, columns, kind: str):
     return meta
 
 
-def verify_parquet(path):
-    meta = read_parquet_metadata(path, PARQUET_COLUMNS, "parquet")
-    return f"{meta.num_rows:,} rows, columns {', '.join(PARQUET_COLUMNS)}"
-
-
-def verify_bench_parquet(path):
-    return f"{read_parquet_metadata(path, BENCH_PARQUET_COLUMNS, 'benchmark parquet').num_rows:,} rows"
-
-
 def verify_jsonl(path):
     records = 0
     with open(path, encoding="utf-8") as f:
@@ -608,9 +587,10 @@ def verify_file(path, check, hidden_size):
         case "vlm_weights":
             return verify_lm_state(path, hidden_size, with_vision_proj=True)
         case "parquet":
-            return verify_parquet(path)
+            meta = read_parquet_metadata(path, PARQUET_COLUMNS, "parquet")
+            return f"{meta.num_rows:,} rows, columns {', '.join(PARQUET_COLUMNS)}"
         case "bench_parquet":
-            return verify_bench_parquet(path)
+            return f"{read_parquet_metadata(path, BENCH_PARQUET_COLUMNS, 'benchmark parquet').num_rows:,} rows"
         case "jsonl":
             return verify_jsonl(path)
         case "zip":

@@ -66,14 +66,6 @@ def read_result(path) -> dict:
     return result
 
 
-def write_outputs(result, records, out, predictions):
-    if out is not None:
-        atomic_write(out, lambda handle: handle.write(json.dumps(result, indent=2, ensure_ascii=False).encode()))
-    if predictions is not None:
-        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        atomic_write(predictions, lambda handle: handle.write(lines.encode()))
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +86,11 @@ def main(argv=None):
                                      not args.no_blind, args.batch_size, max_new_tokens,
                                      progress=not args.no_progress)
     result = build_result(args.bench, records, questions, modes, not args.no_blind, loaded.source, seconds)
-    write_outputs(result, records, args.out, args.predictions)
+    if args.out is not None:
+        atomic_write(args.out, lambda handle: handle.write(json.dumps(result, indent=2, ensure_ascii=False).encode()))
+    if args.predictions is not None:
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        atomic_write(args.predictions, lambda handle: handle.write(lines.encode()))
     print(score_card(result))
     return 0
 

@@ -84,14 +84,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server_settings(args, model_id: str, max_positions: int) -> ServerSettings:
-    limits = {name: getattr(args, name) for name in LIMIT_FLAGS}
-    return ServerSettings(model_id=model_id, generation=GenerationSettings.from_flags(args),
-                          max_total_tokens=min(args.max_total_tokens, max_positions), api_key=args.api_key,
-                          image_root=None if args.image_root is None else Path(args.image_root),
-                          allow_remote_images=args.allow_remote_images, **limits)
-
-
 def main(argv=None):
     import uvicorn
 
@@ -103,7 +95,11 @@ def main(argv=None):
         return 2
     loaded = load_model_from_flags(args, log=log)
     model_id = args.model_name or Path(loaded.source).stem
-    settings = server_settings(args, model_id, loaded.max_positions)
+    limits = {name: getattr(args, name) for name in LIMIT_FLAGS}
+    settings = ServerSettings(model_id=model_id, generation=GenerationSettings.from_flags(args),
+                              max_total_tokens=min(args.max_total_tokens, loaded.max_positions), api_key=args.api_key,
+                              image_root=None if args.image_root is None else Path(args.image_root),
+                              allow_remote_images=args.allow_remote_images, **limits)
     host, port = sock.getsockname()[:2]
     if args.api_key is None and args.host not in LOOPBACK_HOSTS:
         log(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")

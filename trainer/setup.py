@@ -21,7 +21,7 @@ from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_wo
 from dataset.prepared import prepare_dataset, prepared_root
 from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
 from model.model_vlm import MiniMindVLM
-from model.presets import PRESETS, config_from_args, default_vision_model_path
+from model.presets import PRESETS, default_vision_model_path, vlm_config
 from model.weights import WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path
 
 from .config import TRAINABLE_CHOICES, TrainConfig
@@ -123,7 +123,8 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
                                 f"llm`), train the previous stage first, or pass --from_weight none")
-    config = config_from_args(cfg, max_seq_len=cfg.max_seq_len)
+    config = vlm_config(cfg.preset, cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.use_moe), cfg.vision_encoder,
+                        cfg.projector, max_seq_len=cfg.max_seq_len)
     if source is not None and architecture_path(source).is_file() and not cfg.architecture_given:
         architecture = read_architecture(source)
         config = architecture.config
