@@ -48,7 +48,6 @@ if not __package__:  # started as a file: its folder, not the repo root, is on t
 import argparse
 import io
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -396,7 +395,7 @@ def train_worker(conn, spec):
     from dataset.processing import image_processor_for
     from model.compat import pil_image_processor_class
     from trainer.setup import RunContext, build_loader, prepare_run, seed_everything
-    from trainer.training import lr_at, micro_batches, train_step
+    from trainer.training import lr_at, micro_batches, optimizer_steps_per_epoch, train_step
 
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -427,7 +426,7 @@ def train_worker(conn, spec):
 
     # The training loop's schedule and step, one optimizer step per turn, timed from the parent's "go" to its end
     # (the batch is fetched in that time, as the loop fetches it).
-    total_steps = math.ceil(setup.sampler.steps_per_epoch() / cfg.accumulation_steps) * cfg.epochs
+    total_steps = optimizer_steps_per_epoch(setup.sampler, cfg.accumulation_steps) * cfg.epochs
     replaced = 0
     setup.model.train()
     batches = epochs_of_batches(setup, cfg.epochs)

@@ -30,6 +30,11 @@ MIN_LR_RATIO = 0.1
 LOST_BATCH_MESSAGES = ("DataLoader timed out", "exited unexpectedly", "is killed by signal")
 
 
+def optimizer_steps_per_epoch(sampler, accumulation_steps: int) -> int:
+    """Optimizer steps in one epoch: the sampler's batches, `accumulation_steps` micro-batches a step."""
+    return math.ceil(sampler.steps_per_epoch() / accumulation_steps)
+
+
 def lr_at(step: int, total_steps: int, base_lr: float, min_ratio: float = MIN_LR_RATIO) -> float:
     """Cosine from base_lr (step 0) to min_ratio·base_lr (last step), no warmup."""
     progress = step / max(total_steps, 1)
@@ -173,7 +178,7 @@ def train(setup: LoopSetup, state: TrainState, log=print):
     steps), skip a step whose loss is not finite (too many in a row end the run), save every --save_interval
     steps and at the end, stop on SIGINT/SIGTERM (after saving) or at --max_steps."""
     cfg, ctx = setup.cfg, setup.ctx
-    steps_per_epoch = math.ceil(setup.sampler.steps_per_epoch() / cfg.accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(setup.sampler, cfg.accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs  # the cosine schedule's length
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps  # where this run stops
     progress = tqdm(total=last_step, initial=state.global_step, unit="step", dynamic_ncols=True,
