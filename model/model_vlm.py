@@ -205,7 +205,8 @@ class QFormerProjector(nn.Module):
         settings = {**qformer_settings(), **(qformer_config or {})}
         config = Blip2QFormerConfig(**settings, encoder_hidden_size=ve_hidden_size)
         # Drawn as BLIP-2's own training code draws them (transformers zeroes them: its checkpoints always have them)
-        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range)
+        queries = torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range
+        self.query_tokens = nn.Parameter(queries)
         self.qformer = Blip2QFormerModel(config)
         self.language_projection = nn.Linear(config.hidden_size, hidden_size)
 

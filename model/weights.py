@@ -217,7 +217,9 @@ def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=p
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
         hint = ""
-        if info["hidden_size"]:  # the flags that build a model this file fits
+        if info["projector"] == "qformer" and model.config.projector != "qformer":
+            hint = "; the file holds a Q-Former: leave out the architecture flags, so that its architecture file says"
+        elif info["hidden_size"]:  # the flags that build a model this file fits
             preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
             hint = (f"; the file fits {preset}--hidden_size {info['hidden_size']} --num_hidden_layers "
                     f"{info['num_hidden_layers']} --use_moe {int(info['use_moe'])}")

@@ -16,8 +16,8 @@ from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model, load_native_model
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, PROJECTORS, MiniMindVLM, qformer_settings
 from model.presets import vlm_config
-from model.weights import (WeightsMismatchError, architecture_path, describe_state_dict, read_state_dict,
-                           write_architecture)
+from model.weights import (WeightsMismatchError, architecture_path, describe_state_dict, load_weights,
+                           read_state_dict, write_architecture)
 from scripts import convert_vlm
 from trainer.config import parse_stage_args
 from trainer.setup import build_model, qformer_fields
@@ -50,8 +50,9 @@ def save_with_architecture(model: MiniMindVLM, path, clip_dir, state_dict=None):
 
 def train_flags(assets_dirs, tmp_path, data_key, images_key, *extra):
     tokenizer_dir, clip_dir, data = assets_dirs
-    return ["--device", "cpu", "--num_workers", "0", "--data_path", str(data[data_key]), "--images_path", str(data[images_key]),
-            "--vision_model_path", str(clip_dir), "--tokenizer_path", str(tokenizer_dir),
+    return ["--device", "cpu", "--num_workers", "0", "--data_path", str(data[data_key]),
+            "--images_path", str(data[images_key]), "--vision_model_path", str(clip_dir),
+            "--tokenizer_path", str(tokenizer_dir),
             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt"), "--batch_size", "2",
             "--log_interval", "1", *extra]
 
@@ -144,6 +145,9 @@ def test_saved_qformer_model_loads_strictly_with_the_same_logits(tiny_clip_dir, 
     ids = prompt_ids(QUERIES)
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixel_values=PIXELS).logits, model(ids, pixel_values=PIXELS).logits)
+    linear = MiniMindVLM(vlm_config("minimind2-v", 64, 2), vision_model_path=tiny_clip_dir)
+    with pytest.raises(WeightsMismatchError, match="holds a Q-Former: leave out the architecture flags"):
+        load_weights(linear, path, log=None)
     architecture_path(path).unlink()
     with pytest.raises(WeightsMismatchError, match="need their architecture file sft_vlm_64.json"):
         load_native_model(path, tiny_clip_dir, "cpu", log=None)
@@ -172,7 +176,8 @@ def test_export_to_a_transformers_folder_and_back(tiny_clip_dir, tiny_tokenizer_
 
 def test_pretrain_then_sft_with_a_frozen_lm_then_chat(tiny_tokenizer_dir, tiny_clip_dir, shapes_data, tmp_path):
     """Stage 1 builds the Q-Former from the flags; stage 2 takes its architecture from the file and, with the LM
-    frozen (--trainable projector), changes only the Q-Former path and the projection; the result answers."""
+    frozen (--trainable projector), changes only the Q-Former path and the projection (on the encoder features the
+    cache keeps: 196 a CLIP image, whatever the queries); the result answers."""
     assets_dirs = (tiny_tokenizer_dir, tiny_clip_dir, shapes_data)
     train_pretrain_vlm.main(train_flags(assets_dirs, tmp_path, "pretrain_jsonl", "pretrain_images",
                                         "--hidden_size", "64", "--num_hidden_layers", "2", *TINY_QFORMER_FLAGS,
@@ -185,7 +190,7 @@ def test_pretrain_then_sft_with_a_frozen_lm_then_chat(tiny_tokenizer_dir, tiny_c
     # MiniGPT-4's stage 2 descriptions): a text-only batch would reach no Q-Former weight.
     train_sft_vlm.main(train_flags(assets_dirs, tmp_path, "pretrain_jsonl", "pretrain_images", "--from_weight",
                                    str(pretrained), "--trainable", "projector", "--learning_rate", "0.01",
-                                   "--max_steps", "2"))
+                                   "--max_steps", "2", "--cache_vision_features", str(tmp_path / "features")))
     before, after = read_state_dict(pretrained), read_state_dict(tmp_path / "out" / "sft_vlm_64.pth")
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed == {key for key in before if key.startswith("vision_proj.")}
