@@ -218,7 +218,7 @@ def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=p
             problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
         hint = ""
         if info["projector"] == "qformer" and model.config.projector != "qformer":
-            hint = "; the file holds a Q-Former: leave out the architecture flags, so that its architecture file says"
+            hint = "; the file holds a Q-Former: leave out the architecture flags, its architecture file gives them"
         elif info["hidden_size"]:  # the flags that build a model this file fits
             preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
             hint = (f"; the file fits {preset}--hidden_size {info['hidden_size']} --num_hidden_layers "
