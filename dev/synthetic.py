@@ -55,8 +55,9 @@ from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER
 from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT,
                                          EOS_TOKEN, MINIMIND3_CHAT_TEMPLATE)
 
-ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer")
-DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's
+ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer", "blip2")
+DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's;
+# blip2: a BLIP-2 folder whose Q-Former `--qformer_init` reads
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
@@ -299,6 +300,35 @@ def build_tiny_siglip(out_dir, hidden_size: int = 64, num_layers: int = 2, seed:
         do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(out_dir)
     return out_dir
+
+
+# BLIP-2 stand-in: a tiny Q-Former (its real one is 768 wide, 12 deep, 32 queries) and tiny vision and OPT towers.
+TINY_BLIP2_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY_BLIP2_NUM_QUERY_TOKENS = 8
+TINY_BLIP2_TEXT = dict(model_type="opt", vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64)
+
+
+def build_tiny_blip2(out_dir, vision_hidden_size: int = 64, seed: int = 0, num_heads: int = 4) -> Path:
+    """Save a randomly initialised Blip2ForConditionalGeneration (the layout of Salesforce/blip2-* folders) into
+    `out_dir`. Its Q-Former cross-attends to `vision_hidden_size`-wide features (Blip2Config sets that from the
+    vision tower), so with the tiny CLIP's width it stands in for a Q-Former trained on this project's encoder."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    if vision_hidden_size % num_heads:
+        raise ValueError(f"vision_hidden_size {vision_hidden_size} is not divisible by num_heads {num_heads}")
+    config = Blip2Config(
+        vision_config=dict(hidden_size=vision_hidden_size, intermediate_size=CLIP_MLP_RATIO * vision_hidden_size,
+                           num_hidden_layers=1, num_attention_heads=num_heads, image_size=CLIP_IMAGE_SIZE,
+                           patch_size=CLIP_PATCH_SIZE),
+        qformer_config=TINY_BLIP2_QFORMER, text_config=TINY_BLIP2_TEXT, num_query_tokens=TINY_BLIP2_NUM_QUERY_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config)
+        # transformers zeroes the queries (its checkpoints always hold trained ones): random ones show a real copy
+        torch.nn.init.normal_(model.query_tokens, std=config.qformer_config.initializer_range)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -772,8 +802,9 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
 def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, seed: int = 0,
               n_sft_multi=None, vocab_size: int = DEFAULT_VOCAB_SIZE, clip_hidden_size: int = 64,
               clip_num_layers: int = 2, parts=DEFAULT_ASSET_PARTS) -> dict:
-    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer}; returns name ->
-    path. The SigLIP stand-in gets the CLIP one's width and depth."""
+    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer,blip2}; returns
+    name -> path. The SigLIP stand-in gets the CLIP one's width and depth, the BLIP-2 one's Q-Former reads features
+    of the CLIP one's width."""
     out_dir = Path(out_dir)
     unknown = set(parts) - set(ASSET_PARTS)
     if unknown:
@@ -788,6 +819,8 @@ def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, 
     if "minimind3_tokenizer" in parts:
         paths["minimind3_tokenizer"] = build_minimind3_tokenizer(out_dir / "minimind3_tokenizer",
                                                                  tokenizer_corpus(seed), vocab_size)
+    if "blip2" in parts:
+        paths["blip2"] = build_tiny_blip2(out_dir / "blip2", clip_hidden_size, seed)
     if "data" in parts:
         paths.update(build_shapes_dataset(out_dir / "data", n_pretrain, n_sft, n_eval, seed, n_sft_multi))
     return paths

@@ -38,7 +38,7 @@ from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_I
 from dataset.processing import (ImageError, chat_template_warning, check_tokenizer_matches, image_processor_for,
                                 load_tokenizer)
 from dataset.records import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
-from model.model_vlm import read_encoder_folder
+from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, read_encoder_folder
 from model.presets import add_preset_flags, apply_preset, vlm_config
 from trainer.config import STAGE_DEFAULTS
 
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("data", help="a .jsonl file (with --images_path) or a .parquet file")
     p.add_argument("--images_path", default=None, help="image folder of a .jsonl dataset (default: its folder)")
     add_preset_flags(p, with_shape=False)
+    p.add_argument("--num_query_tokens", type=bounded(int, 1), default=DEFAULT_NUM_QUERY_TOKENS,
+                   help="with --projector qformer: the trainer's --num_query_tokens (the placeholder run of an image)")
     p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
     p.add_argument("--vision_model_path", default=None,
                    help="vision encoder folder whose preprocessing the trainer will use (default: the preset's; "
@@ -219,7 +221,8 @@ def problem_report(errors, per_kind, error_total, cut, cut_total, prepared, args
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_data_path(Path(args.data))
-    config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector)
+    config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector,
+                        num_query_tokens=args.num_query_tokens)
     config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
     tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()
