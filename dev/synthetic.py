@@ -379,7 +379,11 @@ POPE_ANSWERS = {True: "Yes", False: "No"}
 # single-word answers read from the picture, and text-only questions answered from their own words.
 POPE_SFT_FRACTION = 1.0  # yes/no SFT records added, per single-image SFT record
 SHORT_ANSWER_SFT_FRACTION = 0.5  # "What colour is the shape?" + the short-answer suffix -> "Red"
-TEXT_ONLY_SFT_FRACTION = 1.0  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
+TEXT_ONLY_SFT_FRACTION = 0.5  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
+# "The shape is red." + a POPE question about a colour -> "Yes"/"No", no image: the comparison of the asked word
+# with a stated fact, learnt on words alone. Without these records the yes/no answers about pictures stay at chance
+# for the first 55-75% of the demo's SFT steps; with them they leave chance earlier and end higher (docs/demo.md).
+TEXT_YES_NO_SFT_FRACTION = 0.5
 # What a text-only question names besides its answer: an object for a colour, a colour for a shape.
 TEXT_ONLY_FILLERS = {"colour": ("ball", "box", "card", "cup", "kite", "hat"), "shape": tuple(COLOURS)}
 PLACEHOLDER_SIDE = 8  # the unified parquet release gives text-only rows an 8x8 black placeholder image
@@ -663,13 +667,31 @@ def _text_only_records(n_records: int, rng: random.Random) -> list:
     return records
 
 
+def _text_yes_no_records(n_records: int, rng: random.Random) -> list:
+    """Text-only rows: a stated colour or shape ("The shape is red.") and a POPE question about it, half of them
+    about the stated one (answer "Yes")."""
+    records = []
+    kinds = tuple(POPE_QUESTIONS)
+    for _ in range(n_records):
+        kind = rng.choice(kinds)
+        truth = rng.choice(ATTRIBUTE_CHOICES[kind])
+        present = rng.random() < 0.5
+        asked = truth if present else rng.choice([v for v in ATTRIBUTE_CHOICES[kind] if v != truth])
+        question = pope_question(kind, asked, rng.randrange(len(POPE_QUESTIONS[kind])))
+        records.append({"conversations": _turns(f"{single_answer(kind, truth)}\n{question}", POPE_ANSWERS[present]),
+                        "image": ""})
+    return records
+
+
 def _sft_extra_records(n_records: int, images_dir: Path, seed: int) -> list:
     """The yes/no, single-word and text-only SFT records, each kind from a seeded stream of its own (so the
     other splits stay unchanged), in proportion to the `n_records` single-image SFT records."""
     return (_pope_sft_records(round(n_records * POPE_SFT_FRACTION), images_dir, random.Random(f"sft_pope:{seed}"))
             + _short_answer_records(round(n_records * SHORT_ANSWER_SFT_FRACTION), images_dir,
                                     random.Random(f"sft_short:{seed}"))
-            + _text_only_records(round(n_records * TEXT_ONLY_SFT_FRACTION), random.Random(f"sft_text:{seed}")))
+            + _text_only_records(round(n_records * TEXT_ONLY_SFT_FRACTION), random.Random(f"sft_text:{seed}"))
+            + _text_yes_no_records(round(n_records * TEXT_YES_NO_SFT_FRACTION),
+                                   random.Random(f"sft_text_yes_no:{seed}")))
 
 
 def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
