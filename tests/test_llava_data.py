@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -189,9 +188,11 @@ def test_a_truncated_array_is_one_line_naming_file_record_and_byte(shapes_data, 
     assert not list((tmp_path / "p").glob("*/tokens-*"))  # nothing prepared
 
 
-def test_invalid_json_between_records_is_one_line(shapes_data, tmp_path):
+@pytest.mark.parametrize("read_bytes", [7, 1 << 20])  # the error in a later read than its record's start, or in one
+def test_invalid_json_inside_a_record_is_one_line(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(records_module, "LLAVA_READ_BYTES", read_bytes)
     path = tmp_path / "invalid.json"
-    text = '[{"id": "é", "conversations": []},\n {"id": "b" "conversations": []}]'
+    text = '[{"id": "é", "conversations": []},\n {"id": "b" "conversations": []}, {"id": "c"}]'
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError) as refused:
         list(read_llava_array(path))
