@@ -27,8 +27,8 @@ above chance on eval_questions.jsonl has learnt to use its vision input. An eval
 the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
 
 Besides its questions about the picture, the SFT file holds POPE-style yes/no questions, single-word answers and
-text-only rows (`"image": ""` in JSONL, the 8x8 placeholder image in parquet), in LLaVA-1.5's short-answer
-format: see POPE_SFT_FRACTION for why all three are needed.
+text-only rows (`"image": ""` in JSONL, no `image` in LLaVA JSON, the 8x8 placeholder image in parquet), in
+LLaVA-1.5's short-answer format: see POPE_SFT_FRACTION for why all three are needed.
 """
 import io
 import itertools
