@@ -35,6 +35,7 @@ LLAVA_READ_BYTES = 1 << 20  # bytes read at a time by read_llava_array (doubled 
 LLAVA_TRUNCATION_MARGIN = 16
 RECORD_ID_CHARS = 40  # of a LLaVA record's `id`, in messages
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")  # what may follow the digits read so far in a JSON number
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -241,7 +242,8 @@ class LlavaStream:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.text, self.pos)
-                if end < len(self.text) or self.eof:  # a number at the very end may go on in the next bytes
+                # A number ending where the text read so far ends ("100." of "100.5") may go on in the next bytes.
+                if NUMBER_CHARS.match(self.text, end).end() < len(self.text) or self.eof:
                     break
             except json.JSONDecodeError as error:
                 unterminated = error.msg.startswith("Unterminated string")  # it runs to the end of the text

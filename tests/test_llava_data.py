@@ -5,16 +5,19 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from dataset import prepared as prepared_module
 from dataset import records as records_module
 from dataset.lm_dataset import VLMDataset
-from dataset.prepared import llava_units, prepare_dataset
+from dataset.prepared import RecordView, llava_units, prepare_dataset
 from dataset.processing import image_processor_for
 from dataset.records import (FORMAT_JSONL, FORMAT_LLAVA, KIND_IMAGE_COUNT, KIND_IMAGE_MISSING, KIND_JSON, KIND_ROLES,
                              KIND_TEXT, DataError, data_format, read_llava_array)
@@ -232,3 +235,75 @@ def test_both_stages_train_on_a_llava_file_with_the_feature_cache(shapes_data, t
     sft = run([sys.executable, str(REPO_ROOT / "train_sft_vlm.py"), *common])
     assert "pretrain_vlm_64.pth" in sft.stdout and "done: 2 optimizer steps" in sft.stdout
     assert (tmp_path / "out" / "sft_vlm_64.pth").is_file()
+
+
+llava_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6)
+llava_text = st.lists(st.one_of(st.text(max_size=10), st.sampled_from(["<image>", "<image>\n", "\n", "é", "🚌"])),
+                      max_size=4).map("".join)
+llava_turn = st.fixed_dictionaries({}, optional={"from": st.sampled_from(["human", "gpt", "system", "user", ""]),
+                                                 "value": llava_text | llava_values})
+usable_llava_records = st.builds(
+    lambda image, question, answer, record_id: {
+        "id": record_id, **({"image": image} if image else {}),
+        "conversations": [{"from": "human", "value": ("<image>\n" if image else "") + question},
+                          {"from": "gpt", "value": answer}]},
+    st.sampled_from([None, "a.jpg", "sub/a.jpg"]), st.text(max_size=10).map(lambda t: t.replace("<image>", "")),
+    st.text(max_size=10).map(lambda t: t.replace("<image>", "")), st.text(max_size=8))
+any_llava_records = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=8) | st.integers() | llava_values,
+    "image": st.sampled_from(["a.jpg", "sub/a.jpg", "missing.jpg", "", ["a.jpg", "sub/a.jpg"], []]) | llava_values,
+    "conversations": st.lists(llava_turn, max_size=4) | llava_values})
+llava_elements = st.one_of(usable_llava_records, usable_llava_records, any_llava_records, llava_values)
+
+
+@st.composite
+def llava_files(draw):
+    """A LLaVA array of random elements, indented or not, sometimes cut short, with a byte flipped or spliced in."""
+    data = json.dumps(draw(st.lists(llava_elements, max_size=6)), ensure_ascii=draw(st.booleans()),
+                      indent=draw(st.sampled_from([None, 1]))).encode()
+    how = draw(st.sampled_from(["intact", "intact", "cut", "flip", "splice"]))
+    at = draw(st.integers(1, len(data) - 1))
+    if how == "cut":
+        return data[:at]
+    if how == "flip":
+        return data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+    return data[:at] + draw(st.binary(min_size=1, max_size=6)) + data[at:] if how == "splice" else data
+
+
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=llava_files(), read_bytes=st.sampled_from([5, 1 << 20]))
+@example(data=b"[100.0]", read_bytes=5)  # "100." read first: the number goes on in the next read
+def test_a_llava_file_is_one_valid_array_read_whole_or_one_line_error(tokenizer, data, read_bytes):
+    """Exactly what json.loads reads as an array prepares, every element as a usable sample or a counted problem;
+    anything else is one DataError line."""
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records_module, "LLAVA_READ_BYTES", read_bytes)
+        folder = Path(folder)
+        (folder / "sub").mkdir()
+        for name in ("a.jpg", "sub/a.jpg"):
+            (folder / name).write_bytes(b"not decoded here")
+        path = folder / "data.json"
+        path.write_bytes(data)
+        if data_format(path) != FORMAT_LLAVA:  # a flipped '[': JSON lines, tested elsewhere
+            return
+        try:
+            expected = json.loads(data.decode("utf-8", "surrogateescape"))
+        except ValueError:
+            expected = None
+        try:
+            prepared = prepare_dataset(path, tokenizer, CONFIG.image_special_token, IMAGE_TOKEN_ID, 100_000,
+                                       images_path=folder, workers=1, log=None)
+        except DataError as error:
+            assert expected is None and "\n" not in str(error) and str(error).startswith(f"{path}: ")
+            return
+        counts = prepared.manifest
+        assert isinstance(expected, list) and counts["records"] == len(expected)
+        assert counts["records"] == counts["usable"] + counts["malformed"]
+        problems, malformed = prepared.problems()
+        assert len(problems) == malformed and all(p.origin.startswith("data.json:record ") for p in problems)
+        records = RecordView(prepared)
+        for index in range(len(records)):
+            assert all(Path(image).is_file() for image in records[index].images)
