@@ -361,7 +361,7 @@ def llava_record(element: LlavaElement, name: str, images_path: Path):
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             return None, DataProblem(origin, f"turn {i} has no text 'value'", KIND_CONVERSATIONS)
-        if turn.get("from") not in LLAVA_ROLES:
+        if not isinstance(turn.get("from"), str) or turn["from"] not in LLAVA_ROLES:
             return None, DataProblem(origin, f"turn {i} has 'from' {repr(turn.get('from'))[:40]}; expected one of "
                                              f"{', '.join(LLAVA_ROLES)}", KIND_ROLES)
     turns = [{"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
