@@ -4,10 +4,12 @@ The published files have millions of rows (sft_i2t.parquet: about 2.9M). Holding
 costs tens of KB of RAM and tens of minutes of start-up in every training process, so instead the first run
 (in parallel, with a progress bar) writes, beside the data file:
 
-    prepared/{stem}-{data key}/           data key: the file's path, size and mtime (+ the image folder of a JSONL)
+    prepared/{stem}-{data key}/           data key: the file's path, size and mtime (+ the image folder of a
+                                          JSONL or LLaVA file)
         images/manifest.json              row ranges of the units below
-        images/unit-{n:05d}.arrow         Arrow IPC, uncompressed, one per parquet row group (JSONL: per 8 MB):
-                                          the `image_bytes` column as stored (JSONL: the image file paths)
+        images/unit-{n:05d}.arrow         Arrow IPC, uncompressed, one per parquet row group (JSONL, LLaVA: per
+                                          8 MB): the `image_bytes` column as stored (JSONL, LLaVA: the image file
+                                          paths; LLaVA also each record's `id`, for messages)
         tokens-{token key}/               token key: tokenizer.json, its special tokens, the image placeholder,
                                           PROMPT_FORMAT_VERSION and max_seq_len
             manifest.json                 counts, problem counts per kind and the first examples of each
@@ -47,8 +49,9 @@ from pathlib import Path
 import numpy as np
 
 from .processing import PROMPT_FORMAT_VERSION
-from .records import (CUT_ANSWER, CUT_IMAGE, PARQUET_SUFFIXES, DataError, DataProblem, Record, SampleEncoder,
-                      check_data_path, column_values, image_at, jsonl_record, open_parquet, parquet_record)
+from .records import (CUT_ANSWER, CUT_IMAGE, FORMAT_JSONL, FORMAT_LLAVA, FORMAT_PARQUET, DataError, DataProblem,
+                      Record, SampleEncoder, check_data_path, column_values, data_format, image_at, jsonl_record,
+                      llava_origin, llava_record, llava_record_id, open_parquet, parquet_record, read_llava_array)
 
 # Bump whenever the files above change meaning: every prepared folder is then rebuilt.
 LAYOUT_VERSION = 1
@@ -58,7 +61,7 @@ CUT_STATUS = {CUT_IMAGE: STATUS_CUT_IMAGE, CUT_ANSWER: STATUS_CUT_ANSWER}
 EXAMPLES_PER_KIND = 20  # problems kept per kind: enough to list the first few of all kinds in file order
 PROBLEMS_SHOWN = 10  # problems spelled out in a message before the rest is summarised
 READ_BATCH_ROWS = 2048  # parquet rows decoded at a time inside a row group: bounded memory, big enough batches
-JSONL_UNIT_BYTES = 8 << 20
+JSONL_UNIT_BYTES = 8 << 20  # of a JSONL or LLaVA file, per unit of work
 KEY_CHARS = 16
 WAIT_POLL_S = 0.5  # how often a process waiting for another one's build looks for it
 LOCK_HEARTBEAT_S = 10.0  # how often a builder renews its lock
@@ -71,12 +74,15 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:KEY_CHARS]
 
 
-def data_key(path: Path, images_path) -> str:
-    """The data file's identity: resolved path, size and modification time (and a JSONL's image folder)."""
+def data_key(path: Path, images_path, kind: str) -> str:
+    """The data file's identity: resolved path, size and modification time (and the image folder of a JSONL or
+    LLaVA file)."""
     stat = path.stat()
-    return digest({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                   "images_path": str(Path(images_path).resolve()) if images_path else None,
-                   "layout": LAYOUT_VERSION})
+    key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "images_path": str(Path(images_path).resolve()) if images_path else None, "layout": LAYOUT_VERSION}
+    if kind == FORMAT_LLAVA:  # not read as JSON lines (as .json files were before LLaVA's format was known)
+        key["format"] = kind
+    return digest(key)
 
 
 def token_key(encoder: SampleEncoder) -> str:
@@ -212,7 +218,7 @@ class Unit:
     index: int
     first_row: int
     rows: int
-    start_byte: int = 0  # JSONL only
+    start_byte: int = 0  # JSONL and LLaVA only
     stop_byte: int = 0
 
 
@@ -246,14 +252,29 @@ def jsonl_units(data_path: Path, unit_bytes: int = None):
     return units
 
 
+def llava_units(data_path: Path, unit_bytes: int = None):
+    """Runs of whole records of about `unit_bytes` (default JSONL_UNIT_BYTES), found by one streaming pass over
+    the array (which also refuses a file that is not one valid JSON array, before any worker starts); rows are
+    the array's elements."""
+    unit_bytes = unit_bytes or JSONL_UNIT_BYTES
+    units = []
+    for element in read_llava_array(data_path):
+        if units and element.start_byte - units[-1].start_byte < unit_bytes:
+            units[-1].rows += 1
+            units[-1].stop_byte = element.stop_byte
+        else:
+            units.append(Unit(len(units), element.index, 1, element.start_byte, element.stop_byte))
+    return units
+
+
 # --------------------------------------------------------------------------------------- the worker side
 
 @dataclass
 class PrepareJob:
     """What every worker needs (inherited by forked workers, pickled for spawned ones)."""
     data_path: Path
-    kind: str  # "parquet" or "jsonl"
-    images_path: Path  # JSONL image folder
+    kind: str  # FORMAT_PARQUET, FORMAT_JSONL or FORMAT_LLAVA (dataset/records.py data_format)
+    images_path: Path  # JSONL or LLaVA image folder
     encoder: SampleEncoder
     token_dtype: str
     images_dir: Path = None  # where to write the image units; None when they exist already
@@ -339,7 +360,7 @@ def prepare_parquet_unit(job: PrepareJob, unit: Unit) -> UnitResult:
         if writer is not None:
             writer.close()
     if job.images_dir is not None and writer is None:  # an empty row group still gets its (empty) file
-        write_ipc(unit_file(job.images_dir, unit.index), "image_bytes", pa.array([], pa.binary()))
+        write_ipc(unit_file(job.images_dir, unit.index), {"image_bytes": pa.array([], pa.binary())})
     return builder.result()
 
 
@@ -373,15 +394,34 @@ def prepare_jsonl_unit(job: PrepareJob, unit: Unit) -> UnitResult:
         paths.append(record.images if record is not None else [])
     builder.encode_pending()
     if job.images_dir is not None:
-        write_ipc(unit_file(job.images_dir, unit.index), "image_paths", pa.array(paths, pa.list_(pa.string())))
+        write_ipc(unit_file(job.images_dir, unit.index), {"image_paths": pa.array(paths, pa.list_(pa.string()))})
     return builder.result()
 
 
-def write_ipc(path: Path, name: str, array):
+def prepare_llava_unit(job: PrepareJob, unit: Unit) -> UnitResult:
     import pyarrow as pa
 
-    with pa.ipc.new_file(str(path), pa.schema([(name, array.type)])) as writer:
-        writer.write_batch(pa.record_batch([array], names=[name]))
+    builder = UnitBuilder(job, unit)
+    paths, record_ids = [], []
+    for element in read_llava_array(job.data_path, unit.start_byte, unit.rows, unit.first_row):
+        record, problem = llava_record(element, job.data_path.name, job.images_path)
+        builder.add(element.index - unit.first_row, record, problem)
+        paths.append(record.images if record is not None else [])
+        record_ids.append(llava_record_id(element.value))
+    builder.encode_pending()
+    if job.images_dir is not None:
+        write_ipc(unit_file(job.images_dir, unit.index), {"image_paths": pa.array(paths, pa.list_(pa.string())),
+                                                          "record_id": pa.array(record_ids, pa.string())})
+    return builder.result()
+
+
+def write_ipc(path: Path, columns: dict):
+    """One Arrow IPC file of `columns` (name -> pyarrow array)."""
+    import pyarrow as pa
+
+    batch = pa.record_batch(list(columns.values()), names=list(columns))
+    with pa.ipc.new_file(str(path), batch.schema) as writer:
+        writer.write_batch(batch)
 
 
 def unit_file(images_dir: Path, index: int) -> Path:
@@ -397,8 +437,21 @@ def _init_worker(job):
 
 
 def _run_unit(unit):
-    prepare = prepare_parquet_unit if _WORKER_JOB.kind == "parquet" else prepare_jsonl_unit
-    return prepare(_WORKER_JOB, unit)
+    return FORMATS[_WORKER_JOB.kind].prepare_unit(_WORKER_JOB, unit)
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    units: object  # data path -> [Unit]
+    prepare_unit: object  # (PrepareJob, Unit) -> UnitResult
+    image_folder: bool  # images are files under --images_path (else bytes inside the data file)
+
+
+FORMATS = {  # by dataset/records.py data_format
+    FORMAT_PARQUET: DataFormat(parquet_units, prepare_parquet_unit, image_folder=False),
+    FORMAT_JSONL: DataFormat(jsonl_units, prepare_jsonl_unit, image_folder=True),
+    FORMAT_LLAVA: DataFormat(llava_units, prepare_llava_unit, image_folder=True),
+}
 
 
 # --------------------------------------------------------------------------------------- the parent side
@@ -406,7 +459,7 @@ def _run_unit(unit):
 def run_units(job: PrepareJob, units, workers: int):
     """UnitResults in unit order; `workers` processes (forked where possible), or this one for 1."""
     if workers <= 1 or len(units) <= 1:
-        prepare = prepare_parquet_unit if job.kind == "parquet" else prepare_jsonl_unit
+        prepare = FORMATS[job.kind].prepare_unit
         for unit in units:
             yield prepare(job, unit)
         return
@@ -476,9 +529,9 @@ def prepare_dataset(data_path, tokenizer, image_special_token, image_token_id, m
     """
     path = Path(data_path)
     check_data_path(path)
-    kind = "parquet" if path.suffix in PARQUET_SUFFIXES else "jsonl"
-    images_path = (Path(images_path) if images_path else path.parent) if kind == "jsonl" else None
-    data_dir = prepared_root(path, cache_dir) / f"{path.stem}-{data_key(path, images_path)}"
+    kind = data_format(path)
+    images_path = (Path(images_path) if images_path else path.parent) if FORMATS[kind].image_folder else None
+    data_dir = prepared_root(path, cache_dir) / f"{path.stem}-{data_key(path, images_path, kind)}"
     encoder = SampleEncoder(tokenizer, image_special_token, image_token_id, max_seq_len, chat_format)
     tokens_dir = data_dir / f"tokens-{token_key(encoder)}"
     if not may_build:
@@ -506,7 +559,7 @@ def build(path, kind, images_path, data_dir, tokens_dir, encoder: SampleEncoder,
     """Build tokens_dir (and the image units when data_dir has none yet) under temporary names of this
     `builder` (BuildLock.token), then rename them; another builder's files are never touched."""
     started, cpu_started = time.time(), cpu_seconds()
-    units = parquet_units(path) if kind == "parquet" else jsonl_units(path)
+    units = FORMATS[kind].units(path)
     images_dir = data_dir / "images"
     images_tmp = None
     if not (images_dir / "manifest.json").is_file():
@@ -554,27 +607,31 @@ class ImageStore:
         self.data_path, self.kind, self.images_dir = Path(data_path), kind, Path(images_dir)
         units = json.loads((self.images_dir / "manifest.json").read_text())["units"]
         self.unit_first_rows = np.array([first for first, _ in units], dtype=np.int64)
-        self._columns = {}
+        self._tables = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_columns"] = {}
+        state["_tables"] = {}
         return state
 
-    def _value(self, row: int):
+    def _value(self, row: int, column: int = 0):
         import pyarrow as pa
 
         unit = int(np.searchsorted(self.unit_first_rows, row, side="right")) - 1
-        if unit not in self._columns:
+        if unit not in self._tables:
             reader = pa.ipc.open_file(pa.memory_map(str(unit_file(self.images_dir, unit)), "r"))
-            self._columns[unit] = reader.read_all().column(0)  # zero-copy over the memory map
-        return self._columns[unit][row - int(self.unit_first_rows[unit])]
+            self._tables[unit] = reader.read_all()  # zero-copy over the memory map
+        return self._tables[unit].column(column)[row - int(self.unit_first_rows[unit])]
 
     def refs(self, row: int, count: int) -> list:
-        """The references of a row's `count` used images: file paths (JSONL) or (row, slot) (parquet)."""
-        if self.kind == "jsonl":
+        """The references of a row's `count` used images: file paths (JSONL, LLaVA) or (row, slot) (parquet)."""
+        if FORMATS[self.kind].image_folder:
             return self._value(row).as_py()[:count]
         return [(row, slot) for slot in range(count)]
+
+    def record_id(self, row: int):
+        """A LLaVA record's `id` as text (None where it has none)."""
+        return self._value(row, column=1).as_py()
 
     def image_bytes(self, ref):
         if isinstance(ref, str):
@@ -649,7 +706,9 @@ class PreparedData:
 
     def origin(self, row: int) -> str:
         name = self.data_path.name
-        return f"{name}:row {row}" if self.kind == "parquet" else f"{name}:{row + 1}"
+        if self.kind == FORMAT_LLAVA:
+            return llava_origin(name, row + 1, self.images.record_id(row))
+        return f"{name}:row {row}" if self.kind == FORMAT_PARQUET else f"{name}:{row + 1}"
 
     def problems(self):
         """The kept examples of malformed rows as DataProblems, in file order, and the total count."""
@@ -697,8 +756,8 @@ class PreparedData:
 
 
 def row_number(origin: str) -> int:
-    """Sort key: the line or row number that ends every origin."""
-    tail = origin.rsplit(" ", 1)[-1].rsplit(":", 1)[-1]
+    """Sort key: the line, row or record number that ends every origin (before a LLaVA record's id)."""
+    tail = origin.split(" (id ", 1)[0].rsplit(" ", 1)[-1].rsplit(":", 1)[-1]
     return int(tail) if tail.isdigit() else 0
 
 

@@ -1,14 +1,20 @@
-"""Records: reading JSONL/parquet rows, checking them, and turning them into token ids.
+"""Records: reading JSONL/parquet/LLaVA rows, checking them, and turning them into token ids.
 
 The bottom layer of dataset/: prepared.py builds on these readers and the encoder, lm_dataset.py on both.
 
-Formats (the format follows from the file suffix):
+Formats (data_format: parquet by the file suffix; a .jsonl/.json file by its first non-whitespace byte):
   * JSONL + image folder: one object per line, `conversations` (list of {role, content}) and `image`
     (file names, comma-separated for several images), e.g. pretrain_vlm_data.jsonl + pretrain_images/.
+  * LLaVA JSON + image folder (the file starts with `[`): one JSON array of {"id", "image", "conversations":
+    [{"from": "human"/"gpt"/"system", "value"}]}, `image` a path relative to the folder (or a list of them; no
+    `image` key: a text-only record), e.g. LLaVA-1.5's llava_v1_5_mix665k.json. Read as a stream
+    (read_llava_array), never loaded whole.
   * parquet: `conversations` (JSON string of the same list) and `image_bytes` (binary, or a list of them).
 Every `<image>` in the text becomes the 196-token placeholder run that the model overwrites with features.
 """
+import codecs
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +26,17 @@ from common import UserError
 from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
                          count_image_markers, is_placeholder_image, open_image, preprocess_image)
 
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json")  # JSON lines, or a LLaVA array when the file starts with `[`
 PARQUET_SUFFIXES = (".parquet",)
+FORMAT_PARQUET, FORMAT_JSONL, FORMAT_LLAVA = "parquet", "jsonl", "llava"
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": SYSTEM_ROLE}  # LLaVA's `from` -> our role
+LLAVA_READ_BYTES = 1 << 20  # bytes read at a time by read_llava_array (doubled while one record does not fit)
+# A decode error this close to the end of the text read so far may be a record cut by the read, not bad JSON.
+LLAVA_TRUNCATION_MARGIN = 16
+RECORD_ID_CHARS = 40  # of a LLaVA record's `id`, in messages
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")  # what may follow the digits read so far in a JSON number
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(UserError):
@@ -42,8 +57,8 @@ KIND_UNDECODABLE = "image does not decode"
 @dataclass
 class Record:
     conversations: list  # [{"role", "content"}]: the stored roles, or roles by position when none are stored
-    images: list  # JSONL: image file paths; parquet: (row, slot) references; [] for a text-only row
-    origin: str  # "file:line" or "file:row", for messages
+    images: list  # JSONL/LLaVA: image file paths; parquet: (row, slot) references; [] for a text-only row
+    origin: str  # "file:line", "file:row N" or "file:record N (id X)", for messages
 
 
 @dataclass
@@ -154,6 +169,209 @@ def jsonl_record(raw: bytes, line_no: int, name: str, images_path: Path):
     if missing:
         return None, DataProblem(origin, f"image file {missing[0]!r} not found in {images_path}", KIND_IMAGE_MISSING)
     return Record(messages, [str(p) for p in paths[:used]], origin), None
+
+
+def data_format(path: Path) -> str:
+    """FORMAT_PARQUET by the suffix; a .jsonl or .json file by its first byte after whitespace (and a UTF-8 BOM):
+    `[` opens a LLaVA array (FORMAT_LLAVA), anything else is JSON lines (FORMAT_JSONL, as is an empty file)."""
+    if path.suffix in PARQUET_SUFFIXES:
+        return FORMAT_PARQUET
+    with open(path, "rb") as handle:
+        head = handle.read(len(UTF8_BOM))
+        head = head[len(UTF8_BOM):] if head == UTF8_BOM else head
+        while True:
+            head = head.lstrip(b" \t\r\n")
+            if head:
+                return FORMAT_LLAVA if head.startswith(b"[") else FORMAT_JSONL
+            head = handle.read(LLAVA_READ_BYTES)
+            if not head:
+                return FORMAT_JSONL
+
+
+@dataclass
+class LlavaElement:
+    index: int  # 0-based position in the array
+    start_byte: int  # where its text starts in the file
+    stop_byte: int  # one past where it ends
+    value: object  # the parsed JSON value
+    bad_byte: int = None  # file offset of its first byte that is not UTF-8; None when its text is valid UTF-8
+
+
+class LlavaStream:
+    """The text of a JSON file from `start_byte` on, decoded as it is read (bytes that are not UTF-8 become
+    surrogate escapes, so they are found per record), with the file offset of any position in it."""
+
+    def __init__(self, path: Path, start_byte: int):
+        self.path = Path(path)
+        self.handle = open(self.path, "rb")
+        self.handle.seek(start_byte)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self.text, self.pos, self.eof = "", 0, False
+        self.mark_pos, self.mark_byte = 0, start_byte  # text[mark_pos] is at file offset mark_byte
+        self.decoder = json.JSONDecoder()
+
+    def close(self):
+        self.handle.close()
+
+    def byte_at(self, pos: int) -> int:
+        """File offset of text[pos], for pos at or after the last one asked."""
+        self.mark_byte += len(self.text[self.mark_pos:pos].encode("utf-8", "surrogateescape"))
+        self.mark_pos = pos
+        return self.mark_byte
+
+    def read_more(self, size: int):
+        """Drop the text before pos (done with), then decode `size` more bytes; sets eof at the end of the file."""
+        self.byte_at(self.pos)
+        self.text, self.pos, self.mark_pos = self.text[self.pos:], 0, 0
+        chunk = self.handle.read(size)
+        self.eof = not chunk
+        self.text += self.utf8.decode(chunk, final=self.eof)
+
+    def next_char(self) -> str:
+        """The next character after whitespace (pos moves to it), or "" at the end of the file."""
+        while True:
+            self.pos = JSON_WHITESPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text) or self.eof:
+                return self.text[self.pos:self.pos + 1]
+            self.read_more(LLAVA_READ_BYTES)
+
+    def element(self, index: int) -> LlavaElement:
+        """The JSON value at pos (after next_char), read on until it is complete; a DataError where the file is
+        not valid JSON there."""
+        size = LLAVA_READ_BYTES
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+                # A number ending where the text read so far ends ("100." of "100.5") may go on in the next bytes.
+                if NUMBER_CHARS.match(self.text, end).end() < len(self.text) or self.eof:
+                    break
+            except json.JSONDecodeError as error:
+                unterminated = error.msg.startswith("Unterminated string")  # it runs to the end of the text
+                if self.eof:
+                    truncated = unterminated or error.pos >= len(self.text.rstrip())
+                    raise self.invalid(index, error.pos, error.msg, truncated) from None
+                if not (unterminated or error.pos >= len(self.text) - LLAVA_TRUNCATION_MARGIN):
+                    raise self.invalid(index, error.pos, error.msg) from None
+            except (ValueError, RecursionError) as error:  # an integer with too many digits, nesting too deep
+                raise self.invalid(index, self.pos, f"{type(error).__name__}: {str(error)[:80]}") from None
+            self.read_more(size)
+            size *= 2
+        text = self.text[self.pos:end]
+        bad_byte = None
+        if text.isascii():
+            length = len(text)
+        else:
+            try:
+                length = len(text.encode("utf-8"))
+            except UnicodeEncodeError as error:  # a surrogate escape: a byte that is not UTF-8
+                length = len(text.encode("utf-8", "surrogateescape"))
+                bad_byte = self.byte_at(self.pos) + len(text[:error.start].encode("utf-8", "surrogateescape"))
+        start_byte = self.byte_at(self.pos)
+        self.mark_pos, self.mark_byte = end, start_byte + length
+        self.pos = end
+        return LlavaElement(index, start_byte, start_byte + length, value, bad_byte)
+
+    def invalid(self, index: int, pos: int, reason: str, truncated: bool = False) -> "DataError":
+        """The one-line error for invalid JSON at text[pos] inside element `index` (which starts at pos)."""
+        start = self.byte_at(self.pos)
+        if truncated:
+            return DataError(f"{self.path}: the file ends inside record {index + 1} (which starts at byte {start}): "
+                             f"truncated? A LLaVA file must be one complete JSON array")
+        return DataError(f"{self.path}: invalid JSON in record {index + 1} at byte {self.byte_at(max(pos, self.pos))}"
+                         f" ({reason}); a LLaVA file must be one JSON array")
+
+
+def read_llava_array(path, start_byte: int = None, count: int = None, first_index: int = 0):
+    """LlavaElement for each element of the JSON array in `path`, as a stream: memory holds the text read ahead
+    (LLAVA_READ_BYTES) and one element, whatever the file's size.
+
+    The whole file (start_byte None): `[`, the elements, `]` and nothing else, or a one-line DataError naming the
+    file, the record and the byte. One unit of work: `count` elements from `start_byte` (where an element
+    starts, as a whole-file pass found it), numbered from `first_index`.
+    """
+    stream = LlavaStream(path, start_byte or 0)
+    name = Path(path).name
+    try:
+        index = first_index
+        if start_byte is None:
+            if stream.next_char() == "\ufeff":
+                stream.pos += 1
+            if stream.next_char() != "[":
+                raise DataError(f"{path}: a LLaVA file must be one JSON array (it does not start with '[')")
+            stream.pos += 1
+            if stream.next_char() == "]":
+                count = 0
+        while count is None or index < first_index + count:
+            stream.next_char()
+            yield stream.element(index)
+            index += 1
+            if count is not None and index == first_index + count:
+                break
+            separator = stream.next_char()
+            if separator == ",":
+                stream.pos += 1
+            elif separator == "]" and start_byte is None:
+                break
+            elif not separator:
+                raise DataError(f"{path}: the file ends after record {index} (byte {stream.byte_at(stream.pos)}), "
+                                f"before the closing ']': truncated? A LLaVA file must be one complete JSON array")
+            else:
+                raise DataError(f"{path}: expected ',' or ']' after record {index} at byte "
+                                f"{stream.byte_at(stream.pos)}, found {separator!r} ({name} must be one JSON array)")
+        if start_byte is None:
+            stream.pos += 1  # the closing ']'
+            if stream.next_char():
+                raise DataError(f"{path}: text after the closing ']' of the array at byte "
+                                f"{stream.byte_at(stream.pos)}; a LLaVA file must be one JSON array")
+    finally:
+        stream.close()
+
+
+def llava_record_id(value):
+    """A LLaVA record's `id` as one short line for messages (None where it has none): whitespace collapsed, no
+    ': ' (which separates an origin from its reason), bytes that are not UTF-8 as backslash escapes."""
+    record_id = value.get("id") if isinstance(value, dict) else None
+    if record_id is None or isinstance(record_id, (dict, list)):
+        return None
+    shown = " ".join(str(record_id).split())[:RECORD_ID_CHARS].replace(": ", ":")
+    return shown.encode("utf-8", "backslashreplace").decode("utf-8") or None
+
+
+def llava_origin(name: str, number: int, record_id: str = None) -> str:
+    """`file.json:record N (id X)`: the record's 1-based position in the array, and its id (llava_record_id)."""
+    return f"{name}:record {number}" + (f" (id {record_id})" if record_id else "")
+
+
+def llava_record(element: LlavaElement, name: str, images_path: Path):
+    """One element of a LLaVA array -> (Record, None) or (None, DataProblem)."""
+    obj = element.value
+    origin = llava_origin(name, element.index + 1, llava_record_id(obj))
+    if element.bad_byte is not None:
+        return None, DataProblem(origin, f"not UTF-8 text (byte {element.bad_byte})", KIND_TEXT)
+    if not isinstance(obj, dict):
+        return None, DataProblem(origin, "a record must be a JSON object", KIND_JSON)
+    names = obj.get("image")
+    names = [] if names is None else [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None, DataProblem(origin, "'image' must be a file name (or a list of file names)", KIND_IMAGE_FIELD)
+    names = [n.strip() for n in names if n.strip()]
+    turns = obj.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return None, DataProblem(origin, "'conversations' must be a non-empty list of turns", KIND_CONVERSATIONS)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return None, DataProblem(origin, f"turn {i} has no text 'value'", KIND_CONVERSATIONS)
+        if not isinstance(turn.get("from"), str) or turn["from"] not in LLAVA_ROLES:
+            return None, DataProblem(origin, f"turn {i} has 'from' {repr(turn.get('from'))[:40]}; expected one of "
+                                             f"{', '.join(LLAVA_ROLES)}", KIND_ROLES)
+    turns = [{"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
+    messages, used, problem = check_record(turns, len(names))
+    if problem:
+        return None, DataProblem(origin, problem[1], problem[0])
+    missing = [n for n in names if not is_file(images_path / n)]
+    if missing:
+        return None, DataProblem(origin, f"image file {missing[0]!r} not found in {images_path}", KIND_IMAGE_MISSING)
+    return Record(messages, [str(images_path / n) for n in names[:used]], origin), None
 
 
 UNREADABLE = object()  # a parquet value that cannot be converted to Python

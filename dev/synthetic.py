@@ -16,8 +16,9 @@ Layout written under --out_dir:
                  AutoImageProcessor.from_pretrained
     data/        pretrain_vlm_data.jsonl + pretrain_images/, sft_vlm_data.jsonl + sft_images/,
                  sft_vlm_data_multi.jsonl + sft_multi_images/, pretrain_i2t.parquet, sft_i2t.parquet,
-                 sft_multi_i2t.parquet, eval_questions.jsonl + eval_images/, eval_pope.parquet (held-out
-                 yes/no questions in the lmms-lab/POPE parquet schema, for scripts.eval_bench)
+                 sft_multi_i2t.parquet, sft_vlm_data_llava.json (the SFT records in LLaVA's layout, images as
+                 sft_images/NAME: --images_path data/), eval_questions.jsonl + eval_images/, eval_pope.parquet
+                 (held-out yes/no questions in the lmms-lab/POPE parquet schema, for scripts.eval_bench)
 
 The dataset is "one coloured shape on a plain background": every answer (shape, colour, light or dark
 background, same/different between two pictures) can only be known from the image, so a model that scores
@@ -26,8 +27,8 @@ above chance on eval_questions.jsonl has learnt to use its vision input. An eval
 the image where its prompt format wants it) and chance accuracy is 1 / len(choices).
 
 Besides its questions about the picture, the SFT file holds POPE-style yes/no questions, single-word answers and
-text-only rows (`"image": ""` in JSONL, the 8x8 placeholder image in parquet), in LLaVA-1.5's short-answer
-format: see POPE_SFT_FRACTION for why all three are needed.
+text-only rows (`"image": ""` in JSONL, no `image` in LLaVA JSON, the 8x8 placeholder image in parquet), in
+LLaVA-1.5's short-answer format: see POPE_SFT_FRACTION for why all three are needed.
 """
 import io
 import itertools
@@ -49,6 +50,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, Pr
 from model.compat import pil_clip_image_processor_class, pil_image_processor_class
 
 from dataset.processing import IMAGE_MARKER, SHORT_ANSWER_SUFFIX
+from dataset.records import LLAVA_ROLES
 from model.model_minimind import MiniMindConfig
 from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER_CHAR, SIGLIP_IMAGE_SIZE,
                              SIGLIP_PATCH_SIZE)
@@ -398,6 +400,7 @@ SFT_MULTI_IMAGES = "sft_multi_images"
 PRETRAIN_PARQUET = "pretrain_i2t.parquet"
 SFT_PARQUET = "sft_i2t.parquet"
 SFT_MULTI_PARQUET = "sft_multi_i2t.parquet"  # image_bytes is list<binary> here, so it cannot share sft_i2t's
+SFT_LLAVA_JSON = "sft_vlm_data_llava.json"  # the SFT records as LLaVA publishes data: one JSON array
 EVAL_JSONL = "eval_questions.jsonl"
 EVAL_IMAGES = "eval_images"
 EVAL_POPE_PARQUET = "eval_pope.parquet"
@@ -553,6 +556,28 @@ def _write_jsonl(path: Path, records: list) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def llava_layout(records: list, image_folder: str) -> list:
+    """JSONL-layout records in LLaVA's layout: {"id", "image", "conversations": [{"from", "value"}]}, `image` the
+    file's path under the image root (`image_folder/NAME`; a list for several images, no key for none)."""
+    from_role = {role: llava_from for llava_from, role in LLAVA_ROLES.items()}
+    converted = []
+    for index, record in enumerate(records):
+        llava = {"id": f"{index:06d}"}
+        names = [f"{image_folder}/{name.strip()}" for name in record["image"].split(",") if name.strip()]
+        if names:
+            llava["image"] = names[0] if len(names) == 1 else names
+        llava["conversations"] = [{"from": from_role[turn["role"]], "value": turn["content"]}
+                                  for turn in record["conversations"]]
+        converted.append(llava)
+    return converted
+
+
+def write_llava_json(path: Path, records: list, image_folder: str) -> None:
+    """JSONL-layout records written as a LLaVA file (llava_layout), indented as LLaVA's releases are."""
+    Path(path).write_text(json.dumps(llava_layout(records, image_folder), ensure_ascii=False, indent=2),
+                          encoding="utf-8")
 
 
 def _write_parquet(path: Path, records: list, images_dir: Path, multi_image: bool) -> None:
@@ -777,7 +802,7 @@ def _eval_records(n_records: int, images_dir: Path, rng: random.Random) -> list:
 
 def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed: int = 0,
                          n_sft_multi=None) -> dict:
-    """Write the synthetic shapes dataset (JSONL + image folders, parquet, eval set) under `out_dir`.
+    """Write the synthetic shapes dataset (JSONL + image folders, parquet, LLaVA JSON, eval set) under `out_dir`.
 
     `n_sft_multi` two-image SFT records (default: a quarter of n_sft, at least 1). Each split draws from its
     own seeded stream, so changing one split's size leaves the others unchanged. Returns name -> path.
@@ -791,7 +816,7 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
         "sft_jsonl": out_dir / SFT_JSONL, "sft_images": out_dir / SFT_IMAGES,
         "sft_multi_jsonl": out_dir / SFT_MULTI_JSONL, "sft_multi_images": out_dir / SFT_MULTI_IMAGES,
         "pretrain_parquet": out_dir / PRETRAIN_PARQUET, "sft_parquet": out_dir / SFT_PARQUET,
-        "sft_multi_parquet": out_dir / SFT_MULTI_PARQUET,
+        "sft_multi_parquet": out_dir / SFT_MULTI_PARQUET, "sft_llava": out_dir / SFT_LLAVA_JSON,
         "eval_jsonl": out_dir / EVAL_JSONL, "eval_images": out_dir / EVAL_IMAGES,
         "eval_pope_parquet": out_dir / EVAL_POPE_PARQUET,
     }
@@ -813,6 +838,8 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
         _write_jsonl(paths[jsonl_key], records)
         if parquet_key is not None:
             _write_parquet(paths[parquet_key], records, paths[images_key], multi_image)
+        if jsonl_key == "sft_jsonl":  # LLaVA's layout: image paths under the data folder (--images_path data/)
+            write_llava_json(paths["sft_llava"], records, SFT_IMAGES)
     write_pope_parquet(paths["eval_pope_parquet"], n_eval, seed)
     return paths
 

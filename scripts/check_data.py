@@ -2,11 +2,13 @@
 
     python -m scripts.check_data dataset/pretrain_i2t.parquet
     python -m scripts.check_data dataset/sft_vlm_data.jsonl --images_path dataset/sft_images --stage sft
+    python -m scripts.check_data llava_v1_5_mix665k.json --images_path data/ --stage sft     # LLaVA's layout
     python -m scripts.check_data DATA --tokenizer_path model --max_seq_len 1024 --workers 16
 
 It runs the checks the trainers run at start-up, with the same code and the same prepared cache
 (dataset/prepared.py: built here if missing, then reused by training), plus the one they cannot afford up front:
-  1. every record parses and has `conversations` with alternating roles; for JSONL, every image file exists;
+  1. every record parses and has `conversations` with alternating roles; for JSONL and LLaVA JSON, every image
+     file exists;
   2. every record has as many `<image>` markers as images (a row with no marker and one tiny placeholder
      image is a text-only sample);
   3. every image decodes and preprocesses (in parallel processes; a trainer finds a broken image only when
@@ -14,7 +16,8 @@ It runs the checks the trainers run at start-up, with the same code and the same
   4. the token length after the chat template: which samples max_seq_len leaves out because an image or
      the whole answer does not fit, and a histogram of the lengths.
 Streaming and bounded memory for files of millions of rows: problems are counted per kind and the first
---show examples of each kind listed as `file:line: reason` (parquet: `file:row N: reason`); samples left out
+--show examples of each kind listed as `file:line: reason` (parquet: `file:row N: reason`; LLaVA JSON:
+`file:record N (id X): reason`); samples left out
 at max_seq_len are listed too but are not errors (the trainers skip and count them). Progress with rate and
 ETA goes to stderr.
 
@@ -50,8 +53,10 @@ HISTOGRAM_WIDTH = 40  # characters of the longest bar
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="a .jsonl file (with --images_path) or a .parquet file")
-    p.add_argument("--images_path", default=None, help="image folder of a .jsonl dataset (default: its folder)")
+    p.add_argument("data", help="a .jsonl file, a LLaVA-format .json file (both with --images_path) or a .parquet "
+                                "file")
+    p.add_argument("--images_path", default=None,
+                   help="image folder of a .jsonl or LLaVA .json dataset (default: its folder)")
     add_preset_flags(p, with_shape=False)
     p.add_argument("--num_query_tokens", type=bounded(int, 1), default=DEFAULT_NUM_QUERY_TOKENS,
                    help="with --projector qformer: the trainer's --num_query_tokens (the placeholder run of an image)")

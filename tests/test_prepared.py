@@ -310,7 +310,8 @@ def test_a_dead_builders_lock_is_taken_over_and_only_its_leftovers_deleted(publi
     monkeypatch.setattr(prepared_module, "LOCK_STALE_S", 1.0)
     monkeypatch.setattr(prepared_module, "WAIT_POLL_S", 0.1)
     cache = tmp_path / "cache"
-    data_dir = prepared_module.prepared_root(path, cache) / f"{path.stem}-{prepared_module.data_key(path, None)}"
+    key = prepared_module.data_key(path, None, "parquet")
+    data_dir = prepared_module.prepared_root(path, cache) / f"{path.stem}-{key}"
     data_dir.mkdir(parents=True)
     lock = data_dir.with_name(data_dir.name + ".build-lock")
     lock.mkdir()

@@ -23,7 +23,7 @@ STAGE_DEFAULTS = {
         save_weight="pretrain_vlm",
         from_weight="llm",  # the MiniMind2 language model
         data_path=DEFAULT_DATA_DIR / "pretrain_i2t.parquet",
-        images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl --data_path
+        images_path=DEFAULT_DATA_DIR / "pretrain_images",  # only for a .jsonl or LLaVA .json --data_path
         epochs=4,
         batch_size=16,
         learning_rate=4e-4,
@@ -36,7 +36,7 @@ STAGE_DEFAULTS = {
         save_weight="sft_vlm",
         from_weight="pretrain_vlm",  # stage 1's output
         data_path=DEFAULT_DATA_DIR / "sft_i2t.parquet",
-        images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl --data_path
+        images_path=DEFAULT_DATA_DIR / "sft_images",  # only for a .jsonl or LLaVA .json --data_path
         epochs=2,
         batch_size=4,
         learning_rate=1e-6,
@@ -73,8 +73,10 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     io.add_argument("--save_weight", default=d["save_weight"], help="output name: {save_weight}_{hidden}.pth")
     io.add_argument("--from_weight", default=d["from_weight"],
                     help="start from {save_dir}/{from_weight}_{hidden}.pth, a .pth path, or 'none'")
-    io.add_argument("--data_path", default=str(d["data_path"]), help="a .parquet file or a .jsonl file")
-    io.add_argument("--images_path", default=str(d["images_path"]), help="image folder for a .jsonl dataset")
+    io.add_argument("--data_path", default=str(d["data_path"]),
+                    help="a .parquet file, a .jsonl file or a LLaVA-format .json file (one JSON array)")
+    io.add_argument("--images_path", default=str(d["images_path"]),
+                    help="image folder for a .jsonl or LLaVA .json dataset (LLaVA's `image` paths are relative to it)")
     io.add_argument("--vision_model_path", default=None,
                     help="vision encoder folder (default: the preset's, e.g. model/vision_model/clip-vit-base-patch16)")
     io.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
