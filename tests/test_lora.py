@@ -156,6 +156,8 @@ def test_merged_weights_give_the_lora_models_logits_as_peft_merges_them():
     # peft's own merge_and_unload of the same adapter gives the same weights
     reference = PeftModel(copy.deepcopy(base), copy.deepcopy(lora.peft_config["default"]))
     reference.load_state_dict({f"base_model.model.{k}": v for k, v in lora.state_dict().items()}, strict=True)
+    adapter_parameters = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
+    assert reference.get_nb_trainable_parameters()[0] == adapter_parameters  # peft counts the adapters alike
     unloaded = reference.merge_and_unload().state_dict()
     assert all(torch.equal(unloaded[k], merged[k]) for k in merged)
     assert lora.model.layers[0].self_attn.q_proj.base_layer.weight.data_ptr() != merged[
