@@ -435,7 +435,7 @@ def train_worker(conn, spec):
             raise RuntimeError(f"unexpected message {message!r}")
         wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
         result = train_step(setup, micro_batches(batches, cfg.accumulation_steps, cfg.loader_timeout),
-                            lr_at(step, total_steps, cfg.learning_rate), cfg.grad_clip, stop_requested=False)
+                            lr_at(step, total_steps, 1.0), cfg.grad_clip, stop_requested=False)
         now_busy = machine_busy_seconds()
         conn.send(("step", {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                             "machine_busy_s": None if busy is None else now_busy - busy, "loss": result.loss}))

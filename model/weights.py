@@ -23,6 +23,8 @@ from .presets import lm_config_kwargs, preset_for, vlm_config
 VISION_PROJ_PREFIX = "vision_proj."
 # The projector kinds, told apart by their keys (model_vlm.PROJECTORS: each class names its input weight).
 PROJECTOR_INPUT_KEYS = {name: VISION_PROJ_PREFIX + projector.INPUT_WEIGHT for name, projector in PROJECTORS.items()}
+# In the keys of a model with peft LoRA adapters (a --trainable lora run's resume checkpoint).
+LORA_KEY_MARK = ".lora_A."
 # Prefixes that wrappers add in front of every key: DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -117,6 +119,10 @@ def read_state_dict(path) -> dict:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         state_dict[key] = tensor
+    if any(LORA_KEY_MARK in key for key in state_dict):
+        raise WeightsMismatchError(f"{path}: the resume checkpoint of a --trainable lora run (adapters not merged); "
+                                   f"load the weights file that run wrote in its --save_dir (adapters merged, e.g. "
+                                   f"{path.name.replace('_resume', '')})")
     return state_dict
 
 

@@ -106,9 +106,12 @@ def test_trainable_parameter_counts_at_26m():
         set_trainable(model, policy)
         counts[policy] = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     # projector_first_last_layers (upstream 3v's --freeze_llm 1): the projector and two of the 2,819,072-parameter
-    # blocks.
+    # blocks. lora (last: it changes the model): rank-8 adapters on q, k, v, o, gate, up, down of 8 layers (k and v
+    # are 128 wide: 2 KV heads; the MLP 1408), and the projector.
+    lora_per_layer = 8 * ((512 + 512) * 2 + (512 + 128) * 2 + (512 + 1408) * 3)
     assert counts == {"projector": 393_728, "projector_last_layer": 3_212_800,
-                      "projector_first_last_layers": 393_728 + 2 * 2_819_072, "all": 26_223_616}
+                      "projector_first_last_layers": 393_728 + 2 * 2_819_072, "all": 26_223_616,
+                      "lora": 393_728 + 8 * lora_per_layer}
 
 
 def test_learning_rate_schedule_matches_upstream_formula():

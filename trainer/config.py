@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from common import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
+from model.lora import DEFAULT_LORA_DROPOUT, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGET, LORA_ALPHA_PER_RANK
 from model.model_vlm import (DEFAULT_NUM_QUERY_TOKENS, DEFAULT_QFORMER_HIDDEN_SIZE, DEFAULT_QFORMER_NUM_HEADS,
                              DEFAULT_QFORMER_NUM_LAYERS)
 from model.presets import add_preset_flags, apply_preset
 
-# Which parameters train; CLIP is always frozen.
-TRAINABLE_CHOICES = ("projector", "projector_last_layer", "projector_first_last_layers", "all")
+# Which parameters train; CLIP is always frozen. lora: the projector + LoRA adapters on the frozen LM (model/lora.py).
+TRAINABLE_CHOICES = ("projector", "projector_last_layer", "projector_first_last_layers", "all", "lora")
 # A batch takes well under a second to decode and collate; minutes of silence mean a worker lost it.
 LOADER_TIMEOUT_S = 300.0
 STAGE_SCRIPTS = {"pretrain": "train_pretrain_vlm.py", "sft": "train_sft_vlm.py"}
@@ -112,12 +113,26 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     model.add_argument("--trainable", default=None, choices=TRAINABLE_CHOICES,
                        help="parameters that train: projector, projector + last LM layer, projector + first and "
                             "last LM layers (upstream's --freeze_llm 1), or projector + LM (default: the preset's "
-                            "for this stage)")
+                            "for this stage); lora: projector + LoRA adapters on the frozen LM (--lora_* flags)")
+    model.add_argument("--lora_rank", type=bounded(int, 1), default=DEFAULT_LORA_RANK,
+                       help="--trainable lora: rank of each adapter")
+    model.add_argument("--lora_alpha", type=bounded(float, 0, low_open=True), default=None,
+                       help=f"--trainable lora: the adapters' scale is lora_alpha / lora_rank (default: "
+                            f"{LORA_ALPHA_PER_RANK} x rank)")
+    model.add_argument("--lora_dropout", type=bounded(float, 0, 1), default=DEFAULT_LORA_DROPOUT,
+                       help="--trainable lora: dropout on each adapter's input")
+    model.add_argument("--lora_target", default=DEFAULT_LORA_TARGET,
+                       help="--trainable lora: the LM modules that get adapters, a '|'-separated list of module names "
+                            "(a module whose full name ends with one) or a regex over full module names; the "
+                            "projector and embeddings never get one")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=bounded(int, 1), default=d["epochs"])
     opt.add_argument("--batch_size", type=bounded(int, 1), default=d["batch_size"],
                      help="samples per process per micro-step")
     opt.add_argument("--learning_rate", type=bounded(float, 0, low_open=True), default=d["learning_rate"])
+    opt.add_argument("--projector_lr", type=bounded(float, 0, low_open=True), default=None,
+                     help="the projector's learning rate, in a second AdamW group (default: --learning_rate); the "
+                          "cosine schedule scales both")
     opt.add_argument("--accumulation_steps", type=bounded(int, 1), default=1, help="micro-batches per optimizer step")
     opt.add_argument("--grad_clip", type=bounded(float, 0), default=1.0)
     opt.add_argument("--max_steps", type=bounded(int, 0), default=0,
@@ -179,10 +194,15 @@ class TrainConfig:
     qformer_init: str  # None: a from-scratch Q-Former
     max_seq_len: int
     trainable: str  # one of TRAINABLE_CHOICES
+    lora_rank: int
+    lora_alpha: float  # None: model.lora.LORA_ALPHA_PER_RANK x lora_rank
+    lora_dropout: float
+    lora_target: str  # model.lora.lora_targets reads it
     # optimisation
     epochs: int
     batch_size: int
     learning_rate: float
+    projector_lr: float  # None: learning_rate, one AdamW group
     accumulation_steps: int
     grad_clip: float
     max_steps: int  # 0: no limit

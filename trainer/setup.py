@@ -20,6 +20,7 @@ from common import UserError, atomic_save, count_parameters, quiet_transformers,
 from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepare_dataset, prepared_root
 from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
+from model.lora import PROJECTOR_MODULE, add_lora, lora_summary
 from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, MiniMindVLM, qformer_settings
 from model.presets import PRESETS, default_vision_model_path, vlm_config
 from model.weights import (WeightsMismatchError, architecture_path, load_blip2_qformer, load_weights,
@@ -180,17 +181,34 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
     return model, cfg
 
 
-def set_trainable(model: MiniMindVLM, policy: str):
+def set_trainable(model: MiniMindVLM, policy: str, **lora_options):
     """projector: vision_proj only; projector_last_layer: + the last LM block; projector_first_last_layers: + the
-    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM."""
+    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM; lora: + LoRA adapters injected
+    into the frozen LM (model/lora.py add_lora, given lora_options: rank, alpha, dropout, target, base_weights)."""
     if policy not in TRAINABLE_CHOICES:
         raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
+    if policy == "lora":
+        add_lora(model, **lora_options)
+        return
     model.requires_grad_(policy == "all")
     model.vision_proj.requires_grad_(True)
     if policy in ("projector_last_layer", "projector_first_last_layers"):
         model.model.layers[-1].requires_grad_(True)
     if policy == "projector_first_last_layers":
         model.model.layers[0].requires_grad_(True)
+
+
+def optimizer_groups(model, learning_rate: float, projector_lr: float = None) -> list:
+    """AdamW parameter groups over the trainable parameters: one at `learning_rate`, or, with `projector_lr`, the LM's
+    (possibly none) at `learning_rate` and the projector's at `projector_lr`. Each group keeps its base rate in
+    "initial_lr"; the schedule scales it (trainer/training.py train_step)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if projector_lr is None:
+        return [{"params": trainable, "lr": learning_rate, "initial_lr": learning_rate}]
+    projector = {id(p) for p in model.get_submodule(PROJECTOR_MODULE).parameters()}
+    return [{"params": [p for p in trainable if id(p) not in projector], "lr": learning_rate,
+             "initial_lr": learning_rate},
+            {"params": [p for p in trainable if id(p) in projector], "lr": projector_lr, "initial_lr": projector_lr}]
 
 
 def compile_model(model, backend: str = "inductor"):
@@ -274,11 +292,14 @@ def build_loader(dataset: VLMDataset, cfg: TrainConfig, ctx: RunContext, pad_to=
     sampler = GlobalBatchSampler(dataset.lengths, cfg.batch_size, ctx.world_size, ctx.rank, seed=cfg.seed,
                                  group_by_length=not cfg.no_length_grouping)
     workers = cfg.num_workers > 0
+    # Each iter(loader) draws its workers' base seed from `generator`: from torch's global generator it would take one
+    # draw more on a resumed run (a new iterator mid-epoch) and so change every dropout mask after it (LoRA dropout).
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=Collator(dataset.pad_token_id, pad_to, dataset.image_token_id, dataset.image_tokens_per_image),
         pin_memory=ctx.device.type == "cuda", worker_init_fn=init_worker, persistent_workers=False,
-        prefetch_factor=PREFETCH_BATCHES if workers else None, timeout=cfg.loader_timeout if workers else 0)
+        prefetch_factor=PREFETCH_BATCHES if workers else None, timeout=cfg.loader_timeout if workers else 0,
+        generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
 
 
@@ -358,7 +379,14 @@ def load_resume(path, model, optimizer, scaler, ctx: RunContext, cfg: TrainConfi
         load_weights(unwrap(model), checkpoint["model"], allow_missing_vision_proj=False, log=None)
     except WeightsMismatchError as error:
         raise WeightsMismatchError(f"{path}: {error}") from None
+    base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's flags'
+    saved_groups = len(checkpoint["optimizer"]["param_groups"])
+    if saved_groups != len(base_lrs):
+        raise WeightsMismatchError(f"{path}: its optimizer has {saved_groups} parameter group(s), this run's "
+                                   f"{len(base_lrs)}: resume with the interrupted run's --projector_lr (given or not)")
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):  # --learning_rate / --projector_lr as given now
+        group["initial_lr"] = base_lr
     scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step"],
                        global_step=checkpoint["global_step"], skipped_steps=checkpoint["skipped_steps"],
@@ -427,7 +455,8 @@ def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
     # Tokenizer; model with the vision encoder frozen, start weights loaded strictly; what trains
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     model, cfg = build_model(cfg, stage, log=log)
-    set_trainable(model, cfg.trainable)
+    set_trainable(model, cfg.trainable, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                  target=cfg.lora_target, base_weights=None if cfg.from_weight == "none" else cfg.from_weight)
     # Data: every record checked and tokenised; with --cache_vision_features, every image encoded once
     autocast, scaler = autocast_for(ctx.device, cfg.dtype)
     model.to(ctx.device)
@@ -435,9 +464,10 @@ def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
     end_long_waits(ctx)  # every rank has its data (and features): back to the default collective timeout
     total, trainable = count_parameters(model)
     log(f"{STAGE_NAMES[stage]}: {total / 1e6:.3f}M parameters without the vision encoder, {trainable / 1e6:.3f}M "
-        f"trainable ({cfg.trainable})")
-    # Optimizer (AdamW, torch defaults: weight decay 0.01) over the trainable parameters only; resume state
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        f"trainable ({lora_summary(model) if cfg.trainable == 'lora' else cfg.trainable})")
+    # Optimizer (AdamW, torch defaults: weight decay 0.01) over the trainable parameters only, the projector in a
+    # group of its own with --projector_lr; resume state
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.learning_rate, cfg.projector_lr))
     weights_out = weight_path(cfg.save_dir, cfg.save_weight, cfg.hidden_size, cfg.use_moe)
     resume_out = weight_path(cfg.checkpoint_dir, cfg.save_weight, cfg.hidden_size, cfg.use_moe)
     resume_out = resume_out.with_name(f"{resume_out.stem}_resume.pth")  # {save_weight}_{hidden}{_moe}_resume.pth

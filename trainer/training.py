@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from common import RunStopped, SaveError, atomic_save, format_duration, unwrap
+from model.lora import adapter_path, lora_layers, merged_state_dict, save_adapter
 from model.model_minimind import IGNORE_INDEX
 from model.weights import write_architecture
 
@@ -42,8 +43,9 @@ def lr_at(step: int, total_steps: int, base_lr: float, min_ratio: float = MIN_LR
 
 
 def inference_state_dict(model):
-    """Upstream's released format: LM + vision_proj (no CLIP), every tensor fp16 on the CPU."""
-    return {k: v.detach().half().cpu() for k, v in unwrap(model).state_dict().items()}
+    """Upstream's released format: LM + vision_proj (no CLIP), every tensor fp16 on the CPU; LoRA adapters merged
+    into the LM's weights (model/lora.py merged_state_dict)."""
+    return {k: v.detach().half().cpu() for k, v in merged_state_dict(unwrap(model)).items()}
 
 
 class StopSignal:
@@ -101,13 +103,14 @@ class StepResult:
     """What one optimizer step did, summed over its micro-batches and over all ranks."""
     loss: float  # mean cross-entropy over the global batch's supervised tokens
     aux_loss: float  # MoE balance loss, mean over micro-batches and ranks (0 for dense models)
-    lr: float
+    lr: float  # the first AdamW group's (--learning_rate's)
     finite: bool  # False: the step was skipped (a non-finite loss on some rank)
     samples: int
     tokens: int  # non-padding tokens
     replaced_samples: int  # samples whose image failed to decode and were replaced by the next good one
     stop_requested: bool  # a rank received SIGINT/SIGTERM during the step
     overflow: bool = False  # fp16: the GradScaler found an inf/NaN gradient and skipped the step
+    projector_lr: float = None  # the projector's group's, with --projector_lr (None: it is in the first group)
 
     @property
     def applied(self) -> bool:
@@ -115,8 +118,9 @@ class StepResult:
         return self.finite and not self.overflow
 
 
-def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requested: bool) -> StepResult:
-    """One optimizer step over `batches` (the micro-batches of this rank); skipped if any rank's loss is not
+def train_step(setup: LoopSetup, batches, lr_scale: float, grad_clip: float, stop_requested: bool) -> StepResult:
+    """One optimizer step over `batches` (the micro-batches of this rank), each AdamW group at its base rate
+    ("initial_lr") x `lr_scale` (the schedule's factor, lr_at with base 1); skipped if any rank's loss is not
     finite. Ranks agree on everything in the result (one all-reduce, the step's one device->host sync).
 
     The loss of each micro-batch is scaled so that the gradients add up to the mean over all supervised
@@ -129,7 +133,7 @@ def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requ
     global_targets = all_reduce_sum([sum(target_counts)], ctx)[0]  # stays on the device: no sync here
     global_targets = global_targets.clamp(min=1.0).to(torch.float32)
     for group in setup.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * lr_scale
     loss_sum, aux_sum = 0.0, 0.0  # this rank's summed CE and aux loss, 0-dim tensors on the device
     for i, batch in enumerate(batches):
         batch = move_batch(batch, ctx.device, setup.loader.dataset.image_processor)
@@ -167,10 +171,11 @@ def train_step(setup: LoopSetup, batches, lr: float, grad_clip: float, stop_requ
         # skipped optimizer.step() and lowered its scale; it never lowers the scale otherwise.
         overflow = setup.scaler.is_enabled() and setup.scaler.get_scale() < scale
     setup.optimizer.zero_grad(set_to_none=True)
+    groups = setup.optimizer.param_groups
     return StepResult(loss=totals["loss"] / max(totals["targets"], 1.0), aux_loss=totals["aux"] / len(batches),
-                      lr=lr, finite=finite, samples=int(totals["samples"]), tokens=int(totals["tokens"]),
+                      lr=groups[0]["lr"], finite=finite, samples=int(totals["samples"]), tokens=int(totals["tokens"]),
                       replaced_samples=int(totals["replaced"]), stop_requested=bool(totals["stop"]),
-                      overflow=overflow)
+                      overflow=overflow, projector_lr=groups[-1]["lr"] if len(groups) > 1 else None)
 
 
 def train(setup: LoopSetup, state: TrainState, log=print):
@@ -196,9 +201,9 @@ def train(setup: LoopSetup, state: TrainState, log=print):
                 batches = micro_batches(loader_iter, cfg.accumulation_steps, cfg.loader_timeout)
                 if not batches:
                     break
-                lr = lr_at(state.global_step, total_steps, cfg.learning_rate)
+                lr_scale = lr_at(state.global_step, total_steps, 1.0)  # each group's base rate times this
                 # ------------------------------------------------------ the step (dev/bench.py times it)
-                result = train_step(setup, batches, lr, cfg.grad_clip, stop.received is not None)
+                result = train_step(setup, batches, lr_scale, cfg.grad_clip, stop.received is not None)
                 # ------------------------------------------------------------------------------------------
                 state.global_step += 1
                 state.step_in_epoch += 1
@@ -228,8 +233,13 @@ def train(setup: LoopSetup, state: TrainState, log=print):
                     elapsed = max(time.time() - window_start, 1e-9)
                     metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": result.lr,
                                "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed}
+                    projector_lr = ""
+                    if result.projector_lr is not None:
+                        metrics["projector_lr"] = result.projector_lr
+                        projector_lr = f" | projector lr {result.projector_lr:.3e}"
                     log(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step_in_epoch}/{steps_per_epoch} | "
-                        f"loss {result.loss:.4f} | lr {result.lr:.3e} | {metrics['samples_per_s']:.1f} samples/s | "
+                        f"loss {result.loss:.4f} | lr {result.lr:.3e}{projector_lr} | "
+                        f"{metrics['samples_per_s']:.1f} samples/s | "
                         f"{metrics['tokens_per_s']:.0f} tokens/s | ETA {format_duration(eta)}")
                     setup.logger.log(metrics, step=state.global_step)
                     window_start, window_samples, window_tokens = time.time(), 0, 0
@@ -270,6 +280,8 @@ def save_all(setup: LoopSetup, state: TrainState, log=print, final=False):
         try:
             atomic_save(inference_state_dict(model), setup.weights_out)
             write_architecture(setup.weights_out, model.config, cfg.preset, cfg.vision_model_path)
+            if lora_layers(model):  # the adapter and the projector apart too (the weights file has them merged)
+                save_adapter(model, adapter_path(setup.weights_out))
             save_resume(setup.resume_out, model, setup.optimizer, setup.scaler, state, ctx, cfg, rng_states)
             write_architecture(setup.resume_out, model.config, cfg.preset, cfg.vision_model_path)
         except SaveError as error:
