@@ -1,6 +1,7 @@
 """Any transformers causal LM as the language model (model/model_hf_vlm.py, --language_model): the composed
 forward, the added image placeholder, the answer spans of the tokenizer's own chat template, both training stages,
 loading the result back for the terminal chat and the API server."""
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,32 @@ def test_llama_trains_a_step_and_resumes(tiny_llama_dir, tiny_clip_dir, shapes_d
     run_stage("pretrain", "pretrain", argv[:-1] + ["2", "--from_resume", "1"])
     second = torch.load(tmp_path / "ckpt" / "pretrain_vlm_64_resume.pth", weights_only=False)
     assert second["global_step"] == 2
+
+
+def test_api_server_answers_with_the_trained_model(trained_qwen2, tiny_clip_dir, shapes_data, tmp_path):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from dev.serving import wait_until_serving
+
+    image = sorted(Path(shapes_data["eval_images"]).iterdir())[0]
+    weights = trained_qwen2 / "out" / "sft_vlm_64.pth"
+    command = [sys.executable, "-m", "scripts.serve_openai_api", "--port", "0", "--device", "cpu", "--weight",
+               str(weights), "--vision_model_path", str(tiny_clip_dir), "--max_new_tokens", "5", "--temperature",
+               "0", "--api_key", "key"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"{wait_until_serving(process, log_path, 120)}/v1", api_key="key",
+                               max_retries=0, timeout=120)
+        url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+        text = client.chat.completions.create(model="sft_vlm_64", messages=[{"role": "user", "content": content}],
+                                              temperature=0).choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    loaded = load_model(weights, False, None, tiny_clip_dir, "cpu", log=None)
+    expected, _ = answer_once(loaded, QUESTION, [image], GenerationSettings(5, 0.0, 1.0))
+    assert text and text == expected
+    assert "Traceback" not in log_path.read_text()
