@@ -82,6 +82,10 @@ class TransformersVLMConfig(PretrainedConfig):
         return self.text_config.num_hidden_layers
 
     @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
     def max_position_embeddings(self) -> int:
         return self.text_config.max_position_embeddings
 

@@ -2,6 +2,7 @@
 forward, the added image placeholder, the answer spans of the tokenizer's own chat template, both training stages,
 loading the result back for the terminal chat and the API server."""
 import base64
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,33 @@ def test_api_server_answers_with_the_trained_model(trained_qwen2, tiny_clip_dir,
     expected, _ = answer_once(loaded, QUESTION, [image], GenerationSettings(5, 0.0, 1.0))
     assert text and text == expected
     assert "Traceback" not in log_path.read_text()
+
+
+def test_web_demo_answers_an_image_with_the_trained_model(trained_qwen2, tiny_clip_dir, shapes_data, monkeypatch):
+    streamlit_testing = pytest.importorskip("streamlit.testing.v1")
+    app_path = REPO_ROOT / "web_demo_vlm.py"
+    monkeypatch.setattr(sys, "argv", [str(app_path), "--device", "cpu", "--save_dir", str(trained_qwen2 / "out"),
+                                      "--hidden_size", "64", "--vision_model_path", str(tiny_clip_dir),
+                                      "--max_new_tokens", "5", "--temperature", "0"])
+    app = streamlit_testing.AppTest.from_file(str(app_path), default_timeout=120)
+    app.run()
+    assert not app.exception, app.exception
+    image = sorted(Path(shapes_data["eval_images"]).iterdir())[0]
+    app.chat_input[0].upload("shape.jpg", image.read_bytes(), "image/jpeg").set_value(QUESTION).run()
+    assert not app.exception and not app.error
+    session = app.session_state["chat"]
+    assert session.loaded.model.config.chat_format == TOKENIZER_CHAT_FORMAT
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.last_stats.tokens >= 1
+
+
+def test_benchmark_harness_scores_the_trained_model(trained_qwen2, tiny_clip_dir, shapes_data, tmp_path, capsys):
+    from scripts import eval_bench
+
+    out = tmp_path / "result.json"
+    eval_bench.main(["--bench", "pope", "--data_path", str(shapes_data["eval_pope_parquet"]), "--limit", "6",
+                     "--out", str(out), "--weight", str(trained_qwen2 / "out" / "sft_vlm_64.pth"),
+                     "--vision_model_path", str(tiny_clip_dir), "--device", "cpu", "--max_new_tokens", "2",
+                     "--no_progress"])
+    assert "| pope | likelihood | accuracy |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["samples"] == 6 and set(result["modes"]) == {"generate", "likelihood"}
