@@ -17,7 +17,7 @@ from PIL import Image
 
 from common import UserError
 from model import processing_minimind_v
-from model.model_hf_vlm import TOKENIZER_CHAT_FORMAT, add_image_placeholder
+from model.model_hf_vlm import TOKENIZER_CHAT_FORMAT
 from model.processing_minimind_v import (CHAT_TEMPLATES, IMAGE_MARKER, MAX_IMAGE_PIXELS, MiniMindVImageProcessor,
                                          expand_image_markers)
 
@@ -177,7 +177,7 @@ def count_image_markers(messages) -> int:
 def load_tokenizer(tokenizer_path, config=None):
     """A tokenizer folder (tokenizer.json + tokenizer_config.json), with a hint on how to get a missing one. For a
     model `config` that reads the tokenizer's own chat template (a transformers LM), with the model's image
-    placeholder token added where the tokenizer lacks it (model_hf_vlm.add_image_placeholder)."""
+    placeholder token added where the tokenizer lacks it (processing_minimind_v.add_image_placeholder)."""
     from transformers import AutoTokenizer
 
     if not (Path(tokenizer_path) / "tokenizer.json").is_file():
@@ -185,7 +185,8 @@ def load_tokenizer(tokenizer_path, config=None):
                                 f"tokenizer` (with --preset minimind-3v for MiniMind-3's) or pass --tokenizer_path")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
     if config is not None and config.chat_format == TOKENIZER_CHAT_FORMAT:
-        add_image_placeholder(tokenizer, processing_minimind_v.placeholder_unit(config.image_special_token))
+        processing_minimind_v.add_image_placeholder(
+            tokenizer, processing_minimind_v.placeholder_unit(config.image_special_token))
     return tokenizer
 
 

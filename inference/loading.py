@@ -13,7 +13,7 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, MAX_SEED,
                     REPO_ROOT, UserError, bounded, count_parameters, quiet_transformers, torch_dtype)
 from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
-from model.model_hf_vlm import TransformersVLM, TransformersVLMConfig
+from model.model_hf_vlm import VLM_CLASSES, TransformersVLM, TransformersVLMConfig
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 from model.model_vlm import VISION_ENCODERS, MiniMindVLM, VLMConfig
 from model.presets import DEFAULT_PRESET, PRESETS, add_preset_flags, default_vision_model_path, preset_for
@@ -198,8 +198,10 @@ def load_transformers_model(folder, vision_model_path, device, log=print, dtype=
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model in {folder} (write one with `python -m scripts.convert_vlm "
                                 f"--to transformers`, or pass --transformers_dir DIR)")
+    model_class = VLM_CLASSES.get(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type"),
+                                  MiniMindVLM)
     with quiet_transformers():
-        model = MiniMindVLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = model_class.from_pretrained(str(folder), dtype=torch.float32)
         try:
             if model.vision_encoder is None:
                 model.attach_vision_encoder(vision_model_path or default_vision_model_path(model.config))
@@ -256,7 +258,7 @@ def load_model_from_flags(args, log=print) -> LoadedModel:
 def is_transformers_folder(path: Path) -> bool:
     """A folder written by scripts/convert_vlm.py (a CLIP folder has a config.json too)."""
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == VLMConfig.model_type
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") in VLM_CLASSES
     except (OSError, ValueError):
         return False
 

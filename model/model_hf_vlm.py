@@ -4,7 +4,7 @@ configured vision stack (model_vlm.VisionStack: VISION_ENCODERS, PROJECTORS, the
 The LM is one attribute, `language_model` (what AutoModelForCausalLM builds from the folder), the projector
 `vision_proj`; the frozen encoder is held outside the module tree as MiniMindVLM holds it, so `state_dict()` is
 `language_model.*` + `vision_proj.*`. An image is a run of `image_token_count` IMAGE_PLACEHOLDER tokens, a special
-token added to the LM's tokenizer when it lacks one (`add_image_placeholder`; the embeddings grow to fit). Prompts
+token added to the LM's tokenizer when it lacks one (processing_minimind_v.add_image_placeholder; the embeddings grow to fit). Prompts
 come from the tokenizer's own chat template (chat_format "tokenizer", dataset/processing.py).
 """
 import inspect
@@ -18,20 +18,13 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .compat import OUTPUT_CACHE_FIELD
 from .model_minimind import IGNORE_INDEX, MiniMindForCausalLM, target_positions
 from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE, PROJECTORS,
-                        VISION_ENCODERS, VisionStack, describe_encoder, encoder_feature_count, load_vision_encoder,
-                        read_encoder_folder)
+                        VISION_ENCODERS, MiniMindVLM, VisionStack, describe_encoder, encoder_feature_count,
+                        load_vision_encoder, read_encoder_folder)
+from .processing_minimind_v import add_image_placeholder
 
 # The placeholder token (Qwen2-VL's name; Qwen2.5 tokenizers already have it, others get it added).
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 TOKENIZER_CHAT_FORMAT = "tokenizer"  # dataset/processing.py: the prompt is the tokenizer's own chat template
-
-
-def add_image_placeholder(tokenizer, token: str = IMAGE_PLACEHOLDER) -> int:
-    """The id of `token` in `tokenizer`, added as a special token when the tokenizer lacks it (the same id on
-    every load of the same folder: it goes right after the tokenizer's last entry)."""
-    if token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([token], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(token)
 
 
 class TransformersVLMConfig(PretrainedConfig):
@@ -93,6 +86,11 @@ class TransformersVLMConfig(PretrainedConfig):
     def use_moe(self) -> bool:
         return False
 
+    @property
+    def lm_family(self) -> str:
+        """Not a MiniMind family (model_minimind.LM_FAMILIES): no preset has it (presets.preset_for)."""
+        return "transformers"
+
     def get_text_config(self, *args, **kwargs):
         return self.text_config
 
@@ -131,7 +129,7 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
         """The LM folder's weights with a fresh `vision_proj` and the encoder of `vision_model_path`; an image is
         a run of as many placeholders as the encoder gives features. The tokenizer (the folder's) gets the
         placeholder (add_image_placeholder) and the LM's embeddings grow to the tokenizer's size."""
-        image_token_id = add_image_placeholder(tokenizer)
+        image_token_id = add_image_placeholder(tokenizer, IMAGE_PLACEHOLDER)
         language_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             language_model.resize_token_embeddings(len(tokenizer))
@@ -195,3 +193,7 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
     # One generate() step's inputs: the tokens not yet in the cache, the images on the step that starts from an
     # empty cache (MiniMind's contract; it uses nothing MiniMind-specific).
     prepare_inputs_for_generation = MiniMindForCausalLM.prepare_inputs_for_generation
+
+
+# The model classes by config.json model_type: what loaders of a saved folder build (both read the same fields).
+VLM_CLASSES = {MiniMindVLM.config_class.model_type: MiniMindVLM, TransformersVLMConfig.model_type: TransformersVLM}

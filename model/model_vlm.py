@@ -256,6 +256,18 @@ class VisionStack:
         describe_encoder(config, vision_encoder, read_encoder_folder(vision_model_path))
         return vision_encoder
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
+        """Load a saved folder with its encoder from `vision_model_path` if given, else the folder's own copy if it
+        has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
+        `vision_model_subfolder=None` skips the folder's copy. (The class's __init__ takes vision_model_path.)"""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
+        if vision_model_path is not None:
+            model.attach_vision_encoder(vision_model_path)
+        elif model.config.vision_model_subfolder:
+            model.attach_vision_encoder(pretrained_model_name_or_path, model.config.vision_model_subfolder)
+        return model
+
     def attach_vision_encoder(self, vision_model_path, subfolder: str = ""):
         """Load a frozen encoder of the config's kind onto this model's device (and its dtype, unless fp32 is kept
         for the encoder); its width and feature count must fit vision_proj and the placeholder run."""
@@ -362,18 +374,6 @@ class MiniMindVLM(VisionStack, MiniMindForCausalLM):
         self.__dict__["vision_encoder"] = vision_encoder
         self.vision_proj = PROJECTORS[config.projector](config.ve_hidden_size, config.hidden_size)
         self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
-        """Load a saved folder with a CLIP encoder from `vision_model_path` if given, else the folder's own copy if
-        it has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
-        `vision_model_subfolder=None` skips the folder's copy."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
-        if vision_model_path is not None:
-            model.attach_vision_encoder(vision_model_path)
-        elif model.config.vision_model_subfolder:
-            model.attach_vision_encoder(pretrained_model_name_or_path, model.config.vision_model_subfolder)
-        return model
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,
                 labels=None, pixel_values=None, image_features=None, inputs_embeds=None, loss_only=False,

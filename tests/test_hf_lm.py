@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common import quiet_transformers
-from dataset.processing import assistant_turn_markers, build_prompt, load_tokenizer
+from dataset.processing import assistant_turn_markers, build_prompt, load_tokenizer, render_prompt
 from dataset.records import SampleEncoder
 from inference.generation import GenerationSettings, answer_once
 from inference.loading import load_model
@@ -207,6 +207,7 @@ def test_llama_trains_a_step_and_resumes(tiny_llama_dir, tiny_clip_dir, shapes_d
     run_stage("pretrain", "pretrain", argv[:-1] + ["2", "--from_resume", "1"])
     second = torch.load(tmp_path / "ckpt" / "pretrain_vlm_64_resume.pth", weights_only=False)
     assert second["global_step"] == 2
+    exported_logits_match(tmp_path / "out" / "pretrain_vlm_64.pth", tmp_path / "folder", tiny_clip_dir)
 
 
 def test_api_server_answers_with_the_trained_model(trained_qwen2, tiny_clip_dir, shapes_data, tmp_path):
@@ -266,3 +267,44 @@ def test_benchmark_harness_scores_the_trained_model(trained_qwen2, tiny_clip_dir
     assert "| pope | likelihood | accuracy |" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["samples"] == 6 and set(result["modes"]) == {"generate", "likelihood"}
+
+
+def exported_logits_match(weights, folder, clip_dir):
+    """Export `weights` as an fp32 transformers folder; (folder's processor, native model) after checking that the
+    folder read with AutoModelForImageTextToText gives the native model's logits on the processor's inputs."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from scripts import convert_vlm
+
+    convert_vlm.main(["--to", "transformers", "--torch_path", str(weights), "--transformers_dir", str(folder),
+                      "--vision_model_path", str(clip_dir), "--dtype", "float32"])
+    with quiet_transformers():
+        exported = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    loaded = load_model(weights, False, None, clip_dir, "cpu", log=None)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == render_prompt(loaded.tokenizer, [{"role": "user", "content": "<image>\n" + QUESTION}], True,
+                                 TOKENIZER_CHAT_FORMAT)  # the project's prompt, before the marker's expansion
+    inputs = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))], text=text, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == prompt_ids(loaded.model, loaded.tokenizer).tolist()
+    with torch.no_grad():
+        assert torch.allclose(exported(**inputs).logits, loaded.model(**inputs).logits, atol=1e-5)
+    return processor, loaded
+
+
+def test_exported_folder_answers_through_pipeline_as_the_native_model(trained_qwen2, tiny_clip_dir, shapes_data,
+                                                                      tmp_path):
+    from transformers import pipeline
+
+    weights = trained_qwen2 / "out" / "sft_vlm_64.pth"
+    _, loaded = exported_logits_match(weights, tmp_path / "folder", tiny_clip_dir)
+    image = sorted(Path(shapes_data["eval_images"]).iterdir())[0]
+    with quiet_transformers():
+        pipe = pipeline("image-text-to-text", model=str(tmp_path / "folder"), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                             {"type": "text", "text": QUESTION}]}]
+    answer = pipe(text=messages, max_new_tokens=5, do_sample=False)[0]["generated_text"][-1]["content"]
+    expected, _ = answer_once(loaded, QUESTION, [image], GenerationSettings(5, 0.0, 1.0))
+    assert answer == expected
