@@ -4,8 +4,8 @@ configured vision stack (model_vlm.VisionStack: VISION_ENCODERS, PROJECTORS, the
 The LM is one attribute, `language_model` (what AutoModelForCausalLM builds from the folder), the projector
 `vision_proj`; the frozen encoder is held outside the module tree as MiniMindVLM holds it, so `state_dict()` is
 `language_model.*` + `vision_proj.*`. An image is a run of `image_token_count` IMAGE_PLACEHOLDER tokens, a special
-token added to the LM's tokenizer when it lacks one (processing_minimind_v.add_image_placeholder; the embeddings grow to fit). Prompts
-come from the tokenizer's own chat template (chat_format "tokenizer", dataset/processing.py).
+token added to the LM's tokenizer when it lacks one (processing_minimind_v.add_image_placeholder; the embeddings
+grow to fit). Prompts come from the tokenizer's own chat template (chat_format "tokenizer", dataset/processing.py).
 """
 import inspect
 
@@ -138,8 +138,9 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
         # attn_implementation: the LM's choice, which the new config would otherwise reset on its sub-config.
         config = TransformersVLMConfig(text_config=language_model.config, language_model=str(folder),
                                        attn_implementation=language_model.config._attn_implementation,
-                                       image_special_token=IMAGE_PLACEHOLDER * count, image_ids=[image_token_id] * count,
-                                       vision_encoder=vision_encoder, **config_fields)
+                                       image_special_token=IMAGE_PLACEHOLDER * count,
+                                       image_ids=[image_token_id] * count, vision_encoder=vision_encoder,
+                                       **config_fields)
         describe_encoder(config, encoder, read_encoder_folder(vision_model_path))
         model = cls(config, language_model=language_model)
         model.__dict__["vision_encoder"] = encoder
