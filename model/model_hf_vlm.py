@@ -8,6 +8,7 @@ token added to the LM's tokenizer when it lacks one (processing_minimind_v.add_i
 grow to fit). Prompts come from the tokenizer's own chat template (chat_format "tokenizer", dataset/processing.py).
 """
 import inspect
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .compat import OUTPUT_CACHE_FIELD
 from .model_minimind import IGNORE_INDEX, MiniMindForCausalLM, target_positions
 from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE, PROJECTORS,
-                        VISION_ENCODERS, MiniMindVLM, VisionStack, describe_encoder, encoder_feature_count,
-                        load_vision_encoder, read_encoder_folder)
+                        VISION_ENCODERS, MiniMindVLM, VisionStack, encoder_feature_count, load_vision_encoder,
+                        read_encoder_folder)
 from .processing_minimind_v import add_image_placeholder
 
 # The placeholder token (Qwen2-VL's name; Qwen2.5 tokenizers already have it, others get it added).
@@ -95,6 +96,26 @@ class TransformersVLMConfig(PretrainedConfig):
         return self.text_config
 
 
+def language_model_config(folder, tokenizer, vision_model_path, vision_encoder: str = DEFAULT_VISION_ENCODER,
+                          text_config=None, **config_fields) -> TransformersVLMConfig:
+    """The config of a VLM on the LM `folder` (its config.json unless `text_config` is given) and the encoder folder
+    `vision_model_path` of kind `vision_encoder`: the tokenizer (the LM folder's) gets the image placeholder
+    (add_image_placeholder), and an image is a run of as many placeholders as the encoder gives features."""
+    import transformers
+
+    image_token_id = add_image_placeholder(tokenizer, IMAGE_PLACEHOLDER)
+    vision_config_class = getattr(transformers, VISION_ENCODERS[vision_encoder].model_class).config_class
+    if not (Path(vision_model_path) / "config.json").is_file():
+        load_vision_encoder(vision_model_path, kind=vision_encoder)  # its one-line error says how to get one
+    vision_config = vision_config_class.from_pretrained(str(vision_model_path))
+    count = encoder_feature_count(vision_config)
+    return TransformersVLMConfig(
+        text_config=text_config or AutoConfig.from_pretrained(str(folder)), language_model=str(folder),
+        image_special_token=IMAGE_PLACEHOLDER * count, image_ids=[image_token_id] * count,
+        ve_hidden_size=vision_config.hidden_size, image_feature_count=count, vision_encoder=vision_encoder,
+        image_processing=read_encoder_folder(vision_model_path) or None, **config_fields)
+
+
 def decoder_layers(language_model) -> nn.ModuleList:
     """The LM's stack of decoder blocks: the first ModuleList of its base model (`model.layers` in Llama, Qwen2,
     SmolLM2, Mistral, ...), found without naming it."""
@@ -126,25 +147,17 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
     @classmethod
     def from_language_model(cls, folder, tokenizer, vision_model_path, vision_encoder: str = DEFAULT_VISION_ENCODER,
                             **config_fields):
-        """The LM folder's weights with a fresh `vision_proj` and the encoder of `vision_model_path`; an image is
-        a run of as many placeholders as the encoder gives features. The tokenizer (the folder's) gets the
-        placeholder (add_image_placeholder) and the LM's embeddings grow to the tokenizer's size."""
-        image_token_id = add_image_placeholder(tokenizer, IMAGE_PLACEHOLDER)
+        """The LM folder's weights with a fresh `vision_proj` and the encoder of `vision_model_path`
+        (language_model_config); the LM's embeddings grow to the tokenizer's size, placeholder included."""
         language_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        # attn_implementation: the LM's choice, which the new config would otherwise reset on its sub-config.
+        config = language_model_config(folder, tokenizer, vision_model_path, vision_encoder,
+                                       text_config=language_model.config,
+                                       attn_implementation=language_model.config._attn_implementation,
+                                       **config_fields)
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             language_model.resize_token_embeddings(len(tokenizer))
-        encoder = load_vision_encoder(vision_model_path, kind=vision_encoder)
-        count = encoder_feature_count(encoder.config)
-        # attn_implementation: the LM's choice, which the new config would otherwise reset on its sub-config.
-        config = TransformersVLMConfig(text_config=language_model.config, language_model=str(folder),
-                                       attn_implementation=language_model.config._attn_implementation,
-                                       image_special_token=IMAGE_PLACEHOLDER * count,
-                                       image_ids=[image_token_id] * count, vision_encoder=vision_encoder,
-                                       **config_fields)
-        describe_encoder(config, encoder, read_encoder_folder(vision_model_path))
-        model = cls(config, language_model=language_model)
-        model.__dict__["vision_encoder"] = encoder
-        return model
+        return cls(config, vision_model_path=vision_model_path, language_model=language_model)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

@@ -38,6 +38,7 @@ from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_I
 from dataset.processing import (ImageError, chat_template_warning, check_tokenizer_matches, image_processor_for,
                                 load_tokenizer)
 from dataset.records import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
+from model.model_hf_vlm import language_model_config
 from model.model_vlm import read_encoder_folder
 from model.presets import add_preset_flags, apply_preset, vlm_config
 from trainer.config import STAGE_DEFAULTS
@@ -53,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("data", help="a .jsonl file (with --images_path) or a .parquet file")
     p.add_argument("--images_path", default=None, help="image folder of a .jsonl dataset (default: its folder)")
     add_preset_flags(p, with_shape=False)
-    p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="folder with tokenizer.json (default: the preset's, or --language_model's)")
+    p.add_argument("--language_model", default=None, metavar="PATH",
+                   help="the transformers causal-LM folder the trainer gets (its tokenizer and chat template)")
     p.add_argument("--vision_model_path", default=None,
                    help="vision encoder folder whose preprocessing the trainer will use (default: the preset's; "
                         "its kind's standard preprocessing where the folder is absent)")
@@ -72,6 +76,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]
+    if args.language_model is not None and args.tokenizer_path is None:
+        args.tokenizer_path = args.language_model  # an LM folder holds its tokenizer
     return apply_preset(args)
 
 
@@ -219,9 +225,14 @@ def problem_report(errors, per_kind, error_total, cut, cut_total, prepared, args
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_data_path(Path(args.data))
-    config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector)
-    config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
-    tokenizer = checked_tokenizer(args.tokenizer_path, config)
+    if args.language_model is not None:  # the tokenizer gets the placeholder the trainer adds
+        tokenizer = load_tokenizer(args.tokenizer_path)
+        config = language_model_config(args.language_model, tokenizer, args.vision_model_path, args.vision_encoder,
+                                       projector=args.projector)
+    else:
+        config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector)
+        config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
+        tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()
 
     # 1, 2 and 4. Records and token lengths: the trainers' prepared data (built now if missing)

@@ -198,10 +198,19 @@ def test_terminal_chat_answers_with_the_trained_model(trained_qwen2, tiny_clip_d
     assert stats.tokens >= 1 and answer in result.stdout
 
 
-def test_llama_trains_a_step_and_resumes(tiny_llama_dir, tiny_clip_dir, shapes_data, tmp_path):
+def test_llama_trains_a_step_and_resumes(tiny_llama_dir, tiny_clip_dir, shapes_data, tmp_path, capsys):
+    from scripts import check_data
+
+    # scripts.check_data with the same LM prepares the very data the trainer then reads (no second folder).
+    assert check_data.main([str(shapes_data["pretrain_jsonl"]), "--images_path", str(shapes_data["pretrain_images"]),
+                            "--language_model", str(tiny_llama_dir), "--vision_model_path", str(tiny_clip_dir),
+                            "--prepared_dir", str(tmp_path / "prepared"), "--workers", "1"]) == 0
+    assert "OK: every record and image can be used" in capsys.readouterr().out
+    prepared_folders = sorted((tmp_path / "prepared").rglob("tokens-*"))
     argv = stage_argv(tiny_llama_dir, tiny_clip_dir, shapes_data, tmp_path, "pretrain_jsonl", "pretrain_images",
-                      "--max_steps", "1")
+                      "--prepared_dir", str(tmp_path / "prepared"), "--max_steps", "1")
     run_stage("pretrain", "pretrain", argv)
+    assert sorted((tmp_path / "prepared").rglob("tokens-*")) == prepared_folders and len(prepared_folders) == 1
     first = torch.load(tmp_path / "ckpt" / "pretrain_vlm_64_resume.pth", weights_only=False)
     assert first["global_step"] == 1 and "language_model.lm_head.weight" in first["model"]  # untied
     run_stage("pretrain", "pretrain", argv[:-1] + ["2", "--from_resume", "1"])
