@@ -55,8 +55,9 @@ from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER
 from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT,
                                          EOS_TOKEN, MINIMIND3_CHAT_TEMPLATE)
 
-ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer", "qwen2", "llama")
-DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's
+ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer", "blip2", "qwen2", "llama")
+DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's;
+# blip2: a BLIP-2 folder whose Q-Former `--qformer_init` reads; qwen2, llama: tiny transformers LMs (--language_model)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
@@ -377,6 +378,35 @@ def build_tiny_siglip(out_dir, hidden_size: int = 64, num_layers: int = 2, seed:
     return out_dir
 
 
+# BLIP-2 stand-in: a tiny Q-Former (its real one is 768 wide, 12 deep, 32 queries) and tiny vision and OPT towers.
+TINY_BLIP2_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY_BLIP2_NUM_QUERY_TOKENS = 8
+TINY_BLIP2_TEXT = dict(model_type="opt", vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64)
+
+
+def build_tiny_blip2(out_dir, vision_hidden_size: int = 64, seed: int = 0, num_heads: int = 4) -> Path:
+    """Save a randomly initialised Blip2ForConditionalGeneration (the layout of Salesforce/blip2-* folders) into
+    `out_dir`. Its Q-Former cross-attends to `vision_hidden_size`-wide features (Blip2Config sets that from the
+    vision tower), so with the tiny CLIP's width it stands in for a Q-Former trained on this project's encoder."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    if vision_hidden_size % num_heads:
+        raise ValueError(f"vision_hidden_size {vision_hidden_size} is not divisible by num_heads {num_heads}")
+    config = Blip2Config(
+        vision_config=dict(hidden_size=vision_hidden_size, intermediate_size=CLIP_MLP_RATIO * vision_hidden_size,
+                           num_hidden_layers=1, num_attention_heads=num_heads, image_size=CLIP_IMAGE_SIZE,
+                           patch_size=CLIP_PATCH_SIZE),
+        qformer_config=TINY_BLIP2_QFORMER, text_config=TINY_BLIP2_TEXT, num_query_tokens=TINY_BLIP2_NUM_QUERY_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config)
+        # transformers zeroes the queries (its checkpoints always hold trained ones): random ones show a real copy
+        torch.nn.init.normal_(model.query_tokens, std=config.qformer_config.initializer_range)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Shapes dataset in upstream's file formats
 # ----------------------------------------------------------------------------------------------------------
@@ -425,7 +455,11 @@ POPE_ANSWERS = {True: "Yes", False: "No"}
 # single-word answers read from the picture, and text-only questions answered from their own words.
 POPE_SFT_FRACTION = 1.0  # yes/no SFT records added, per single-image SFT record
 SHORT_ANSWER_SFT_FRACTION = 0.5  # "What colour is the shape?" + the short-answer suffix -> "Red"
-TEXT_ONLY_SFT_FRACTION = 1.0  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
+TEXT_ONLY_SFT_FRACTION = 0.5  # "What colour is the red ball?" + the short-answer suffix -> "Red", no image
+# "The shape is red." + a POPE question about a colour -> "Yes"/"No", no image: the comparison of the asked word
+# with a stated fact, learnt on words alone. Without these records the yes/no answers about pictures stay at chance
+# for the first 55-75% of the demo's SFT steps; with them they leave chance earlier and end higher (docs/demo.md).
+TEXT_YES_NO_SFT_FRACTION = 0.5
 # What a text-only question names besides its answer: an object for a colour, a colour for a shape.
 TEXT_ONLY_FILLERS = {"colour": ("ball", "box", "card", "cup", "kite", "hat"), "shape": tuple(COLOURS)}
 PLACEHOLDER_SIDE = 8  # the unified parquet release gives text-only rows an 8x8 black placeholder image
@@ -709,13 +743,31 @@ def _text_only_records(n_records: int, rng: random.Random) -> list:
     return records
 
 
+def _text_yes_no_records(n_records: int, rng: random.Random) -> list:
+    """Text-only rows: a stated colour or shape ("The shape is red.") and a POPE question about it, half of them
+    about the stated one (answer "Yes")."""
+    records = []
+    kinds = tuple(POPE_QUESTIONS)
+    for _ in range(n_records):
+        kind = rng.choice(kinds)
+        truth = rng.choice(ATTRIBUTE_CHOICES[kind])
+        present = rng.random() < 0.5
+        asked = truth if present else rng.choice([v for v in ATTRIBUTE_CHOICES[kind] if v != truth])
+        question = pope_question(kind, asked, rng.randrange(len(POPE_QUESTIONS[kind])))
+        records.append({"conversations": _turns(f"{single_answer(kind, truth)}\n{question}", POPE_ANSWERS[present]),
+                        "image": ""})
+    return records
+
+
 def _sft_extra_records(n_records: int, images_dir: Path, seed: int) -> list:
     """The yes/no, single-word and text-only SFT records, each kind from a seeded stream of its own (so the
     other splits stay unchanged), in proportion to the `n_records` single-image SFT records."""
     return (_pope_sft_records(round(n_records * POPE_SFT_FRACTION), images_dir, random.Random(f"sft_pope:{seed}"))
             + _short_answer_records(round(n_records * SHORT_ANSWER_SFT_FRACTION), images_dir,
                                     random.Random(f"sft_short:{seed}"))
-            + _text_only_records(round(n_records * TEXT_ONLY_SFT_FRACTION), random.Random(f"sft_text:{seed}")))
+            + _text_only_records(round(n_records * TEXT_ONLY_SFT_FRACTION), random.Random(f"sft_text:{seed}"))
+            + _text_yes_no_records(round(n_records * TEXT_YES_NO_SFT_FRACTION),
+                                   random.Random(f"sft_text_yes_no:{seed}")))
 
 
 def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
@@ -848,8 +900,9 @@ def build_shapes_dataset(out_dir, n_pretrain: int, n_sft: int, n_eval: int, seed
 def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, seed: int = 0,
               n_sft_multi=None, vocab_size: int = DEFAULT_VOCAB_SIZE, clip_hidden_size: int = 64,
               clip_num_layers: int = 2, parts=DEFAULT_ASSET_PARTS) -> dict:
-    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer}; returns name ->
-    path. The SigLIP stand-in gets the CLIP one's width and depth."""
+    """Build the requested `parts` under out_dir/{tokenizer,clip,data,siglip,minimind3_tokenizer,blip2}; returns
+    name -> path. The SigLIP stand-in gets the CLIP one's width and depth, the BLIP-2 one's Q-Former reads features
+    of the CLIP one's width."""
     out_dir = Path(out_dir)
     unknown = set(parts) - set(ASSET_PARTS)
     if unknown:
@@ -864,6 +917,8 @@ def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, 
     if "minimind3_tokenizer" in parts:
         paths["minimind3_tokenizer"] = build_minimind3_tokenizer(out_dir / "minimind3_tokenizer",
                                                                  tokenizer_corpus(seed), vocab_size)
+    if "blip2" in parts:
+        paths["blip2"] = build_tiny_blip2(out_dir / "blip2", clip_hidden_size, seed)
     for family in TINY_LM_FAMILIES:
         if family in parts:
             paths[family] = build_tiny_causal_lm(out_dir / family, family, tokenizer_corpus(seed), seed=seed,

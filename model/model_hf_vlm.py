@@ -18,9 +18,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .compat import OUTPUT_CACHE_FIELD
 from .model_minimind import IGNORE_INDEX, MiniMindForCausalLM, target_positions
-from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE, PROJECTORS,
-                        VISION_ENCODERS, MiniMindVLM, VisionStack, encoder_feature_count, load_vision_encoder,
-                        read_encoder_folder)
+from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_NUM_QUERY_TOKENS, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE,
+                        PROJECTORS, VISION_ENCODERS, MiniMindVLM, VisionStack, VLMConfig, encoder_feature_count,
+                        load_vision_encoder, qformer_config_for, read_encoder_folder)
 from .processing_minimind_v import add_image_placeholder
 
 # The placeholder token (Qwen2-VL's name; Qwen2.5 tokenizers already have it, others get it added).
@@ -39,7 +39,8 @@ class TransformersVLMConfig(PretrainedConfig):
                  ve_hidden_size: int = CLIP_HIDDEN_SIZE, vision_encoder: str = DEFAULT_VISION_ENCODER,
                  projector: str = "linear", image_feature_count: int = IMAGE_TOKENS_PER_IMAGE,
                  image_processing: dict = None, chat_format: str = TOKENIZER_CHAT_FORMAT,
-                 vision_model_subfolder: str = None, max_seq_len: int = None, **kwargs):
+                 vision_model_subfolder: str = None, max_seq_len: int = None,
+                 num_query_tokens: int = DEFAULT_NUM_QUERY_TOKENS, qformer_config: dict = None, **kwargs):
         if vision_encoder not in VISION_ENCODERS:
             raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
         if projector not in PROJECTORS:
@@ -59,12 +60,16 @@ class TransformersVLMConfig(PretrainedConfig):
         self.chat_format = chat_format
         self.vision_model_subfolder = vision_model_subfolder
         self.max_seq_len = max_seq_len  # the training cut (not the LM's context)
+        self.num_query_tokens = num_query_tokens  # the qformer projector's, as in VLMConfig
+        self.qformer_config = qformer_config_for(projector, qformer_config)
         super().__init__(**kwargs)
 
     @property
     def image_token_count(self) -> int:
         """Placeholder tokens per image in the prompt (the projector's output count)."""
         return len(self.image_ids)
+
+    projector_output_count = VLMConfig.projector_output_count  # reads only the projector fields both configs have
 
     # The LM's shape, read from its config (one home): weight file names, logs and inference limits use them.
     @property
@@ -100,7 +105,8 @@ def language_model_config(folder, tokenizer, vision_model_path, vision_encoder: 
                           text_config=None, **config_fields) -> TransformersVLMConfig:
     """The config of a VLM on the LM `folder` (its config.json unless `text_config` is given) and the encoder folder
     `vision_model_path` of kind `vision_encoder`: the tokenizer (the LM folder's) gets the image placeholder
-    (add_image_placeholder), and an image is a run of as many placeholders as the encoder gives features."""
+    (add_image_placeholder), and an image is a run of as many placeholders as the projector makes of the encoder's
+    features (each feature, or a Q-Former's queries)."""
     import transformers
 
     image_token_id = add_image_placeholder(tokenizer, IMAGE_PLACEHOLDER)
@@ -108,12 +114,14 @@ def language_model_config(folder, tokenizer, vision_model_path, vision_encoder: 
     if not (Path(vision_model_path) / "config.json").is_file():
         load_vision_encoder(vision_model_path, kind=vision_encoder)  # its one-line error says how to get one
     vision_config = vision_config_class.from_pretrained(str(vision_model_path))
-    count = encoder_feature_count(vision_config)
-    return TransformersVLMConfig(
+    config = TransformersVLMConfig(
         text_config=text_config or AutoConfig.from_pretrained(str(folder)), language_model=str(folder),
-        image_special_token=IMAGE_PLACEHOLDER * count, image_ids=[image_token_id] * count,
-        ve_hidden_size=vision_config.hidden_size, image_feature_count=count, vision_encoder=vision_encoder,
-        image_processing=read_encoder_folder(vision_model_path) or None, **config_fields)
+        ve_hidden_size=vision_config.hidden_size, image_feature_count=encoder_feature_count(vision_config),
+        vision_encoder=vision_encoder, image_processing=read_encoder_folder(vision_model_path) or None,
+        **config_fields)
+    count = config.projector_output_count()  # the encoder's features, or a Q-Former's queries
+    config.image_special_token, config.image_ids = IMAGE_PLACEHOLDER * count, [image_token_id] * count
+    return config
 
 
 def decoder_layers(language_model) -> nn.ModuleList:
@@ -141,7 +149,7 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
-        self.vision_proj = PROJECTORS[config.projector](config.ve_hidden_size, config.hidden_size)
+        self.vision_proj = PROJECTORS[config.projector].from_config(config)
         self.post_init()
 
     @classmethod

@@ -8,7 +8,8 @@ the LM and `vision_proj` (77 keys at 512x8): released upstream files load with `
 The vision stack is a part the config chooses: `vision_encoder` names an entry of VISION_ENCODERS (how the folder
 is loaded, which features the LM sees), `projector` an entry of PROJECTORS, `image_processing` the preprocessing
 (read from the encoder folder's preprocessor_config.json), `image_special_token`/`image_ids` the placeholder run.
-A further encoder or projector is one more entry in those tables.
+A further encoder or projector is one more entry in those tables. The projector decides how many tokens an image
+becomes (`output_count`): the linear and MLP projectors one per encoder feature, the Q-Former one per learned query.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,38 @@ DEFAULT_VISION_ENCODER = "clip"
 DEFAULT_VISION_MODEL_PATH = VISION_MODEL_DIR / VISION_ENCODERS[DEFAULT_VISION_ENCODER].folder
 IMAGE_PLACEHOLDER_CHAR = "@"
 IMAGE_PLACEHOLDER_ID = 34  # id of '@' in the MiniMind2 tokenizer
+DEFAULT_NUM_QUERY_TOKENS = 32  # BLIP-2's and MiniGPT-4's learned queries per image
+# The Blip2QFormerConfig fields a VLMConfig keeps (its `qformer_config`): what shapes the Q-Former's weights and
+# outputs. Its encoder_hidden_size is the encoder's width (VLMConfig.ve_hidden_size), not kept twice.
+QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "cross_attention_frequency", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                  "layer_norm_eps", "initializer_range")
+# A from-scratch Q-Former sized for a 26M LM (about 2.8M parameters on 768-wide features into a 512-wide LM):
+# BLIP-2's is 768 wide and 12 deep (over 100M).
+DEFAULT_QFORMER_HIDDEN_SIZE = 256
+DEFAULT_QFORMER_NUM_LAYERS = 2
+DEFAULT_QFORMER_NUM_HEADS = 4
+QFORMER_MLP_RATIO = 4  # BERT's (and BLIP-2's) feed-forward width over the hidden width
+
+
+def qformer_settings(hidden_size: int = DEFAULT_QFORMER_HIDDEN_SIZE, num_layers: int = DEFAULT_QFORMER_NUM_LAYERS,
+                     num_heads: int = DEFAULT_QFORMER_NUM_HEADS) -> dict:
+    """A from-scratch Q-Former's Blip2QFormerConfig fields: every layer cross-attends to the image (BLIP-2 does so
+    every second layer of twelve; with two layers that would leave one), dropout and init as BLIP-2's defaults."""
+    if hidden_size % num_heads:
+        raise ValueError(f"the Q-Former width {hidden_size} is not divisible by its {num_heads} heads "
+                         f"(--qformer_hidden_size, --qformer_num_heads)")
+    return dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                intermediate_size=QFORMER_MLP_RATIO * hidden_size, cross_attention_frequency=1)
+
+
+def qformer_config_for(projector: str, qformer_config: dict = None):
+    """A config's `qformer_config`: for the qformer projector, the QFORMER_FIELDS of `qformer_config` over the
+    from-scratch defaults (qformer_settings); None for another projector."""
+    if projector != "qformer":
+        return None
+    given = {name: value for name, value in (qformer_config or {}).items() if name in QFORMER_FIELDS}
+    return {**qformer_settings(), **given}
 
 
 def encoder_feature_count(vision_config) -> int:
@@ -77,7 +110,8 @@ class VLMConfig(MiniMindConfig):
                  image_ids: list = None, ve_hidden_size: int = CLIP_HIDDEN_SIZE, vision_model_subfolder: str = None,
                  vision_encoder: str = DEFAULT_VISION_ENCODER, projector: str = "linear",
                  image_feature_count: int = IMAGE_TOKENS_PER_IMAGE, image_processing: dict = None,
-                 chat_format: str = "minimind2", **kwargs):
+                 chat_format: str = "minimind2", num_query_tokens: int = DEFAULT_NUM_QUERY_TOKENS,
+                 qformer_config: dict = None, **kwargs):
         if vision_encoder not in VISION_ENCODERS:
             raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
         if projector not in PROJECTORS:
@@ -96,6 +130,9 @@ class VLMConfig(MiniMindConfig):
         self.chat_format = chat_format
         # A saved folder's own copy of the vision tower (scripts/convert_vlm.py writes one); None: not in it.
         self.vision_model_subfolder = vision_model_subfolder
+        # The qformer projector's learned queries (its tokens per image) and its QFORMER_FIELDS; None: not a qformer.
+        self.num_query_tokens = num_query_tokens
+        self.qformer_config = qformer_config_for(projector, qformer_config)
         super().__init__(**kwargs)
 
     @property
@@ -103,8 +140,27 @@ class VLMConfig(MiniMindConfig):
         """Placeholder tokens per image in the prompt (the projector's output count)."""
         return len(self.image_ids)
 
+    def projector_output_count(self, feature_count: int = None) -> int:
+        """Tokens per image the projector gives from `feature_count` encoder features (default: this config's)."""
+        return PROJECTORS[self.projector].output_count(self, feature_count or self.image_feature_count)
 
-class VisionProj(nn.Module):
+
+class FeatureProjector(nn.Module):
+    """A projector that maps each encoder feature to one LM input (the linear and MLP projectors): an image is as
+    many tokens as the encoder gives features, and it runs on zero images too (a text-only batch)."""
+
+    uses_all_parameters_without_images = True
+
+    @classmethod
+    def from_config(cls, config: "VLMConfig"):
+        return cls(config.ve_hidden_size, config.hidden_size)
+
+    @staticmethod
+    def output_count(config: "VLMConfig", feature_count: int) -> int:
+        return feature_count
+
+
+class VisionProj(FeatureProjector):
     """MiniMind2-V's projector: one Linear (with bias, as upstream's code) from vision features to the LM width.
     Keys vision_proj.vision_proj.0.{weight,bias}."""
 
@@ -118,7 +174,7 @@ class VisionProj(nn.Module):
         return self.vision_proj(image_features)
 
 
-class MLPVisionProj(nn.Module):
+class MLPVisionProj(FeatureProjector):
     """minimind-3v's (and LLaVA-1.5's) projector: LayerNorm, Linear, exact GELU, Linear.
     Keys vision_proj.mlp.{0,1,3}.* (index 2 is the parameter-free GELU)."""
 
@@ -135,8 +191,50 @@ class MLPVisionProj(nn.Module):
         return self.mlp(image_features)
 
 
-# Projector name -> class taking (ve_hidden_size, hidden_size); each maps [M, n, ve_hidden] -> [M, n, hidden].
-PROJECTORS = {"linear": VisionProj, "mlp": MLPVisionProj}
+class QFormerProjector(nn.Module):
+    """MiniGPT-4's projector: BLIP-2's Q-Former (transformers' Blip2QFormerModel) whose learned queries cross-attend
+    to the encoder's features, then a Linear into the LM width (BLIP-2's language_projection, MiniGPT-4's
+    llama_proj): [M, n, ve_hidden] -> [M, num_query_tokens, hidden], whatever n. Keys vision_proj.query_tokens,
+    vision_proj.qformer.* (Blip2Model's names after its `qformer.`), vision_proj.language_projection.*."""
+
+    # [qformer_hidden, ve_hidden]: layer 0 always cross-attends (0 % cross_attention_frequency == 0)
+    INPUT_WEIGHT = "qformer.encoder.layer.0.crossattention.attention.key.weight"
+    # transformers 5.x's Q-Former cannot run on zero images: a text-only batch reaches only the queries and the
+    # projection, and leaves the Q-Former without gradients
+    uses_all_parameters_without_images = False
+
+    def __init__(self, ve_hidden_size: int = CLIP_HIDDEN_SIZE, hidden_size: int = 512,
+                 num_query_tokens: int = DEFAULT_NUM_QUERY_TOKENS, qformer_config: dict = None):
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        super().__init__()
+        settings = {**qformer_settings(), **(qformer_config or {})}
+        config = Blip2QFormerConfig(**settings, encoder_hidden_size=ve_hidden_size)
+        # Drawn as BLIP-2's own training code draws them (transformers zeroes them: its checkpoints always have them)
+        queries = torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range
+        self.query_tokens = nn.Parameter(queries)
+        self.qformer = Blip2QFormerModel(config)
+        self.language_projection = nn.Linear(config.hidden_size, hidden_size)
+
+    @classmethod
+    def from_config(cls, config: "VLMConfig"):
+        return cls(config.ve_hidden_size, config.hidden_size, config.num_query_tokens, config.qformer_config)
+
+    @staticmethod
+    def output_count(config: "VLMConfig", feature_count: int) -> int:
+        return config.num_query_tokens
+
+    def forward(self, image_features):
+        queries = self.query_tokens.expand(image_features.shape[0], -1, -1)  # [M, num_query_tokens, qformer_hidden]
+        if image_features.shape[0] == 0:  # a text-only batch: [0, num_query_tokens, hidden], still on the graph
+            return self.language_projection(queries)
+        hidden = self.qformer(query_embeds=queries, encoder_hidden_states=image_features).last_hidden_state
+        return self.language_projection(hidden.to(self.language_projection.weight.dtype))
+
+
+# Projector name -> class; each maps [M, n, ve_hidden] -> [M, output_count(config, n), hidden], built from a
+# VLMConfig by from_config (the linear and MLP projectors also take (ve_hidden_size, hidden_size)).
+PROJECTORS = {"linear": VisionProj, "mlp": MLPVisionProj, "qformer": QFormerProjector}
 
 
 def load_vision_encoder(vision_model_path, subfolder: str = "", kind: str = DEFAULT_VISION_ENCODER):
@@ -227,15 +325,25 @@ def flatten_pixel_values(pixel_values):
 
 def describe_encoder(config: VLMConfig, encoder, processing: dict):
     """Write a loaded encoder's facts into `config`: width, features per image, and its folder's preprocessing.
-    The projectors keep the count, so it must equal the placeholder run."""
+    The projector's tokens per image from these features must equal the placeholder run."""
     config.ve_hidden_size = encoder.config.hidden_size
     config.image_feature_count = encoder_feature_count(encoder.config)
     if processing:
         config.image_processing = processing
-    if config.image_feature_count != config.image_token_count:
-        raise ValueError(f"the {config.vision_encoder} encoder gives {config.image_feature_count} features per "
-                         f"image, but the placeholder run is {config.image_token_count} tokens: choose the preset "
-                         f"that fits the encoder (--preset), or its placeholder count")
+    check_placeholder_run(config, config.image_feature_count, f"the {config.vision_encoder} encoder")
+
+
+def check_placeholder_run(config: VLMConfig, feature_count: int, encoder_name: str):
+    """ValueError unless the projector turns `feature_count` features into as many tokens as the placeholder run."""
+    tokens = config.projector_output_count(feature_count)
+    if tokens == config.image_token_count:
+        return
+    if tokens == feature_count:  # a per-feature projector
+        raise ValueError(f"{encoder_name} gives {feature_count} features per image, but the placeholder run is "
+                         f"{config.image_token_count} tokens: choose the preset that fits the encoder (--preset), "
+                         f"or its placeholder count")
+    raise ValueError(f"the {config.projector} projector gives {tokens} tokens per image, but the placeholder run is "
+                     f"{config.image_token_count} tokens: the run must have one placeholder per query")
 
 
 class VisionStack:
@@ -270,14 +378,14 @@ class VisionStack:
 
     def attach_vision_encoder(self, vision_model_path, subfolder: str = ""):
         """Load a frozen encoder of the config's kind onto this model's device (and its dtype, unless fp32 is kept
-        for the encoder); its width and feature count must fit vision_proj and the placeholder run."""
+        for the encoder); its width must fit vision_proj, and the tokens vision_proj makes of its features the
+        placeholder run."""
         encoder = load_vision_encoder(vision_model_path, subfolder, kind=self.config.vision_encoder)
         if encoder.config.hidden_size != self.config.ve_hidden_size:
             raise ValueError(f"{vision_model_path}: vision width {encoder.config.hidden_size}, but this model's "
                              f"vision_proj expects {self.config.ve_hidden_size}")
-        if encoder_feature_count(encoder.config) != self.config.image_token_count:
-            raise ValueError(f"{vision_model_path}: {encoder_feature_count(encoder.config)} features per image, but "
-                             f"this model's placeholder run is {self.config.image_token_count} tokens")
+        check_placeholder_run(self.config, encoder_feature_count(encoder.config), str(vision_model_path))
+        self.config.image_feature_count = encoder_feature_count(encoder.config)
         processing = read_encoder_folder(vision_model_path, subfolder if Path(vision_model_path).is_dir() else "")
         if processing:
             self.config.image_processing = processing
@@ -372,7 +480,7 @@ class MiniMindVLM(VisionStack, MiniMindForCausalLM):
         super().__init__(config)
         # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
         self.__dict__["vision_encoder"] = vision_encoder
-        self.vision_proj = PROJECTORS[config.projector](config.ve_hidden_size, config.hidden_size)
+        self.vision_proj = PROJECTORS[config.projector].from_config(config)
         self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,

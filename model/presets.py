@@ -27,7 +27,7 @@ class Preset:
     projector: str  # a key of model_vlm.PROJECTORS
     image_placeholder: str  # one placeholder token as text; a run of image_token_count stands for an image
     image_token_id: int  # its id in the preset's tokenizer
-    image_token_count: int  # placeholder tokens per image (= the encoder's features per image)
+    image_token_count: int  # the encoder's features per image: the placeholder run of a per-feature projector
     chat_format: str  # dataset/processing.py CHAT_FORMATS
     tokenizer_path: Path  # where scripts/download.py puts the preset's tokenizer
     trainable: dict  # stage ("pretrain" | "sft") -> trainer.config TRAINABLE_CHOICES entry
@@ -62,16 +62,19 @@ def vlm_config(preset: str = DEFAULT_PRESET, hidden_size: int = None, num_hidden
                use_moe: bool = False, vision_encoder: str = None, projector: str = None, lm_kwargs: dict = None,
                **extra) -> VLMConfig:
     """The VLMConfig of a preset, with any part given here instead of the preset's (None: the preset's);
-    `lm_kwargs` replaces the LM part whole (weights.describe_state_dict's config_kwargs of a file)."""
+    `lm_kwargs` replaces the LM part whole (weights.describe_state_dict's config_kwargs of a file). The placeholder
+    run has as many tokens as the projector makes of the preset encoder's features (a qformer: num_query_tokens)."""
     chosen = PRESETS[preset]
     kwargs = dict(lm_kwargs) if lm_kwargs else lm_config_kwargs(
         chosen.lm_family, hidden_size or chosen.hidden_size, num_hidden_layers or chosen.num_hidden_layers,
         bool(use_moe))
     kwargs.update(extra)
-    return VLMConfig(vision_encoder=vision_encoder or chosen.vision_encoder, projector=projector or chosen.projector,
-                     image_special_token=chosen.image_placeholder * chosen.image_token_count,
-                     image_ids=[chosen.image_token_id] * chosen.image_token_count,
-                     image_feature_count=chosen.image_token_count, chat_format=chosen.chat_format, **kwargs)
+    config = VLMConfig(vision_encoder=vision_encoder or chosen.vision_encoder, projector=projector or chosen.projector,
+                       image_feature_count=chosen.image_token_count, chat_format=chosen.chat_format, **kwargs)
+    run_length = config.projector_output_count()
+    config.image_special_token = chosen.image_placeholder * run_length
+    config.image_ids = [chosen.image_token_id] * run_length
+    return config
 
 
 def preset_for(lm_family: str, projector: str = None) -> str:
@@ -92,7 +95,9 @@ def default_vision_model_path(config, trained_with=None) -> Path:
 
 
 # The flags add_preset_flags and the trainer add that say what the model is (None: not given on the command line).
-ARCHITECTURE_FLAGS = ("preset", "hidden_size", "num_hidden_layers", "use_moe", "vision_encoder", "projector")
+ARCHITECTURE_FLAGS = ("preset", "hidden_size", "num_hidden_layers", "use_moe", "vision_encoder", "projector",
+                      "num_query_tokens", "qformer_hidden_size", "qformer_num_layers", "qformer_num_heads",
+                      "qformer_init")
 
 
 def add_preset_flags(parser_or_group, with_shape: bool = True):
@@ -104,7 +109,9 @@ def add_preset_flags(parser_or_group, with_shape: bool = True):
     group.add_argument("--vision_encoder", default=None, choices=sorted(VISION_ENCODERS),
                        help="vision encoder kind (default: the preset's)")
     group.add_argument("--projector", default=None, choices=sorted(PROJECTORS),
-                       help="projector: linear (MiniMind2-V) or mlp (minimind-3v, LLaVA-1.5) (default: the preset's)")
+                       help="projector: linear (MiniMind2-V), mlp (minimind-3v, LLaVA-1.5) or qformer (BLIP-2's "
+                            "Q-Former and a Linear, MiniGPT-4's; an image is --num_query_tokens tokens) (default: "
+                            "the preset's)")
     if with_shape:
         group.add_argument("--hidden_size", type=bounded(int, 1), default=None, help="LM width (default: the preset's)")
         group.add_argument("--num_hidden_layers", type=bounded(int, 1), default=None,

@@ -16,7 +16,7 @@ import torch
 from common import SaveError, UserError
 
 from .model_hf_vlm import TransformersVLMConfig
-from .model_vlm import PROJECTORS, VLMConfig
+from .model_vlm import PROJECTORS, QFORMER_FIELDS, VLMConfig
 from .model_minimind import (DEFAULT_LM_FAMILY, convert_legacy_state_dict, is_legacy_buffer, is_legacy_state_dict,
                              legacy_key_name)
 from .presets import lm_config_kwargs, preset_for, vlm_config
@@ -91,6 +91,9 @@ def read_architecture(weight_file, state_dict=None) -> Architecture:
     found = describe_state_dict(state_dict)
     if found["hidden_size"] is None:
         raise WeightsMismatchError(f"{weight_file}: no MiniMind weights in this file (no model.embed_tokens)")
+    if found["projector"] == "qformer":  # the keys show its shapes, not its head count
+        raise WeightsMismatchError(f"{weight_file}: a Q-Former model's weights need their architecture file "
+                                   f"{sidecar.name} beside them (the training run writes it)")
     preset = preset_for(found["lm_family"], found["projector"])
     extra = {"ve_hidden_size": found["image_hidden_size"]} if found["image_hidden_size"] else {}
     config = vlm_config(preset, lm_kwargs=found["config_kwargs"], projector=found["projector"], **extra)
@@ -129,7 +132,8 @@ def describe_state_dict(state_dict) -> dict:
       hidden_size (None: no MiniMind embedding in the file), num_hidden_layers, vocab_size, intermediate_size,
       head_dim, num_attention_heads, num_key_value_heads (G3 only; None for G1/G2, whose files do not show them),
       use_moe, n_routed_experts, n_shared_experts (0 without MoE),
-      has_vision_proj, projector ("linear", "mlp" or None), image_hidden_size (the projector's input width),
+      has_vision_proj, projector ("linear", "mlp", "qformer" or None), image_hidden_size (the projector's input
+      width),
       config_kwargs: MiniMindConfig kwargs that build an LM these tensors fit (what the keys cannot show comes
       from the family, presets.lm_config_kwargs).
     """
@@ -216,7 +220,9 @@ def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=p
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
         hint = ""
-        if info["hidden_size"]:  # the flags that build a model this file fits
+        if info["projector"] == "qformer" and model.config.projector != "qformer":
+            hint = "; the file holds a Q-Former: leave out the architecture flags, its architecture file gives them"
+        elif info["hidden_size"]:  # the flags that build a model this file fits
             preset = "--preset minimind-3v " if info["lm_family"] == "minimind3" else ""
             hint = (f"; the file fits {preset}--hidden_size {info['hidden_size']} --num_hidden_layers "
                     f"{info['num_hidden_layers']} --use_moe {int(info['use_moe'])}")
@@ -231,3 +237,78 @@ def load_weights(model, source, *, allow_missing_vision_proj: bool = True, log=p
         note += "; vision_proj freshly initialised (language-model-only file)" if lm_only_file else ""
         log(f"loaded {name}: {len(to_load)} tensors{note}")
     return info
+
+
+# ------------------------------------------------------------------------------ a BLIP-2 folder's Q-Former
+
+BLIP2_QFORMER_PREFIX = "qformer."  # Blip2Model / Blip2ForConditionalGeneration key names
+BLIP2_QUERY_TOKENS = "query_tokens"
+
+
+@dataclass
+class Blip2QFormer:
+    """What `--qformer_init` takes from a BLIP-2 folder: its Q-Former's config fields and query count, the width of
+    the features its cross-attention reads, and the Q-Former's tensors (QFormerProjector key names)."""
+    qformer_config: dict  # model_vlm.QFORMER_FIELDS
+    num_query_tokens: int
+    encoder_hidden_size: int
+    state_dict: dict
+
+
+def read_blip2_qformer(folder) -> Blip2QFormer:
+    """The Q-Former of a BLIP-2 checkpoint folder (config.json with `qformer_config` and `num_query_tokens`,
+    model.safetensors or its shards): only its `qformer.*` and `query_tokens` tensors are read, never the whole
+    model (a BLIP-2 with its LM is gigabytes)."""
+    from safetensors import safe_open
+    from transformers import Blip2QFormerConfig
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        qformer_config, num_query_tokens = config["qformer_config"], int(config["num_query_tokens"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WeightsMismatchError(f"--qformer_init {folder}: not a BLIP-2 folder (its config.json has no "
+                                   f"qformer_config and num_query_tokens: {error})") from None
+    index = folder / "model.safetensors.index.json"
+    files = (sorted({folder / name for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+             if index.is_file() else [folder / "model.safetensors"])
+    if not all(file.is_file() for file in files):
+        raise WeightsMismatchError(f"--qformer_init {folder}: no model.safetensors (or one of its shards) there; "
+                                   f"a BLIP-2 folder in safetensors format is needed")
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as tensors:
+            for key in tensors.keys():
+                if key == BLIP2_QUERY_TOKENS or key.startswith(BLIP2_QFORMER_PREFIX):
+                    state_dict[key] = tensors.get_tensor(key)
+    if BLIP2_QUERY_TOKENS not in state_dict:
+        raise WeightsMismatchError(f"--qformer_init {folder}: no {BLIP2_QUERY_TOKENS} tensor in its weights")
+    # Blip2QFormerConfig's defaults (BLIP-2's own Q-Former: 768 wide, reading EVA ViT-g's 1408-wide features) where
+    # the folder's config leaves a field out
+    full = {**Blip2QFormerConfig().to_dict(), **qformer_config}
+    return Blip2QFormer({name: full[name] for name in QFORMER_FIELDS}, num_query_tokens,
+                        int(full["encoder_hidden_size"]), state_dict)
+
+
+def load_blip2_qformer(projector, blip2: Blip2QFormer, folder, log=print):
+    """Copy a BLIP-2 folder's Q-Former and queries into a QFormerProjector built with its config fields and query
+    count (its language_projection keeps its fresh init: it maps to this LM's width)."""
+    encoder_width = projector.qformer.config.encoder_hidden_size
+    if blip2.encoder_hidden_size != encoder_width:
+        raise WeightsMismatchError(
+            f"--qformer_init {folder}: its Q-Former cross-attends to {blip2.encoder_hidden_size}-wide encoder "
+            f"features, but this vision encoder gives {encoder_width}; a Q-Former is trained for its encoder, so "
+            f"train one from scratch (leave out --qformer_init) or use a BLIP-2 Q-Former of this encoder's width")
+    expected = projector.state_dict()
+    fresh = [key for key in expected if key not in blip2.state_dict]
+    unexpected = [key for key in blip2.state_dict if key not in expected]
+    wrong_shape = [key for key, tensor in blip2.state_dict.items()
+                   if key in expected and tensor.shape != expected[key].shape]
+    if unexpected or wrong_shape or any(not key.startswith("language_projection.") for key in fresh):
+        key = (unexpected or wrong_shape or fresh)[0]
+        raise WeightsMismatchError(f"--qformer_init {folder}: its Q-Former does not fit ({len(unexpected)} unexpected, "
+                                   f"{len(wrong_shape)} of another shape, {len(fresh)} missing tensors, e.g. {key})")
+    projector.load_state_dict(blip2.state_dict, strict=False)
+    if log is not None:
+        log(f"Q-Former initialised from {folder}: {len(blip2.state_dict)} tensors, {blip2.num_query_tokens} queries "
+            f"(language_projection freshly initialised)")

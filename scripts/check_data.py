@@ -39,7 +39,7 @@ from dataset.processing import (ImageError, chat_template_warning, check_tokeniz
                                 load_tokenizer)
 from dataset.records import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
 from model.model_hf_vlm import language_model_config
-from model.model_vlm import read_encoder_folder
+from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, read_encoder_folder
 from model.presets import add_preset_flags, apply_preset, vlm_config
 from trainer.config import STAGE_DEFAULTS
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("data", help="a .jsonl file (with --images_path) or a .parquet file")
     p.add_argument("--images_path", default=None, help="image folder of a .jsonl dataset (default: its folder)")
     add_preset_flags(p, with_shape=False)
+    p.add_argument("--num_query_tokens", type=bounded(int, 1), default=DEFAULT_NUM_QUERY_TOKENS,
+                   help="with --projector qformer: the trainer's --num_query_tokens (the placeholder run of an image)")
     p.add_argument("--tokenizer_path", default=None,
                    help="folder with tokenizer.json (default: the preset's, or --language_model's)")
     p.add_argument("--language_model", default=None, metavar="PATH",
@@ -228,9 +230,10 @@ def main(argv=None) -> int:
     if args.language_model is not None:  # the tokenizer gets the placeholder the trainer adds
         tokenizer = load_tokenizer(args.tokenizer_path)
         config = language_model_config(args.language_model, tokenizer, args.vision_model_path, args.vision_encoder,
-                                       projector=args.projector)
+                                       projector=args.projector, num_query_tokens=args.num_query_tokens)
     else:
-        config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector)
+        config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector,
+                            num_query_tokens=args.num_query_tokens)
         config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
         tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()

@@ -44,6 +44,14 @@ def tiny_siglip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip2_dir(tmp_path_factory) -> Path:
+    """Random Blip2ForConditionalGeneration folder (tiny Q-Former: 32 wide, 2 layers, 8 queries) whose Q-Former
+    reads features of the tiny CLIP's width: what `--qformer_init` takes."""
+    out_dir = tmp_path_factory.mktemp("tiny_blip2")
+    return synthetic.build_tiny_blip2(out_dir, TINY_CLIP_HIDDEN_SIZE, ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
 def tiny_minimind3_tokenizer_dir(tmp_path_factory) -> Path:
     """MiniMind-3-structured tokenizer (36 specials, `<|image_pad|>` = 12, the MiniMind-3 chat format)."""
     out_dir = tmp_path_factory.mktemp("tiny_minimind3_tokenizer")

@@ -265,16 +265,27 @@ def test_parquet_matches_jsonl(shapes_data, parquet_key, jsonl_key, images_key):
 
 def test_sft_extra_records_teach_yes_no(shapes_data):
     """The SFT file's yes/no questions are balanced and right about their pictures; single-word answers name the
-    picture's attribute; text-only questions name their own answer."""
+    picture's attribute; text-only questions name their own answer; text-only yes/no questions are right about
+    the fact they state."""
     records = read_jsonl(shapes_data["sft_jsonl"])
-    yes_no = [r for r in records if r["conversations"][1]["content"] in make_assets.POPE_ANSWERS.values()]
+    answers_yes_no = [r["conversations"][1]["content"] in make_assets.POPE_ANSWERS.values() for r in records]
+    yes_no = [r for r, is_yes_no in zip(records, answers_yes_no) if is_yes_no and image_names(r)]
+    text_yes_no = [r for r, is_yes_no in zip(records, answers_yes_no) if is_yes_no and not image_names(r)]
     single_word = [r for r in records if r["image"].startswith("short_")]
-    text_only = [r for r in records if not image_names(r)]
+    text_only = [r for r, is_yes_no in zip(records, answers_yes_no) if not is_yes_no and not image_names(r)]
     n_sft = SHAPES_DATA_SIZES["n_sft"]
     assert len(yes_no) == round(n_sft * make_assets.POPE_SFT_FRACTION)
     assert len(single_word) == round(n_sft * make_assets.SHORT_ANSWER_SFT_FRACTION)
     assert len(text_only) == round(n_sft * make_assets.TEXT_ONLY_SFT_FRACTION)
-    assert {r["conversations"][1]["content"] for r in yes_no} == set(make_assets.POPE_ANSWERS.values())
+    assert len(text_yes_no) == round(n_sft * make_assets.TEXT_YES_NO_SFT_FRACTION)
+    for answers in (yes_no, text_yes_no):
+        assert {r["conversations"][1]["content"] for r in answers} == set(make_assets.POPE_ANSWERS.values())
+    for record in text_yes_no:
+        question, answer = (turn["content"] for turn in record["conversations"])
+        fact, asked = question.split("\n", 1)
+        stated = next(value for kind in make_assets.POPE_QUESTIONS for value in make_assets.ATTRIBUTE_CHOICES[kind]
+                      if fact == make_assets.single_answer(kind, value))
+        assert (answer == make_assets.POPE_ANSWERS[True]) == (f" {stated} " in asked)
     for record in single_word + text_only:
         question, answer = (turn["content"] for turn in record["conversations"])
         assert make_assets.SHORT_ANSWER_SUFFIX in question and " " not in answer

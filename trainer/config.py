@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from common import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
+from model.model_vlm import (DEFAULT_NUM_QUERY_TOKENS, DEFAULT_QFORMER_HIDDEN_SIZE, DEFAULT_QFORMER_NUM_HEADS,
+                             DEFAULT_QFORMER_NUM_LAYERS)
 from model.presets import add_preset_flags, apply_preset
 
 # Which parameters train; CLIP is always frozen.
@@ -94,6 +96,20 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
     model = p.add_argument_group("model")
     add_preset_flags(model)
     model.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="MoE FFNs (default 0)")
+    model.add_argument("--num_query_tokens", type=bounded(int, 1), default=None,
+                       help=f"--projector qformer: learned queries, the tokens each image becomes (default "
+                            f"{DEFAULT_NUM_QUERY_TOKENS}, as BLIP-2 and MiniGPT-4)")
+    model.add_argument("--qformer_hidden_size", type=bounded(int, 1), default=None,
+                       help=f"--projector qformer: the Q-Former's width (default {DEFAULT_QFORMER_HIDDEN_SIZE})")
+    model.add_argument("--qformer_num_layers", type=bounded(int, 1), default=None,
+                       help=f"--projector qformer: its layers, each cross-attending to the image (default "
+                            f"{DEFAULT_QFORMER_NUM_LAYERS})")
+    model.add_argument("--qformer_num_heads", type=bounded(int, 1), default=None,
+                       help=f"--projector qformer: its attention heads (default {DEFAULT_QFORMER_NUM_HEADS})")
+    model.add_argument("--qformer_init", default=None, metavar="DIR",
+                       help="--projector qformer: start the Q-Former and its queries from a BLIP-2 folder "
+                            "(Blip2Model / Blip2ForConditionalGeneration, safetensors); its size and query count "
+                            "replace the flags above")
     model.add_argument("--max_seq_len", type=bounded(int, 2), default=d["max_seq_len"],
                        help="tokens per sample, at most")
     model.add_argument("--trainable", default=None, choices=TRAINABLE_CHOICES,
@@ -160,6 +176,11 @@ class TrainConfig:
     hidden_size: int
     num_hidden_layers: int
     use_moe: int
+    num_query_tokens: int  # None: DEFAULT_NUM_QUERY_TOKENS (qformer only, as the four below)
+    qformer_hidden_size: int  # None: DEFAULT_QFORMER_HIDDEN_SIZE
+    qformer_num_layers: int  # None: DEFAULT_QFORMER_NUM_LAYERS
+    qformer_num_heads: int  # None: DEFAULT_QFORMER_NUM_HEADS
+    qformer_init: str  # None: a from-scratch Q-Former
     max_seq_len: int
     trainable: str  # one of TRAINABLE_CHOICES
     # optimisation

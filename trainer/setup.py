@@ -16,14 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
+from common import UserError, atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
 from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepare_dataset, prepared_root
 from dataset.processing import check_tokenizer_matches, chat_template_warning, image_processor_for, load_tokenizer
 from model.model_hf_vlm import TransformersVLM, TransformersVLMConfig
-from model.model_vlm import MiniMindVLM
+from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, MiniMindVLM, qformer_settings
 from model.presets import PRESETS, default_vision_model_path, vlm_config
-from model.weights import WeightsMismatchError, architecture_path, load_weights, read_architecture, weight_path
+from model.weights import (WeightsMismatchError, architecture_path, load_blip2_qformer, load_weights,
+                           read_architecture, read_blip2_qformer, weight_path)
 
 from .config import TRAINABLE_CHOICES, TrainConfig
 from .feature_cache import build_feature_store
@@ -112,6 +113,35 @@ def all_reduce_sum(values, ctx: RunContext) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ the model
 
+QFORMER_FLAGS = ("num_query_tokens", "qformer_hidden_size", "qformer_num_layers", "qformer_num_heads", "qformer_init")
+
+
+def qformer_fields(cfg: TrainConfig, blip2=None) -> dict:
+    """The VLMConfig fields of the Q-Former the flags ask for: a BLIP-2 folder's (--qformer_init, read as `blip2`)
+    or a from-scratch one's; {} for another projector, which the Q-Former flags do not fit."""
+    if cfg.projector != "qformer":
+        given = [name for name in QFORMER_FLAGS if getattr(cfg, name) is not None]
+        if given:
+            raise UserError(f"--{given[0]} is for --projector qformer (this run's projector: {cfg.projector})")
+        return {}
+    if blip2 is None:
+        shape = dict(hidden_size=cfg.qformer_hidden_size, num_layers=cfg.qformer_num_layers,
+                     num_heads=cfg.qformer_num_heads)
+        try:
+            settings = qformer_settings(**{name: value for name, value in shape.items() if value is not None})
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        return dict(num_query_tokens=cfg.num_query_tokens or DEFAULT_NUM_QUERY_TOKENS, qformer_config=settings)
+    for flag, value in (("num_query_tokens", blip2.num_query_tokens),
+                        ("qformer_hidden_size", blip2.qformer_config["hidden_size"]),
+                        ("qformer_num_layers", blip2.qformer_config["num_hidden_layers"]),
+                        ("qformer_num_heads", blip2.qformer_config["num_attention_heads"])):
+        if getattr(cfg, flag) not in (None, value):
+            raise UserError(f"--{flag} {getattr(cfg, flag)} differs from the {value} of --qformer_init "
+                            f"{cfg.qformer_init}: leave it out")
+    return dict(num_query_tokens=blip2.num_query_tokens, qformer_config=blip2.qformer_config)
+
+
 def build_model(cfg: TrainConfig, stage: str, log=print):
     """(model, cfg): the model the flags describe, or, when the start weights have an architecture file and no
     architecture flag was given (SFT after pretraining), the start weights' architecture, written into the
@@ -129,10 +159,11 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
                                 f"llm`), train the previous stage first, or pass --from_weight none")
-    config = None
+    blip2 = read_blip2_qformer(cfg.qformer_init) if cfg.qformer_init and cfg.projector == "qformer" else None
+    config = None  # with --language_model and no start file: built from the LM folder below
     if cfg.language_model is None:
         config = vlm_config(cfg.preset, cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.use_moe), cfg.vision_encoder,
-                            cfg.projector, max_seq_len=cfg.max_seq_len)
+                            cfg.projector, max_seq_len=cfg.max_seq_len, **qformer_fields(cfg, blip2))
     architecture = read_architecture(source) if source is not None and architecture_path(source).is_file() else None
     # A transformers LM's file is rebuilt from its own file whatever flag named it (no flag makes it a MiniMind).
     if architecture is not None and (not cfg.architecture_given or
@@ -152,7 +183,7 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
         log(f"architecture of {source.name} ({architecture_path(source).name}): "
             f"{config.language_model if isinstance(config, TransformersVLMConfig) else cfg.preset}, "
             f"{config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
-            f"{config.vision_encoder} + {config.projector} projector")
+            f"{config.vision_encoder} + {config.projector} projector, {config.image_token_count} tokens per image")
     if not cfg.trainable_given:  # the preset's, which the start weights' architecture may have changed
         cfg = replace(cfg, trainable=PRESETS[cfg.preset].trainable[stage])
     with quiet_transformers():
@@ -161,11 +192,15 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
         elif config is None:  # the LM folder's own weights, a fresh projector
             model = TransformersVLM.from_language_model(
                 cfg.language_model, load_tokenizer(cfg.tokenizer_path), cfg.vision_model_path,
-                vision_encoder=cfg.vision_encoder, projector=cfg.projector, max_seq_len=cfg.max_seq_len)
+                vision_encoder=cfg.vision_encoder, projector=cfg.projector, max_seq_len=cfg.max_seq_len,
+                **qformer_fields(cfg, blip2))
             log(f"language model: {cfg.language_model} ({type(model.language_model).__name__}, "
-                f"{cfg.hidden_size}x{cfg.num_hidden_layers}), image placeholder id {model.image_token_id}")
+                f"{cfg.hidden_size}x{cfg.num_hidden_layers}), image placeholder id {model.image_token_id} "
+                f"x{model.image_token_count}")
         else:
             model = MiniMindVLM(config, vision_model_path=cfg.vision_model_path)
+    if blip2 is not None:  # before the start weights: a file with a vision_proj replaces it
+        load_blip2_qformer(model.vision_proj, blip2, cfg.qformer_init, log=log)
     if source is not None:
         load_weights(model, source, log=log)
     return model, cfg
@@ -457,11 +492,12 @@ def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
     if ctx.distributed:
         # Every step uses every trainable parameter on every rank (a text-only batch still runs vision_proj on
         # its zero images, collate_batch), so DDP need not search the graph for unused ones, except with MoE,
-        # whose experts may get no token on a rank. The only buffers are the constant RoPE tables: no broadcast
-        # before each forward.
+        # whose experts may get no token on a rank, and with a projector that cannot run on zero images (the
+        # Q-Former). The only buffers are the constant RoPE tables: no broadcast before each forward.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=bool(cfg.use_moe), broadcast_buffers=False)
+            find_unused_parameters=bool(cfg.use_moe) or not model.vision_proj.uses_all_parameters_without_images,
+            broadcast_buffers=False)
     loader, sampler = build_loader(dataset, cfg, ctx)
     if ctx.local_rank == 0 and (warning := shared_memory_warning(cfg, dataset.image_processor.pixel_shape)):
         (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
