@@ -319,3 +319,20 @@ def test_exported_folder_answers_through_pipeline_as_the_native_model(trained_qw
     answer = pipe(text=messages, max_new_tokens=5, do_sample=False)[0]["generated_text"][-1]["content"]
     expected, _ = answer_once(loaded, QUESTION, [image], GenerationSettings(5, 0.0, 1.0))
     assert answer == expected
+
+
+def test_qformer_projector_sets_the_placeholder_run_of_a_transformers_lm(tiny_qwen2_dir, tiny_clip_dir, shapes_data,
+                                                                         tmp_path):
+    run_stage("pretrain", "pretrain", stage_argv(tiny_qwen2_dir, tiny_clip_dir, shapes_data, tmp_path, "pretrain_jsonl",
+                                                 "pretrain_images", "--projector", "qformer", "--num_query_tokens", "8",
+                                                 "--trainable", "projector", "--max_steps", "1"))
+    weights = tmp_path / "out" / "pretrain_vlm_64.pth"
+    config = read_architecture(weights).config
+    assert config.projector == "qformer" and config.image_token_count == 8 and config.image_feature_count == 196
+    loaded = load_model(weights, False, None, tiny_clip_dir, "cpu", log=None)
+    ids = prompt_ids(loaded.model, loaded.tokenizer)
+    assert int((ids == loaded.model.image_token_id).sum()) == 8
+    with torch.no_grad():
+        with_image = loaded.model(input_ids=ids, pixel_values=torch.randn(1, 1, 3, 224, 224)).logits
+        blank = loaded.model(input_ids=ids, pixel_values=torch.zeros(1, 1, 3, 224, 224)).logits
+    assert with_image.shape[1] == ids.shape[1] and not torch.allclose(with_image, blank)
