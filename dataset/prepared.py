@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .processing import PROMPT_FORMAT_VERSION
+from .processing import PROMPT_FORMAT_VERSION, TOKENIZER_CHAT_FORMAT
 from .records import (CUT_ANSWER, CUT_IMAGE, FORMAT_JSONL, FORMAT_LLAVA, FORMAT_PARQUET, DataError, DataProblem,
                       Record, SampleEncoder, check_data_path, column_values, data_format, image_at, jsonl_record,
                       llava_origin, llava_record, llava_record_id, open_parquet, parquet_record, read_llava_array)
@@ -98,6 +98,8 @@ def token_key(encoder: SampleEncoder) -> str:
            "prompt_format": PROMPT_FORMAT_VERSION, "layout": LAYOUT_VERSION}
     if encoder.chat_format != "minimind2":  # MiniMind2's caches keep their names
         key["chat_format"] = encoder.chat_format
+    if encoder.chat_format == TOKENIZER_CHAT_FORMAT:  # the prompts are that template's
+        key["chat_template"] = tokenizer.chat_template
     return digest(key)
 
 

@@ -17,11 +17,16 @@ from PIL import Image
 
 from common import UserError
 from model import processing_minimind_v
+from model.model_hf_vlm import TOKENIZER_CHAT_FORMAT
 from model.processing_minimind_v import (CHAT_TEMPLATES, IMAGE_MARKER, MAX_IMAGE_PIXELS, MiniMindVImageProcessor,
                                          expand_image_markers)
 
 ROLES_BY_PARITY = ("user", "assistant")
-CHAT_FORMATS = tuple(CHAT_TEMPLATES)  # minimind2: MiniMind2's template; minimind3: MiniMind-3's (minimind-3v)
+# minimind2: MiniMind2's template; minimind3: MiniMind-3's (minimind-3v); tokenizer: the LM tokenizer's own
+# chat template (a transformers LM, model/model_hf_vlm.py).
+CHAT_FORMATS = tuple(CHAT_TEMPLATES) + (TOKENIZER_CHAT_FORMAT,)
+# The answer of the probe conversation that finds a template's assistant-turn markers (assistant_turn_markers).
+PROBE_ANSWER = "A"
 SYSTEM_ROLE = "system"
 # lmms-eval's request after a yes/no or short-answer question (POPE, MME); the demo's synthetic data asks the same.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -98,16 +103,47 @@ def render_chat(messages, turn_start: str, turn_end: str, add_generation_prompt:
                                                       add_generation_prompt=add_generation_prompt)
 
 
+def render_prompt(tokenizer, messages, add_generation_prompt: bool, chat_format: str = "minimind2") -> str:
+    """`messages` in `chat_format`: render_chat for the MiniMind formats, the tokenizer's own chat template for
+    TOKENIZER_CHAT_FORMAT."""
+    if chat_format == TOKENIZER_CHAT_FORMAT:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_chat(messages, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt, chat_format)
+
+
 def build_prompt(tokenizer, messages, image_special_token: str, add_generation_prompt: bool,
                  chat_format: str = "minimind2") -> str:
-    """Chat text of `messages` (render_chat) with every `<image>` expanded to its placeholder run."""
+    """Chat text of `messages` (render_prompt) with every `<image>` expanded to its placeholder run."""
     expanded = [{"role": m["role"], "content": expand_image_markers(m["content"], image_special_token)}
                 for m in messages]
-    return render_chat(expanded, tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt, chat_format)
+    return render_prompt(tokenizer, expanded, add_generation_prompt, chat_format)
+
+
+def assistant_turn_markers(tokenizer, chat_format: str = "minimind2") -> tuple:
+    """(start, end): the text right before each assistant answer and right after it; training supervises the
+    answer and `end`. The MiniMind formats: `<|im_start|>assistant\n` and `<|im_end|>\n` (upstream's span, so
+    MiniMind-3's think block is trained). The tokenizer's own template: found by rendering a probe chat, the user
+    turn with and without the generation prompt (start = what the prompt adds), then with an answer (end = what
+    follows it); a template that does not render a turn as prompt + answer + end gets a one-line error."""
+    if chat_format != TOKENIZER_CHAT_FORMAT:
+        return f"{tokenizer.bos_token}assistant\n", f"{tokenizer.eos_token}\n"
+    question = [{"role": "user", "content": "Q"}]
+    without = render_prompt(tokenizer, question, False, chat_format)
+    prompt = render_prompt(tokenizer, question, True, chat_format)
+    full = render_prompt(tokenizer, question + [{"role": "assistant", "content": PROBE_ANSWER}], False, chat_format)
+    if not prompt.startswith(without) or not full.startswith(prompt + PROBE_ANSWER) or \
+            len(full) == len(prompt + PROBE_ANSWER) or prompt == without:
+        raise UserError(f"{tokenizer.name_or_path}: its chat template does not render an assistant turn as the "
+                        f"generation prompt + the answer + an end marker, so the answers to train on cannot be "
+                        f"found; use an LM whose tokenizer has such a template (ChatML, Llama 3, ...)")
+    return prompt[len(without):], full[len(prompt) + len(PROBE_ANSWER):]
 
 
 def chat_template_warning(tokenizer, chat_format: str = "minimind2"):
-    """A one-line warning when the tokenizer's own chat template renders chats unlike render_chat, else None."""
+    """A one-line warning when the tokenizer's own chat template renders chats unlike render_chat, else None
+    (always None for TOKENIZER_CHAT_FORMAT: that template is the format)."""
+    if chat_format == TOKENIZER_CHAT_FORMAT:
+        return None
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]
     probes = [(chat, False), (chat, True), ([{"role": SYSTEM_ROLE, "content": "S"}] + chat, True)]
     for messages, add_generation_prompt in probes:
@@ -138,14 +174,20 @@ def count_image_markers(messages) -> int:
     return sum(m["content"].count(IMAGE_MARKER) for m in messages)
 
 
-def load_tokenizer(tokenizer_path):
-    """A tokenizer folder (tokenizer.json + tokenizer_config.json), with a hint on how to get a missing one."""
+def load_tokenizer(tokenizer_path, config=None):
+    """A tokenizer folder (tokenizer.json + tokenizer_config.json), with a hint on how to get a missing one. For a
+    model `config` that reads the tokenizer's own chat template (a transformers LM), with the model's image
+    placeholder token added where the tokenizer lacks it (processing_minimind_v.add_image_placeholder)."""
     from transformers import AutoTokenizer
 
     if not (Path(tokenizer_path) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python -m scripts.download --what "
                                 f"tokenizer` (with --preset minimind-3v for MiniMind-3's) or pass --tokenizer_path")
-    return AutoTokenizer.from_pretrained(str(tokenizer_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    if config is not None and config.chat_format == TOKENIZER_CHAT_FORMAT:
+        processing_minimind_v.add_image_placeholder(
+            tokenizer, processing_minimind_v.placeholder_unit(config.image_special_token))
+    return tokenizer
 
 
 def check_tokenizer_matches(tokenizer, config):

@@ -23,8 +23,8 @@ import torch
 
 from common import UserError
 
-from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, build_prompt,
-                         count_image_markers, is_placeholder_image, open_image, preprocess_image)
+from .processing import (IMAGE_MARKER, ROLES_BY_PARITY, SYSTEM_ROLE, ImageError, assistant_turn_markers,
+                         build_prompt, count_image_markers, is_placeholder_image, open_image, preprocess_image)
 
 JSONL_SUFFIXES = (".jsonl", ".json")  # JSON lines, or a LLaVA array when the file starts with `[`
 PARQUET_SUFFIXES = (".parquet",)
@@ -502,11 +502,11 @@ class SampleEncoder:
         self.image_special_token = image_special_token
         self.image_token_id = image_token_id
         self.max_seq_len = max_seq_len
-        self.image_tokens_per_image = len(tokenizer(image_special_token).input_ids)
-        # The answer span (upstream G2 and G3 alike): after `<|im_start|>assistant\n` (so minimind3's think block
-        # is trained) through `<|im_end|>\n`.
-        self.label_start_ids = tokenizer(f"{tokenizer.bos_token}assistant\n").input_ids
-        self.label_end_ids = tokenizer(f"{tokenizer.eos_token}\n").input_ids
+        self.image_tokens_per_image = len(tokenizer(image_special_token, add_special_tokens=False).input_ids)
+        # The answer span: after the chat format's assistant header through its end-of-turn marker.
+        label_start, label_end = assistant_turn_markers(tokenizer, chat_format)
+        self.label_start_ids = tokenizer(label_start, add_special_tokens=False).input_ids
+        self.label_end_ids = tokenizer(label_end, add_special_tokens=False).input_ids
 
     def encode_chats(self, chats, dtype=np.int64) -> list:
         """One EncodedSample per (messages, number of images), ids as `dtype`.

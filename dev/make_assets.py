@@ -5,6 +5,7 @@
     python -m dev.make_assets --only tokenizer clip --clip_hidden_size 128
     python -m dev.make_assets --only siglip minimind3_tokenizer data       # minimind-3v's stand-ins
     python -m dev.make_assets --only blip2          # a tiny BLIP-2 folder for --qformer_init (CLIP's width)
+    python -m dev.make_assets --only qwen2 llama    # tiny transformers LM folders for --language_model
 """
 if not __package__:  # started as a file: its folder, not the repo root, is on the import path
     raise SystemExit("run it from the repository root as: python -m dev.make_assets")
@@ -27,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=ASSET_PARTS, default=list(DEFAULT_ASSET_PARTS),
                         help=f"build only these parts (default: {' '.join(DEFAULT_ASSET_PARTS)}, MiniMind2-V's; "
                              f"siglip and minimind3_tokenizer are minimind-3v's; blip2 a BLIP-2 folder whose "
-                             f"Q-Former --qformer_init reads)")
+                             f"Q-Former --qformer_init reads; qwen2 and llama tiny transformers LM folders with "
+                             f"their tokenizers, for --language_model)")
     parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0,
                         help="seed for data, CLIP weights and English corpus")
     parser.add_argument("--n_pretrain", type=bounded(int, 1), default=64, help="pretrain image-caption records")

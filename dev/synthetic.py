@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerFast
 
 from model.compat import pil_clip_image_processor_class, pil_image_processor_class
@@ -57,9 +57,9 @@ from model.model_vlm import (CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, IMAGE_PLACEHOLDER
 from model.processing_minimind_v import (BOS_TOKEN, CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPT,
                                          EOS_TOKEN, MINIMIND3_CHAT_TEMPLATE)
 
-ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer", "blip2")
+ASSET_PARTS = ("tokenizer", "clip", "data", "siglip", "minimind3_tokenizer", "blip2", "qwen2", "llama")
 DEFAULT_ASSET_PARTS = ("tokenizer", "clip", "data")  # MiniMind2-V's; siglip + minimind3_tokenizer: minimind-3v's;
-# blip2: a BLIP-2 folder whose Q-Former `--qformer_init` reads
+# blip2: a BLIP-2 folder whose Q-Former `--qformer_init` reads; qwen2, llama: tiny transformers LMs (--language_model)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Tokenizer: same structure and special tokens as the MiniMind2 tokenizer, trained on a small local corpus
@@ -99,12 +99,14 @@ def build_minimind3_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_V
 
 
 def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                    chat_template: str = CHAT_TEMPLATE) -> Path:
+                    chat_template: str = CHAT_TEMPLATE, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN,
+                    pad_token: str = PAD_TOKEN, split_pattern: str = None) -> Path:
     """Train a byte-level BPE tokenizer on `corpus_texts` and save it for AutoTokenizer.from_pretrained.
 
     Structure as MiniMind2: specials at ids 0-2, the full 256-byte alphabet next (so '@' is id 34 and '\\n' is
     201), ByteLevel pre-tokenizer without prefix space, ByteLevel decoder, no normalizer and no
-    post-processor (encoding adds nothing by itself).
+    post-processor (encoding adds nothing by itself). `split_pattern`: a pre-tokenizer regex applied before the
+    byte-level step (as Qwen2's and Llama 3's tokenizers do) instead of GPT-2's.
     """
     out_dir = Path(out_dir)
     texts = list(corpus_texts)
@@ -118,6 +120,10 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE,
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_pattern is not None:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     # The trainer puts the special tokens first and the alphabet after them in code-point order, which is the
     # id layout of MiniMind2's ids 0..258.
@@ -128,7 +134,7 @@ def build_tokenizer(out_dir, corpus_texts, vocab_size: int = DEFAULT_VOCAB_SIZE,
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=PAD_TOKEN,
+        bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=pad_token,
         add_bos_token=False, add_eos_token=False,
         model_max_length=MODEL_MAX_LENGTH, padding_side="right", truncation_side="right",
         clean_up_tokenization_spaces=False, chat_template=chat_template,
@@ -198,6 +204,76 @@ def simple_english_lines(n_lines: int, seed: int) -> list[str]:
         else:
             lines.append(f"{rng.choice(_ENGLISH_QUESTIONS)} {rng.choice(_ENGLISH_REPLIES)}")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1b. Tiny transformers causal LMs (Qwen2, Llama) with their tokenizer and chat template in one folder: the
+#     stand-ins for `--language_model PATH` (model/model_hf_vlm.py)
+# ----------------------------------------------------------------------------------------------------------
+
+# Qwen2's and Llama 3's pre-tokenizer regex: newlines stay apart from the words after them.
+LM_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                    r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2.5's ChatML, default system prompt included.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
+# Llama 3's layout: headers, a blank line, trimmed content, <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}")
+
+
+@dataclass(frozen=True)
+class TinyLMFamily:
+    config_class: str  # a transformers config class name
+    special_tokens: tuple  # ids 0.. in this order
+    bos_token: str
+    eos_token: str  # the end of an assistant turn
+    pad_token: str
+    chat_template: str
+    tie_word_embeddings: bool
+
+
+TINY_LM_FAMILIES = {
+    "qwen2": TinyLMFamily("Qwen2Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>",
+                          "<|im_end|>", "<|endoftext|>", CHATML_TEMPLATE, True),
+    "llama": TinyLMFamily("LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                          "<|end_header_id|>", "<|eot_id|>"), "<|begin_of_text|>", "<|eot_id|>",
+                          "<|end_of_text|>", LLAMA3_TEMPLATE, False),
+}
+
+
+def build_tiny_causal_lm(out_dir, family: str, corpus_texts, hidden_size: int = 64, num_layers: int = 2,
+                         seed: int = 0, num_heads: int = 4, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """A randomly initialised transformers causal LM of `family` (TINY_LM_FAMILIES) saved with its tokenizer
+    (that family's special tokens, pre-tokenizer and chat template) in one folder, as a hub checkout has them:
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir)."""
+    import transformers
+
+    chosen = TINY_LM_FAMILIES[family]
+    out_dir = Path(out_dir)
+    build_tokenizer(out_dir, corpus_texts, vocab_size + len(chosen.special_tokens) - len(SPECIAL_TOKENS),
+                    special_tokens=chosen.special_tokens, chat_template=chosen.chat_template,
+                    bos_token=chosen.bos_token, eos_token=chosen.eos_token, pad_token=chosen.pad_token,
+                    split_pattern=LM_SPLIT_PATTERN)
+    token_ids = {token: index for index, token in enumerate(chosen.special_tokens)}
+    config = getattr(transformers, chosen.config_class)(
+        vocab_size=MODEL_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=CLIP_MLP_RATIO * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2,
+        max_position_embeddings=MODEL_MAX_LENGTH, tie_word_embeddings=chosen.tie_word_embeddings,
+        bos_token_id=token_ids[chosen.bos_token], eos_token_id=token_ids[chosen.eos_token],
+        pad_token_id=token_ids[chosen.pad_token])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -870,6 +946,10 @@ def build_all(out_dir, n_pretrain: int = 64, n_sft: int = 64, n_eval: int = 30, 
                                                                  tokenizer_corpus(seed), vocab_size)
     if "blip2" in parts:
         paths["blip2"] = build_tiny_blip2(out_dir / "blip2", clip_hidden_size, seed)
+    for family in TINY_LM_FAMILIES:
+        if family in parts:
+            paths[family] = build_tiny_causal_lm(out_dir / family, family, tokenizer_corpus(seed), seed=seed,
+                                                 vocab_size=vocab_size)
     if "data" in parts:
         paths.update(build_shapes_dataset(out_dir / "data", n_pretrain, n_sft, n_eval, seed, n_sft_multi))
     return paths

@@ -13,11 +13,12 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, MAX_SEED,
                     REPO_ROOT, UserError, bounded, count_parameters, quiet_transformers, torch_dtype)
 from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
+from model.model_hf_vlm import VLM_CLASSES, TransformersVLM, TransformersVLMConfig
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
 from model.model_vlm import VISION_ENCODERS, MiniMindVLM, VLMConfig
 from model.presets import DEFAULT_PRESET, PRESETS, add_preset_flags, default_vision_model_path, preset_for
-from model.weights import (WeightsMismatchError, describe_state_dict, load_weights, read_architecture, read_state_dict,
-                           weight_path)
+from model.weights import (WeightsMismatchError, architecture_path, describe_state_dict, load_weights,
+                           read_architecture, read_state_dict, weight_path)
 
 MODEL_MODES = ("pretrain_vlm", "sft_vlm", "sft_vlm_multi")  # --model_mode 0, 1, 2: which stage's weights
 # Upstream's inference defaults (eval_vlm.py / web demo); temperature 0 means greedy decoding here.
@@ -148,6 +149,14 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
     """MiniMindVLM with its vision encoder from a .pth file, in `dtype`: the architecture from the file's sidecar,
     or read off its keys (model/weights.py read_architecture); a shape given here overrides it."""
     state_dict = read_checkpoint(weight_file)
+    architecture = read_architecture(weight_file) if architecture_path(weight_file).is_file() else None
+    if architecture is not None and isinstance(architecture.config, TransformersVLMConfig):
+        # A transformers LM's file: its architecture file says it all (the shape flags are MiniMind's).
+        config = architecture.config
+        with quiet_transformers():
+            model = TransformersVLM(config, vision_model_path=vision_model_path or default_vision_model_path(
+                config, architecture.vision_model_path))
+        return finish_loading(model, state_dict, weight_file, device, dtype, log)
     found = describe_state_dict(state_dict)
     if found["hidden_size"] is None:
         raise WeightsMismatchError(f"{weight_file}: no MiniMind weights in this file")
@@ -167,6 +176,11 @@ def load_native_model(weight_file, vision_model_path, device, hidden_size=None, 
         vision_model_path = default_vision_model_path(config, architecture.vision_model_path)
     with quiet_transformers():
         model = MiniMindVLM(config, vision_model_path=vision_model_path)
+    return finish_loading(model, state_dict, weight_file, device, dtype, log)
+
+
+def finish_loading(model, state_dict, weight_file, device, dtype, log):
+    """`model` with `state_dict` (read from weight_file) loaded strictly, in eval mode on `device` in `dtype`."""
     try:
         load_weights(model, state_dict, log=None)
     except WeightsMismatchError as error:
@@ -184,8 +198,10 @@ def load_transformers_model(folder, vision_model_path, device, log=print, dtype=
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model in {folder} (write one with `python -m scripts.convert_vlm "
                                 f"--to transformers`, or pass --transformers_dir DIR)")
+    model_class = VLM_CLASSES.get(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type"),
+                                  MiniMindVLM)
     with quiet_transformers():
-        model = MiniMindVLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = model_class.from_pretrained(str(folder), dtype=torch.float32)
         try:
             if model.vision_encoder is None:
                 model.attach_vision_encoder(vision_model_path or default_vision_model_path(model.config))
@@ -214,7 +230,10 @@ def load_model(source, load_transformers: bool, tokenizer_path, vision_model_pat
     else:
         model = load_native_model(source, vision_model_path, device, hidden_size, num_hidden_layers, use_moe, log=log,
                                   vision_encoder=vision_encoder, projector=projector, dtype=dtype)
-    if tokenizer is None:
+    if isinstance(model, TransformersVLM):  # the LM folder's tokenizer, with the image placeholder the model uses
+        tokenizer_path = tokenizer_path or model.config.language_model
+        tokenizer = load_tokenizer(tokenizer_path, model.config)
+    elif tokenizer is None:
         tokenizer_path = PRESETS[preset_for(model.config.lm_family, model.config.projector)].tokenizer_path
         tokenizer = load_tokenizer(tokenizer_path)
     try:
@@ -239,7 +258,7 @@ def load_model_from_flags(args, log=print) -> LoadedModel:
 def is_transformers_folder(path: Path) -> bool:
     """A folder written by scripts/convert_vlm.py (a CLIP folder has a config.json too)."""
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == VLMConfig.model_type
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") in VLM_CLASSES
     except (OSError, ValueError):
         return False
 

@@ -89,6 +89,15 @@ def qformer_settings(hidden_size: int = DEFAULT_QFORMER_HIDDEN_SIZE, num_layers:
                 intermediate_size=QFORMER_MLP_RATIO * hidden_size, cross_attention_frequency=1)
 
 
+def qformer_config_for(projector: str, qformer_config: dict = None):
+    """A config's `qformer_config`: for the qformer projector, the QFORMER_FIELDS of `qformer_config` over the
+    from-scratch defaults (qformer_settings); None for another projector."""
+    if projector != "qformer":
+        return None
+    given = {name: value for name, value in (qformer_config or {}).items() if name in QFORMER_FIELDS}
+    return {**qformer_settings(), **given}
+
+
 def encoder_feature_count(vision_config) -> int:
     """Patch features per image of a ViT config: (image_size / patch_size)^2 (CLIP 196, SigLIP2 p32-256 64)."""
     return (vision_config.image_size // vision_config.patch_size) ** 2
@@ -123,10 +132,7 @@ class VLMConfig(MiniMindConfig):
         self.vision_model_subfolder = vision_model_subfolder
         # The qformer projector's learned queries (its tokens per image) and its QFORMER_FIELDS; None: not a qformer.
         self.num_query_tokens = num_query_tokens
-        self.qformer_config = None
-        if projector == "qformer":
-            given = {name: value for name, value in (qformer_config or {}).items() if name in QFORMER_FIELDS}
-            self.qformer_config = {**qformer_settings(), **given}
+        self.qformer_config = qformer_config_for(projector, qformer_config)
         super().__init__(**kwargs)
 
     @property
@@ -340,27 +346,29 @@ def check_placeholder_run(config: VLMConfig, feature_count: int, encoder_name: s
                      f"{config.image_token_count} tokens: the run must have one placeholder per query")
 
 
-class MiniMindVLM(MiniMindForCausalLM):
-    config_class = VLMConfig
-    prefill_only_inputs = ("pixel_values", "image_features")
+class VisionStack:
+    """What every VLM here does with images, whatever its LM: hold the frozen encoder outside the module tree, encode
+    images, project them with `vision_proj` and splice them into the placeholder runs of the embeddings.
 
-    def __init__(self, config: VLMConfig = None, vision_model_path=DEFAULT_VISION_MODEL_PATH):
-        config = config or VLMConfig()
-        vision_encoder = None
-        if vision_model_path is not None:
-            vision_encoder = load_vision_encoder(vision_model_path, kind=config.vision_encoder)
-            describe_encoder(config, vision_encoder, read_encoder_folder(vision_model_path))
-        super().__init__(config)
-        # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
-        self.__dict__["vision_encoder"] = vision_encoder
-        self.vision_proj = PROJECTORS[config.projector].from_config(config)
-        self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
+    Mixed into a transformers PreTrainedModel whose config has the vision fields of VLMConfig (vision_encoder,
+    projector, ve_hidden_size, image_ids, image_processing) and which sets `self.vision_proj`: MiniMindVLM here,
+    model_hf_vlm.TransformersVLM for any transformers causal LM.
+    """
+
+    @staticmethod
+    def load_described_encoder(config, vision_model_path):
+        """The frozen encoder of config's kind from `vision_model_path` (None: none), its facts written into config."""
+        if vision_model_path is None:
+            return None
+        vision_encoder = load_vision_encoder(vision_model_path, kind=config.vision_encoder)
+        describe_encoder(config, vision_encoder, read_encoder_folder(vision_model_path))
+        return vision_encoder
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
-        """Load a saved folder with a CLIP encoder from `vision_model_path` if given, else the folder's own copy if
-        it has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
-        `vision_model_subfolder=None` skips the folder's copy."""
+        """Load a saved folder with its encoder from `vision_model_path` if given, else the folder's own copy if it
+        has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
+        `vision_model_subfolder=None` skips the folder's copy. (The class's __init__ takes vision_model_path.)"""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
         if vision_model_path is not None:
             model.attach_vision_encoder(vision_model_path)
@@ -432,19 +440,17 @@ class MiniMindVLM(MiniMindForCausalLM):
             0, image_positions, projected.reshape(-1, hidden).to(inputs_embeds.dtype))  # [B*T, hidden]
         return spliced.view_as(inputs_embeds)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,
-                labels=None, pixel_values=None, image_features=None, inputs_embeds=None, loss_only=False,
-                return_dict=True, image_positions=None, first_target=None, target_index=None):
-        """MiniMindForCausalLM.forward, with the prompt's images spliced into the embeddings first (parameters
-        in upstream's order for the VLM, which differs from its LM's).
+    def embed_with_images(self, input_ids, inputs_embeds, pixel_values, image_features, past_key_values,
+                          image_positions=None):
+        """The input embeddings with the prompt's images spliced in, or `inputs_embeds` as given when there is
+        nothing to splice (no images, or a decoding step after the prompt).
 
         pixel_values: [B, N, 3, H, W], upstream's [B, N, 1, 3, H, W], or a flat [M, 3, H, W] list in reading
         order; image_features: precomputed encoder features [M, image_feature_count, ve_hidden] instead. Images
         belong to the prompt, spliced on the call whose cache is empty (our generate() passes them on that step
         only). Code written against upstream passes them on every decoding step: with a non-empty cache they are
         ignored while the new tokens hold no image placeholder, and a placeholder there raises (its image would go
-        unseen). image_positions, first_target, target_index: positions the training collator computed on the
-        CPU (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
+        unseen).
         """
         has_images = pixel_values is not None or image_features is not None
         if has_images and cached_length(past_key_values) > 0:
@@ -452,15 +458,42 @@ class MiniMindVLM(MiniMindForCausalLM):
                 raise ValueError("images go with the prompt: image placeholder tokens after the prompt (with a "
                                  "non-empty cache) cannot take pixel_values/image_features; start a new cache")
             has_images = False
-        if has_images:
-            images_per_sample = None
-            if image_features is None:
-                images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
-                image_features = self.encode_images(flatten_pixel_values(pixel_values))
-            if inputs_embeds is None:
-                inputs_embeds = self.model.embed_tokens(input_ids)
-            inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample,
-                                                       image_positions)
+        if not has_images:
+            return inputs_embeds
+        images_per_sample = None
+        if image_features is None:
+            images_per_sample = count_images_per_sample(pixel_values, input_ids.shape[0])
+            image_features = self.encode_images(flatten_pixel_values(pixel_values))
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return self.splice_image_features(input_ids, inputs_embeds, image_features, images_per_sample,
+                                          image_positions)
+
+
+class MiniMindVLM(VisionStack, MiniMindForCausalLM):
+    config_class = VLMConfig
+    prefill_only_inputs = ("pixel_values", "image_features")
+
+    def __init__(self, config: VLMConfig = None, vision_model_path=DEFAULT_VISION_MODEL_PATH):
+        config = config or VLMConfig()
+        vision_encoder = self.load_described_encoder(config, vision_model_path)
+        super().__init__(config)
+        # Stored outside nn.Module's registry: never in state_dict(), parameters() or the optimizer.
+        self.__dict__["vision_encoder"] = vision_encoder
+        self.vision_proj = PROJECTORS[config.projector].from_config(config)
+        self.post_init()  # transformers' bookkeeping (tied-weight keys) that from_pretrained relies on
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0,
+                labels=None, pixel_values=None, image_features=None, inputs_embeds=None, loss_only=False,
+                return_dict=True, image_positions=None, first_target=None, target_index=None):
+        """MiniMindForCausalLM.forward, with the prompt's images spliced into the embeddings first
+        (VisionStack.embed_with_images; parameters in upstream's order for the VLM, which differs from its LM's).
+
+        image_positions, first_target, target_index: positions the training collator computed on the CPU
+        (dataset/lm_dataset.py collate_batch), so that a training step makes no device->host sync for them.
+        """
+        inputs_embeds = self.embed_with_images(input_ids, inputs_embeds, pixel_values, image_features,
+                                               past_key_values, image_positions)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep,
                                inputs_embeds=inputs_embeds, loss_only=loss_only, first_target=first_target,

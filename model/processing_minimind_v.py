@@ -108,6 +108,19 @@ MINIMIND3_CHAT_TEMPLATE = RENDER_PARTS_MACRO + (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ bos_token + 'assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
 )
+
+
+def with_image_parts(chat_template: str) -> str:
+    """A transformers LM tokenizer's own chat template (which reads string content) that also takes content as
+    image and text parts: each message's parts are first joined as the MiniMind formats join them (`<image>` per
+    image part), then the template renders the messages as it always does."""
+    return RENDER_PARTS_MACRO + (
+        "{%- set flattened = namespace(messages=[]) -%}{%- for message in messages -%}"
+        "{%- set flattened.messages = flattened.messages + [dict(message, content="
+        + rendered_content("message['content']") + ")] -%}"
+        "{%- endfor -%}{%- set messages = flattened.messages -%}") + chat_template
+
+
 # A model config's chat_format -> its template.
 CHAT_TEMPLATES = {"minimind2": CHAT_TEMPLATE, "minimind3": MINIMIND3_CHAT_TEMPLATE}
 
@@ -321,6 +334,14 @@ class MiniMindVImageProcessor(BaseImageProcessor):
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
 
+def add_image_placeholder(tokenizer, token: str) -> int:
+    """The id of the image placeholder `token` in `tokenizer`, added as a special token when the tokenizer lacks it
+    (a transformers LM's tokenizer; it then goes right after the last entry, the same id on every load)."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
 class MiniMindVProcessor(ProcessorMixin):
     """Tokenizer + MiniMindVImageProcessor. Text carries one `<image>` per image (the chat template writes one per
     {"type": "image"} part); each becomes the run of `image_seq_length` `image_placeholder` characters the model
@@ -336,6 +357,8 @@ class MiniMindVProcessor(ProcessorMixin):
                              "image_special_token): processor_config.json is missing them")
         self.image_placeholder = image_placeholder
         self.image_seq_length = image_seq_length
+        if tokenizer is not None:  # a transformers LM's tokenizer, shipped as its folder had it
+            add_image_placeholder(tokenizer, image_placeholder)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
     @property

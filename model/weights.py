@@ -15,6 +15,7 @@ import torch
 
 from common import SaveError, UserError
 
+from .model_hf_vlm import TransformersVLMConfig
 from .model_vlm import PROJECTORS, QFORMER_FIELDS, VLMConfig
 from .model_minimind import (DEFAULT_LM_FAMILY, convert_legacy_state_dict, is_legacy_buffer, is_legacy_state_dict,
                              legacy_key_name)
@@ -81,7 +82,9 @@ def read_architecture(weight_file, state_dict=None) -> Architecture:
     if sidecar.is_file():
         try:
             record = json.loads(sidecar.read_text(encoding="utf-8"))
-            config = VLMConfig.from_dict(record["config"])
+            config_class = (TransformersVLMConfig if record["config"].get("model_type") ==
+                            TransformersVLMConfig.model_type else VLMConfig)
+            config = config_class.from_dict(record["config"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise WeightsMismatchError(f"{sidecar}: not a readable architecture file ({error}); delete it to "
                                        f"recognise {Path(weight_file).name} from its keys") from None

@@ -41,6 +41,7 @@ from dataset.prepared import (EXAMPLES_PER_KIND, STATUS_CUT_ANSWER, STATUS_CUT_I
 from dataset.processing import (ImageError, chat_template_warning, check_tokenizer_matches, image_processor_for,
                                 load_tokenizer)
 from dataset.records import KIND_UNDECODABLE, DataError, DataProblem, check_data_path, load_image
+from model.model_hf_vlm import language_model_config
 from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, read_encoder_folder
 from model.presets import add_preset_flags, apply_preset, vlm_config
 from trainer.config import STAGE_DEFAULTS
@@ -60,7 +61,10 @@ def parse_args(argv=None):
     add_preset_flags(p, with_shape=False)
     p.add_argument("--num_query_tokens", type=bounded(int, 1), default=DEFAULT_NUM_QUERY_TOKENS,
                    help="with --projector qformer: the trainer's --num_query_tokens (the placeholder run of an image)")
-    p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="folder with tokenizer.json (default: the preset's, or --language_model's)")
+    p.add_argument("--language_model", default=None, metavar="PATH",
+                   help="the transformers causal-LM folder the trainer gets (its tokenizer and chat template)")
     p.add_argument("--vision_model_path", default=None,
                    help="vision encoder folder whose preprocessing the trainer will use (default: the preset's; "
                         "its kind's standard preprocessing where the folder is absent)")
@@ -79,6 +83,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_seq_len is None:
         args.max_seq_len = STAGE_MAX_SEQ_LEN[args.stage]
+    if args.language_model is not None and args.tokenizer_path is None:
+        args.tokenizer_path = args.language_model  # an LM folder holds its tokenizer
     return apply_preset(args)
 
 
@@ -226,10 +232,15 @@ def problem_report(errors, per_kind, error_total, cut, cut_total, prepared, args
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_data_path(Path(args.data))
-    config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector,
-                        num_query_tokens=args.num_query_tokens)
-    config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
-    tokenizer = checked_tokenizer(args.tokenizer_path, config)
+    if args.language_model is not None:  # the tokenizer gets the placeholder the trainer adds
+        tokenizer = load_tokenizer(args.tokenizer_path)
+        config = language_model_config(args.language_model, tokenizer, args.vision_model_path, args.vision_encoder,
+                                       projector=args.projector, num_query_tokens=args.num_query_tokens)
+    else:
+        config = vlm_config(args.preset, vision_encoder=args.vision_encoder, projector=args.projector,
+                            num_query_tokens=args.num_query_tokens)
+        config.image_processing = read_encoder_folder(args.vision_model_path) or config.image_processing
+        tokenizer = checked_tokenizer(args.tokenizer_path, config)
     started = time.time()
 
     # 1, 2 and 4. Records and token lengths: the trainers' prepared data (built now if missing)

@@ -32,10 +32,11 @@ import torch
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, REPO_ROOT,
                     atomic_save, quiet_transformers, run_cli, torch_dtype)
 from inference.loading import read_checkpoint
-from dataset.processing import image_processor_for
+from dataset.processing import image_processor_for, load_tokenizer
+from model.model_hf_vlm import TOKENIZER_CHAT_FORMAT, VLM_CLASSES, TransformersVLMConfig
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.presets import PRESETS, default_vision_model_path, preset_for
-from model.processing_minimind_v import CHAT_TEMPLATES, placeholder_unit
+from model.processing_minimind_v import CHAT_TEMPLATES, placeholder_unit, with_image_parts
 from model.weights import WeightsMismatchError, load_weights, read_architecture, write_architecture
 
 DEFAULT_DTYPE = {"transformers": "bfloat16", "torch": "float16"}
@@ -51,6 +52,11 @@ PROCESSOR_CODE_FILES = ("processing_minimind_v.py",)  # imports only compat.py o
 VISION_SUBFOLDER = "vision_model"
 MODEL_AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig", "AutoModelForCausalLM": "model_vlm.MiniMindVLM",
                   "AutoModelForImageTextToText": "model_vlm.MiniMindVLM"}
+# A transformers LM's model (model_hf_vlm.py, shipped beside the MiniMind files it imports).
+HF_LM_AUTO_MAP = {"AutoConfig": "model_hf_vlm.TransformersVLMConfig",
+                  "AutoModelForCausalLM": "model_hf_vlm.TransformersVLM",
+                  "AutoModelForImageTextToText": "model_hf_vlm.TransformersVLM"}
+HF_LM_CODE_FILES = ("model_hf_vlm.py",)
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_minimind_v.MiniMindVProcessor"}
 IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "processing_minimind_v.MiniMindVImageProcessor",
                             **PROCESSOR_AUTO_MAP}
@@ -81,7 +87,8 @@ def architecture_for(torch_path, state_dict):
     """The architecture a .pth was made with (its sidecar, else its keys); the embedding is tied as in every
     MiniMind: save_pretrained then stores the shared matrix once and from_pretrained re-ties it."""
     architecture = read_architecture(torch_path, state_dict)
-    architecture.config.tie_word_embeddings = True
+    if not isinstance(architecture.config, TransformersVLMConfig):  # a transformers LM ties as its config says
+        architecture.config.tie_word_embeddings = True
     return architecture
 
 
@@ -89,10 +96,10 @@ def write_json(path: Path, settings: dict):
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_processor_files(out_dir: Path, config: VLMConfig):
+def write_processor_files(out_dir: Path, config: VLMConfig, tokenizer_path):
     """MiniMindVProcessor's settings, its image processor's and its chat template, so that AutoProcessor and
     AutoImageProcessor (trust_remote_code=True) build them from processing_minimind_v.py (upstream issue #110:
-    the processor was not saved)."""
+    the processor was not saved). A transformers LM's template is its tokenizer's, taught image parts."""
     write_json(out_dir / PROCESSOR_CONFIG, {
         "processor_class": "MiniMindVProcessor", "auto_map": PROCESSOR_AUTO_MAP,
         "image_placeholder": placeholder_unit(config.image_special_token), "image_seq_length": len(config.image_ids)})
@@ -101,7 +108,11 @@ def write_processor_files(out_dir: Path, config: VLMConfig):
         "image_processor_type": "MiniMindVImageProcessor", "processor_class": "MiniMindVProcessor",
         "auto_map": IMAGE_PROCESSOR_AUTO_MAP, "image_size": image_processor.image_size,
         "image_processing": image_processor.image_processing})
-    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": CHAT_TEMPLATES[config.chat_format]})
+    if config.chat_format == TOKENIZER_CHAT_FORMAT:
+        chat_template = with_image_parts(load_tokenizer(tokenizer_path).chat_template)
+    else:
+        chat_template = CHAT_TEMPLATES[config.chat_format]
+    write_json(out_dir / PROCESSOR_CHAT_TEMPLATE, {"chat_template": chat_template})
 
 
 def copy_tokenizer(tokenizer_path: Path, out_dir: Path):
@@ -133,28 +144,31 @@ def torch_to_transformers(torch_path, out_dir, tokenizer_path, vision_model_path
     """Write the folder: config.json with auto_map, code, weights, vision tower, tokenizer, processor."""
     state_dict = read_checkpoint(torch_path)
     architecture = architecture_for(torch_path, state_dict)
-    model = MiniMindVLM(architecture.config, vision_model_path=None)
+    transformers_lm = isinstance(architecture.config, TransformersVLMConfig)
+    with quiet_transformers():
+        model = VLM_CLASSES[architecture.config.model_type](architecture.config, vision_model_path=None)
     load_weights(model, state_dict, log=None)
     if vision_model_path is None:
         vision_model_path = (PRESETS[preset].vision_model_path if preset else
                              default_vision_model_path(model.config, architecture.vision_model_path))
     if tokenizer_path is None:
-        tokenizer_path = PRESETS[preset or architecture.preset].tokenizer_path
+        tokenizer_path = (model.config.language_model if transformers_lm else
+                          PRESETS[preset or architecture.preset].tokenizer_path)
     with_clip = attach_clip(model, vision_model_path, log)
     model = model.to(dtype)  # the CLIP encoder too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.vision_model_subfolder = VISION_SUBFOLDER if with_clip else None
-    config.auto_map = dict(MODEL_AUTO_MAP)  # the code files are copied below, from this repo's model/
+    config.auto_map = dict(HF_LM_AUTO_MAP if transformers_lm else MODEL_AUTO_MAP)  # code copied below
     with quiet_transformers():
         model.save_pretrained(out_dir)  # the LM and vision_proj: CLIP is outside the module tree
         if with_clip:
             model.vision_encoder.save_pretrained(out_dir / VISION_SUBFOLDER)
-    for name in MODEL_CODE_FILES + PROCESSOR_CODE_FILES:
+    for name in (HF_LM_CODE_FILES if transformers_lm else ()) + MODEL_CODE_FILES + PROCESSOR_CODE_FILES:
         shutil.copyfile(REPO_ROOT / "model" / name, out_dir / name)
     copy_tokenizer(tokenizer_path, out_dir)
-    write_processor_files(out_dir, config)
+    write_processor_files(out_dir, config, tokenizer_path)
     log(f"wrote {out_dir} ({config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
         f"{str(dtype).removeprefix('torch.')}{f', with {config.vision_encoder.upper()}' if with_clip else ''}) from "
         f"{torch_path}")
@@ -165,8 +179,9 @@ def transformers_to_torch(folder, torch_path, dtype: torch.dtype, log=print):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model in {folder} (config.json missing)")
+    model_class = VLM_CLASSES[json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")]
     with quiet_transformers():  # this repo's class: nothing from the folder is executed; CLIP is not needed
-        model = MiniMindVLM.from_pretrained(str(folder), dtype=dtype, vision_model_subfolder=None)
+        model = model_class.from_pretrained(str(folder), dtype=dtype, vision_model_subfolder=None)
     state_dict = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save(state_dict, torch_path)
     config = model.config

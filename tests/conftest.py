@@ -59,6 +59,20 @@ def tiny_minimind3_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """Random Qwen2ForCausalLM (64x2, tied embeddings) with a ChatML tokenizer in one folder: --language_model."""
+    out_dir = tmp_path_factory.mktemp("tiny_qwen2")
+    return synthetic.build_tiny_causal_lm(out_dir, "qwen2", synthetic.tokenizer_corpus(ASSET_SEED), seed=ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """Random LlamaForCausalLM (64x2, untied) with a Llama-3-style tokenizer in one folder: --language_model."""
+    out_dir = tmp_path_factory.mktemp("tiny_llama")
+    return synthetic.build_tiny_causal_lm(out_dir, "llama", synthetic.tokenizer_corpus(ASSET_SEED), seed=ASSET_SEED)
+
+
+@pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
     """Paths of the synthetic shapes dataset (keys as returned by synthetic.build_shapes_dataset)."""
     out_dir = tmp_path_factory.mktemp("shapes_data")

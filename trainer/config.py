@@ -80,7 +80,12 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                     help="image folder for a .jsonl or LLaVA .json dataset (LLaVA's `image` paths are relative to it)")
     io.add_argument("--vision_model_path", default=None,
                     help="vision encoder folder (default: the preset's, e.g. model/vision_model/clip-vit-base-patch16)")
-    io.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.json (default: the preset's)")
+    io.add_argument("--tokenizer_path", default=None,
+                    help="folder with tokenizer.json (default: the preset's, or --language_model's)")
+    io.add_argument("--language_model", default=None, metavar="PATH",
+                    help="a transformers causal-LM folder (Qwen2, Llama, SmolLM2, ...) with its tokenizer as the "
+                         "language model instead of MiniMind; with it, --from_weight llm (the pretrain default) "
+                         "means that folder's weights")
     io.add_argument("--checkpoint_dir", default=str(DEFAULT_CHECKPOINT_DIR), help="resume checkpoints")
     io.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
                     help="1: continue from {checkpoint_dir}/{save_weight}_{hidden}_resume.pth if present")
@@ -175,6 +180,7 @@ class TrainConfig:
     images_path: str
     vision_model_path: str
     tokenizer_path: str
+    language_model: str  # None: the preset's MiniMind LM
     checkpoint_dir: str
     from_resume: int
     skip_bad_samples: bool
@@ -225,9 +231,14 @@ class TrainConfig:
     architecture_given: list
     vision_model_path_given: bool
     trainable_given: bool
+    tokenizer_path_given: bool
 
 
 def parse_stage_args(stage: str, argv=None, description: str = None) -> TrainConfig:
     """A stage's flags with the preset's choices filled in where no flag gave one."""
     parser = build_parser(description, STAGE_SCRIPTS[stage], **STAGE_DEFAULTS[stage])
-    return TrainConfig(**vars(apply_preset(parser.parse_args(argv), stage)))
+    args = parser.parse_args(argv)
+    args.tokenizer_path_given = args.tokenizer_path is not None
+    if args.language_model is not None and args.tokenizer_path is None:
+        args.tokenizer_path = args.language_model  # an LM folder holds its tokenizer
+    return TrainConfig(**vars(apply_preset(args, stage)))

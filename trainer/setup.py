@@ -19,8 +19,9 @@ import torch.distributed as dist
 from common import UserError, atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
 from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepare_dataset, prepared_root
-from dataset.processing import chat_template_warning, image_processor_for, load_tokenizer
+from dataset.processing import check_tokenizer_matches, chat_template_warning, image_processor_for, load_tokenizer
 from model.lora import PROJECTOR_MODULE, add_lora, lora_summary
+from model.model_hf_vlm import TransformersVLM, TransformersVLMConfig
 from model.model_vlm import DEFAULT_NUM_QUERY_TOKENS, MiniMindVLM, qformer_settings
 from model.presets import PRESETS, default_vision_model_path, vlm_config
 from model.weights import (WeightsMismatchError, architecture_path, load_blip2_qformer, load_weights,
@@ -146,34 +147,59 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
     """(model, cfg): the model the flags describe, or, when the start weights have an architecture file and no
     architecture flag was given (SFT after pretraining), the start weights' architecture, written into the
     returned cfg with the stage's trainable set of its preset (unless --trainable was given); the start weights
-    are loaded strictly."""
+    are loaded strictly. With --language_model, the LM is that transformers folder's (model_hf_vlm.py): its
+    shape names the weight files, and `--from_weight llm` starts from the folder's own weights."""
+    if cfg.language_model is not None:
+        text_config = read_language_model_config(cfg.language_model)
+        cfg = replace(cfg, hidden_size=text_config.hidden_size, num_hidden_layers=text_config.num_hidden_layers,
+                      use_moe=0)
     source = None  # --from_weight: a name in --save_dir, a .pth path, or none
-    if cfg.from_weight != "none":
+    if cfg.from_weight != "none" and not (cfg.language_model is not None and cfg.from_weight == "llm"):
         source = (Path(cfg.from_weight) if cfg.from_weight.endswith(".pth") or os.sep in cfg.from_weight
                   else weight_path(cfg.save_dir, cfg.from_weight, cfg.hidden_size, cfg.use_moe))
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"{source} not found: download the weights (`python -m scripts.download --what "
                                 f"llm`), train the previous stage first, or pass --from_weight none")
     blip2 = read_blip2_qformer(cfg.qformer_init) if cfg.qformer_init and cfg.projector == "qformer" else None
-    config = vlm_config(cfg.preset, cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.use_moe), cfg.vision_encoder,
-                        cfg.projector, max_seq_len=cfg.max_seq_len, **qformer_fields(cfg, blip2))
-    if source is not None and architecture_path(source).is_file() and not cfg.architecture_given:
-        architecture = read_architecture(source)
+    config = None  # with --language_model and no start file: built from the LM folder below
+    if cfg.language_model is None:
+        config = vlm_config(cfg.preset, cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.use_moe), cfg.vision_encoder,
+                            cfg.projector, max_seq_len=cfg.max_seq_len, **qformer_fields(cfg, blip2))
+    architecture = read_architecture(source) if source is not None and architecture_path(source).is_file() else None
+    # A transformers LM's file is rebuilt from its own file whatever flag named it (no flag makes it a MiniMind).
+    if architecture is not None and (not cfg.architecture_given or
+                                     isinstance(architecture.config, TransformersVLMConfig)):
         config = architecture.config
         config.max_seq_len = cfg.max_seq_len
         cfg = replace(cfg, preset=architecture.preset, hidden_size=config.hidden_size,
                       num_hidden_layers=config.num_hidden_layers, use_moe=int(config.use_moe),
                       vision_encoder=config.vision_encoder, projector=config.projector)
+        if isinstance(config, TransformersVLMConfig):
+            cfg = replace(cfg, language_model=config.language_model)
+            if not cfg.tokenizer_path_given:
+                cfg = replace(cfg, tokenizer_path=config.language_model)
         if not cfg.vision_model_path_given:
             cfg = replace(cfg, vision_model_path=str(default_vision_model_path(config,
                                                                               architecture.vision_model_path)))
-        log(f"architecture of {source.name} ({architecture_path(source).name}): {cfg.preset}, "
+        log(f"architecture of {source.name} ({architecture_path(source).name}): "
+            f"{config.language_model if isinstance(config, TransformersVLMConfig) else cfg.preset}, "
             f"{config.hidden_size}x{config.num_hidden_layers}{' MoE' if config.use_moe else ''}, "
             f"{config.vision_encoder} + {config.projector} projector, {config.image_token_count} tokens per image")
     if not cfg.trainable_given:  # the preset's, which the start weights' architecture may have changed
         cfg = replace(cfg, trainable=PRESETS[cfg.preset].trainable[stage])
     with quiet_transformers():
-        model = MiniMindVLM(config, vision_model_path=cfg.vision_model_path)
+        if isinstance(config, TransformersVLMConfig):
+            model = TransformersVLM(config, vision_model_path=cfg.vision_model_path)
+        elif config is None:  # the LM folder's own weights, a fresh projector
+            model = TransformersVLM.from_language_model(
+                cfg.language_model, load_tokenizer(cfg.tokenizer_path), cfg.vision_model_path,
+                vision_encoder=cfg.vision_encoder, projector=cfg.projector, max_seq_len=cfg.max_seq_len,
+                **qformer_fields(cfg, blip2))
+            log(f"language model: {cfg.language_model} ({type(model.language_model).__name__}, "
+                f"{cfg.hidden_size}x{cfg.num_hidden_layers}), image placeholder id {model.image_token_id} "
+                f"x{model.image_token_count}")
+        else:
+            model = MiniMindVLM(config, vision_model_path=cfg.vision_model_path)
     if blip2 is not None:  # before the start weights: a file with a vision_proj replaces it
         load_blip2_qformer(model.vision_proj, blip2, cfg.qformer_init, log=log)
     if source is not None:
@@ -181,10 +207,21 @@ def build_model(cfg: TrainConfig, stage: str, log=print):
     return model, cfg
 
 
-def set_trainable(model: MiniMindVLM, policy: str, **lora_options):
+def read_language_model_config(folder):
+    """The transformers config of a --language_model folder, or a one-line error naming the flag."""
+    from transformers import AutoConfig
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"--language_model {folder}: no config.json there (pass a transformers causal-LM "
+                                f"folder, e.g. a Qwen2.5 or Llama checkout)")
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def set_trainable(model, policy: str, **lora_options):
     """projector: vision_proj only; projector_last_layer: + the last LM block; projector_first_last_layers: + the
-    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM; lora: + LoRA adapters injected
-    into the frozen LM (model/lora.py add_lora, given lora_options: rank, alpha, dropout, target, base_weights)."""
+    first and last LM blocks (upstream 3v's --freeze_llm 1); all: + the whole LM (a transformers LM's blocks:
+    model_hf_vlm.decoder_layers); lora: + LoRA adapters injected into the frozen LM (model/lora.py add_lora, given
+    lora_options: rank, alpha, dropout, target, base_weights)."""
     if policy not in TRAINABLE_CHOICES:
         raise ValueError(f"unknown trainable policy {policy!r}; choose from {TRAINABLE_CHOICES}")
     if policy == "lora":
@@ -192,10 +229,11 @@ def set_trainable(model: MiniMindVLM, policy: str, **lora_options):
         return
     model.requires_grad_(policy == "all")
     model.vision_proj.requires_grad_(True)
+    layers = model.decoder_layers if isinstance(model, TransformersVLM) else model.model.layers
     if policy in ("projector_last_layer", "projector_first_last_layers"):
-        model.model.layers[-1].requires_grad_(True)
+        layers[-1].requires_grad_(True)
     if policy == "projector_first_last_layers":
-        model.model.layers[0].requires_grad_(True)
+        layers[0].requires_grad_(True)
 
 
 def optimizer_groups(model, learning_rate: float, projector_lr: float = None) -> list:
@@ -452,9 +490,11 @@ class LoopSetup:
 def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
     """(LoopSetup, TrainState) of a stage ("pretrain" or "sft"): model, data, optimizer, resume state, compile/DDP
     wrappers, loader and logger."""
-    # Tokenizer; model with the vision encoder frozen, start weights loaded strictly; what trains
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    # Model with the vision encoder frozen, start weights loaded strictly; its tokenizer; what trains
     model, cfg = build_model(cfg, stage, log=log)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, model.config)
+    if isinstance(model, TransformersVLM):  # the placeholder it was built with is the one added
+        check_tokenizer_matches(tokenizer, model.config)
     set_trainable(model, cfg.trainable, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                   target=cfg.lora_target, base_weights=None if cfg.from_weight == "none" else cfg.from_weight)
     # Data: every record checked and tokenised; with --cache_vision_features, every image encoded once
