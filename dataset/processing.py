@@ -183,7 +183,9 @@ def load_tokenizer(tokenizer_path, config=None):
     if not (Path(tokenizer_path) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer not found in {tokenizer_path}: run `python -m scripts.download --what "
                                 f"tokenizer` (with --preset minimind-3v for MiniMind-3's) or pass --tokenizer_path")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    # trust_remote_code=False: an exported folder's config.json maps AutoModel to its own code, and transformers
+    # 5.x would stop to ask whether to run it; the tokenizer itself is a stock class.
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
     if config is not None and config.chat_format == TOKENIZER_CHAT_FORMAT:
         processing_minimind_v.add_image_placeholder(
             tokenizer, processing_minimind_v.placeholder_unit(config.image_special_token))

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from dataset.processing import image_processor_for, load_pixel_values, open_image
+from dataset.processing import image_processor_for, load_pixel_values, load_tokenizer, open_image
 from model.model_vlm import IMAGE_PLACEHOLDER_ID, IMAGE_TOKENS_PER_IMAGE, MiniMindVLM, VLMConfig
 from model.weights import load_weights
 from scripts import convert_vlm
@@ -101,6 +101,16 @@ def test_tokenizer_and_image_processing_load_from_the_folder(fp32_folder, shapes
     processor = AutoProcessor.from_pretrained(fp32_folder, trust_remote_code=True)
     both = processor(text=["<image>\nWhat is it?"], images=[open_image(image_path)], return_tensors="pt")
     assert both.input_ids.shape[0] == 1 and torch.equal(both.pixel_values, ours)
+
+
+def test_tokenizer_of_a_folder_loads_without_asking_to_run_its_code(fp32_folder, monkeypatch):
+    """The folder's config.json maps AutoModel to the folder's own code; loading only its (stock) tokenizer must
+    not stop at transformers' "run custom code?" question (eval_vlm.py --load 1 in a terminal)."""
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": questions.append(prompt) or "no")
+    tokenizer = load_tokenizer(fp32_folder)
+    assert questions == []
+    assert tokenizer("@" * IMAGE_TOKENS_PER_IMAGE).input_ids == [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
 
 
 def test_chat_plumbing_reads_the_folder(fp32_pth, fp32_folder, tiny_tokenizer_dir, tiny_clip_dir, shapes_data):
