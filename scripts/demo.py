@@ -29,6 +29,10 @@ from common import DEFAULT_SAVE_DIR, MAX_SEED, REPO_ROOT, bounded
 REQUIREMENTS_FILE = REPO_ROOT / "requirements.txt"
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
 BLANK_GREY = (128, 128, 128)
+# The demo LM's (hidden size, layers) per preset. MiniMind2-V's is 3 layers of 96: a yes/no answer compares the
+# asked word with the picture, which 2 layers (128x2) learnt late or not at all (chance on some seeds); 3 layers of
+# 96 learn it on every seed tried, with fewer weights per token (docs/demo.md).
+DEMO_LM_SHAPES = {"minimind2-v": (96, 3), "minimind-3v": (128, 2)}
 
 
 def parse_args(argv=None):
@@ -42,11 +46,13 @@ def parse_args(argv=None):
                    help="pip install -r requirements.txt first (and torch if missing: see the README)")
     p.add_argument("--n_train", type=bounded(int, 1), default=1500, help="records per training stage")
     p.add_argument("--n_eval", type=bounded(int, 1), default=120, help="held-out questions")
-    p.add_argument("--hidden_size", type=bounded(int, 1), default=128)
-    p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=2)
+    p.add_argument("--hidden_size", type=bounded(int, 1), default=None,
+                   help="LM width (default: the preset's demo LM, DEMO_LM_SHAPES)")
+    p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=None,
+                   help="LM depth (default: the preset's demo LM, DEMO_LM_SHAPES)")
     p.add_argument("--pretrain_epochs", type=bounded(int, 1), default=2)
-    # Yes/no answers are learnt late: at 128x2 the POPE-format accuracy is near chance for the first few hundred
-    # SFT steps and climbs over the next thousand (docs/demo.md).
+    # Yes/no answers are learnt late: the POPE-format accuracy is near chance for the first few hundred SFT steps
+    # and climbs over the next thousand (docs/demo.md).
     p.add_argument("--sft_epochs", type=bounded(int, 1), default=5)
     p.add_argument("--batch_size", type=bounded(int, 1), default=16)
     p.add_argument("--pretrain_lr", type=bounded(float, 0, low_open=True), default=1e-3)
@@ -55,7 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0)
     p.add_argument("--blank_control", action="store_true",
                    help="repeat the run with every training image blank (the image path must carry the answer)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    hidden_size, num_hidden_layers = DEMO_LM_SHAPES[args.preset]
+    args.hidden_size = args.hidden_size or hidden_size
+    args.num_hidden_layers = args.num_hidden_layers or num_hidden_layers
+    return args
 
 
 def install_requirements():

@@ -22,12 +22,10 @@ def test_answers_depend_on_the_image(demo_results):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 21: the yes/no answers leave chance only near the end of SFT, and "
-                                        "small numeric changes move that past the last step (docs/demo.md)")
 def test_pope_yes_no_answers_beat_the_blind_baseline(demo_results):
-    # Measured, with the image minus blind: 11.2 (issue 21's fresh clone) to 25.8 points; colour 91.7-94.2% where
-    # it was read, about 76% implied by the 11.2 run; 0 points (chance, always "yes") on the tree that merged issue
-    # 17 (docs/demo.md). 480 questions: one standard error is about 2.3 points.
+    # Measured with the demo's 96x3 LM (docs/demo.md): with the image minus blind 19.4 to 30.2 points and colour
+    # 95.8-99.2% over seeds 0-2 on transformers 5.24 and seed 0 on 4.57.1 (the shape half stays near 50%: the random
+    # tiny CLIP barely shows shapes). 480 questions: one standard error is about 2.3 points.
     for mode, entry in demo_results["pope"]["modes"].items():
-        assert entry["metrics"]["accuracy"] > entry["blind"]["accuracy"] + 0.05, (mode, demo_results["pope"])
-        assert entry["metrics"]["category"]["colour"]["accuracy"] > 0.6, (mode, demo_results["pope"])
+        assert entry["metrics"]["accuracy"] > entry["blind"]["accuracy"] + 0.10, (mode, demo_results["pope"])
+        assert entry["metrics"]["category"]["colour"]["accuracy"] > 0.80, (mode, demo_results["pope"])
