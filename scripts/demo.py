@@ -79,10 +79,10 @@ RECIPES = {
                               (BASIC_VLM_LORA,), language_model="llama",
                               part_flags=("--vision_encoder", "siglip", "--projector", "mlp")),
     "minigpt4": Recipe("MiniGPT-4: a frozen Llama LM + CLIP + Q-Former and Linear; captions, then descriptions",
-                       "clip", (Stage("pretrain", "pretrain", "projector", ("--learning_rate", "1e-3")),
-                                Stage("sft", "sft", "projector", ("--learning_rate", "1e-3"))),
+                       "clip", (Stage("pretrain", "pretrain", "projector", ("--learning_rate", "2e-3")),
+                                Stage("sft", "sft", "projector", ("--learning_rate", "2e-3"))),
                        language_model="llama",
-                       part_flags=("--vision_encoder", "clip", "--projector", "qformer", "--num_query_tokens", "16",
+                       part_flags=("--vision_encoder", "clip", "--projector", "qformer", "--num_query_tokens", "32",
                                    "--qformer_hidden_size", "64", "--qformer_num_layers", "2",
                                    "--qformer_num_heads", "4")),
 }
@@ -108,8 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--n_eval", type=bounded(int, 1), default=120, help="held-out questions")
     p.add_argument("--hidden_size", type=bounded(int, 1), default=128)
     p.add_argument("--num_hidden_layers", type=bounded(int, 1), default=2)
-    p.add_argument("--language_epochs", type=bounded(int, 1), default=2,
-                   help="epochs of the text-only stage that gives a transformers-LM recipe's random LM its language")
+    p.add_argument("--n_language", type=bounded(int, 1), default=3000,
+                   help="text-only records of the stage that gives a transformers-LM recipe's random LM its language")
+    p.add_argument("--language_epochs", type=bounded(int, 1), default=4, help="epochs of that stage")
     p.add_argument("--pretrain_epochs", type=bounded(int, 1), default=2)
     # Yes/no answers are learnt late: at 128x2 the POPE-format accuracy is near chance for the first few hundred
     # SFT steps and climbs over the next thousand (docs/demo.md).
@@ -330,7 +331,7 @@ def build_assets(recipe, out_dir, args):
             out_dir / "assets" / recipe.language_model, recipe.language_model, synthetic.tokenizer_corpus(args.seed),
             hidden_size=args.hidden_size, num_layers=args.num_hidden_layers, seed=args.seed)
         paths["language_jsonl"] = synthetic.write_language_jsonl(out_dir / "assets" / "language" / "language.jsonl",
-                                                                 args.n_train, args.seed)
+                                                                 args.n_language, args.seed)
     return assets
 
 

@@ -7,7 +7,7 @@ import torch
 from scripts import demo
 from trainer.config import STAGE_SCRIPTS, TRAINABLE_CHOICES, parse_stage_args
 
-TINY = ["--n_train", "4", "--n_eval", "2", "--hidden_size", "32", "--num_hidden_layers", "1", "--batch_size", "2",
+TINY = ["--n_train", "4", "--n_language", "4", "--n_eval", "2", "--hidden_size", "32", "--num_hidden_layers", "1", "--batch_size", "2",
         "--max_steps", "1", "--num_workers", "0", "--language_epochs", "1", "--pretrain_epochs", "1",
         "--sft_epochs", "1"]
 # What the trainer's start-up line names as the trainable set (`... trainable (projector)`, `(lora: rank ...`).
