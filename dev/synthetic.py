@@ -795,6 +795,37 @@ def _sft_extra_records(n_records: int, images_dir: Path, seed: int) -> list:
                                    random.Random(f"sft_text_yes_no:{seed}")))
 
 
+def _language_records(n_records: int, rng: random.Random) -> list:
+    """Text-only records of the dataset's question forms, each picture replaced by its description ("A red circle
+    on a dark background."): what a pretrained LLM already knows about such scenes put into words, for giving a
+    random stand-in LM its language before a recipe that freezes or LoRA-adapts it (scripts.demo --recipe)."""
+    records = []
+    kinds = tuple(QUESTIONS)
+    for _ in range(n_records):
+        scene = random_scene(rng)
+        kind = rng.choice(kinds)
+        pope_kind = rng.choice(tuple(POPE_QUESTIONS))
+        present = rng.random() < 0.5
+        asked = scene.attribute(pope_kind) if present else rng.choice(
+            [other for other in ATTRIBUTE_CHOICES[pope_kind] if other != scene.attribute(pope_kind)])
+        question, answer = rng.choice((
+            (rng.choice(CAPTION_REQUESTS), caption_answer(scene)),
+            (rng.choice(QUESTIONS[kind]), single_answer(kind, scene.attribute(kind))),
+            (rng.choice(QUESTIONS[kind]) + SHORT_ANSWER_SUFFIX, short_answer(scene.attribute(kind))),
+            (pope_question(pope_kind, asked, rng.randrange(len(POPE_QUESTIONS[pope_kind]))), POPE_ANSWERS[present]),
+        ))
+        records.append({"conversations": _turns(f"{caption_answer(scene)}\n{question}", answer), "image": ""})
+    return records
+
+
+def write_language_jsonl(path, n_records: int, seed: int = 0) -> Path:
+    """`n_records` _language_records as a JSONL file (no images: any --images_path reads it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(path, _language_records(n_records, random.Random(f"language:{seed}")))
+    return path
+
+
 def pope_rows(scene: Scene, rng: random.Random, all_questions: bool) -> list:
     """(question, "yes"/"no", kind) about one picture: every colour and shape in every phrasing (18), or per
     kind POPE_EVAL_QUESTIONS_PER_KIND questions, balanced between yes and no."""
