@@ -20,7 +20,7 @@ from .compat import OUTPUT_CACHE_FIELD
 from .model_minimind import IGNORE_INDEX, MiniMindForCausalLM, target_positions
 from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_NUM_QUERY_TOKENS, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE,
                         PROJECTORS, VISION_ENCODERS, MiniMindVLM, VisionStack, VLMConfig, encoder_feature_count,
-                        load_vision_encoder, qformer_config_for, read_encoder_folder)
+                        load_vision_encoder, read_encoder_folder, set_vision_fields)
 from .processing_minimind_v import add_image_placeholder
 
 # The placeholder token (Qwen2-VL's name; Qwen2.5 tokenizers already have it, others get it added).
@@ -41,27 +41,15 @@ class TransformersVLMConfig(PretrainedConfig):
                  image_processing: dict = None, chat_format: str = TOKENIZER_CHAT_FORMAT,
                  vision_model_subfolder: str = None, max_seq_len: int = None,
                  num_query_tokens: int = DEFAULT_NUM_QUERY_TOKENS, qformer_config: dict = None, **kwargs):
-        if vision_encoder not in VISION_ENCODERS:
-            raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
-        if projector not in PROJECTORS:
-            raise ValueError(f"unknown projector {projector!r}; choose from {sorted(PROJECTORS)}")
         if isinstance(text_config, dict):
             text_config = AutoConfig.for_model(**text_config)
         self.text_config = text_config
         # The folder the LM and its tokenizer came from (inference reads the tokenizer there).
         self.language_model = None if language_model is None else str(language_model)
-        self.image_special_token = image_special_token
-        self.image_ids = list(image_ids) if image_ids is not None else []
-        self.vision_encoder = vision_encoder
-        self.projector = projector
-        self.ve_hidden_size = ve_hidden_size
-        self.image_feature_count = image_feature_count
-        self.image_processing = dict(image_processing or VISION_ENCODERS[vision_encoder].processing)
-        self.chat_format = chat_format
-        self.vision_model_subfolder = vision_model_subfolder
         self.max_seq_len = max_seq_len  # the training cut (not the LM's context)
-        self.num_query_tokens = num_query_tokens  # the qformer projector's, as in VLMConfig
-        self.qformer_config = qformer_config_for(projector, qformer_config)
+        set_vision_fields(self, image_special_token, image_ids or [], ve_hidden_size, vision_encoder, projector,
+                          image_feature_count, image_processing, chat_format, vision_model_subfolder, num_query_tokens,
+                          qformer_config)
         super().__init__(**kwargs)
 
     @property

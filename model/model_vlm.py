@@ -103,6 +103,34 @@ def encoder_feature_count(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
+def set_vision_fields(config, image_special_token: str, image_ids: list, ve_hidden_size: int, vision_encoder: str,
+                      projector: str, image_feature_count: int, image_processing: dict, chat_format: str,
+                      vision_model_subfolder: str, num_query_tokens: int, qformer_config: dict):
+    """Check and set the vision-stack fields that VLMConfig and model_hf_vlm.TransformersVLMConfig share, under the
+    same names, so that data, training and inference read either config alike."""
+    if vision_encoder not in VISION_ENCODERS:
+        raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
+    if projector not in PROJECTORS:
+        raise ValueError(f"unknown projector {projector!r}; choose from {sorted(PROJECTORS)}")
+    # The placeholder run the LM sees per image (its length is len(image_ids)).
+    config.image_special_token = image_special_token
+    config.image_ids = list(image_ids)
+    config.vision_encoder = vision_encoder
+    config.projector = projector
+    # Width and count of the encoder's features per image; set from the loaded encoder.
+    config.ve_hidden_size = ve_hidden_size
+    config.image_feature_count = image_feature_count
+    # The encoder folder's preprocessing (processing_minimind_v.read_image_processing); the kind's default.
+    config.image_processing = dict(image_processing or VISION_ENCODERS[vision_encoder].processing)
+    # The prompt format the LM was trained with (dataset/processing.py render_chat): minimind2 | minimind3 | tokenizer.
+    config.chat_format = chat_format
+    # A saved folder's own copy of the vision tower (scripts/convert_vlm.py writes one); None: not in it.
+    config.vision_model_subfolder = vision_model_subfolder
+    # The qformer projector's learned queries (its tokens per image) and its QFORMER_FIELDS; None: not a qformer.
+    config.num_query_tokens = num_query_tokens
+    config.qformer_config = qformer_config_for(projector, qformer_config)
+
+
 class VLMConfig(MiniMindConfig):
     model_type = "minimind-v"
 
@@ -112,27 +140,10 @@ class VLMConfig(MiniMindConfig):
                  image_feature_count: int = IMAGE_TOKENS_PER_IMAGE, image_processing: dict = None,
                  chat_format: str = "minimind2", num_query_tokens: int = DEFAULT_NUM_QUERY_TOKENS,
                  qformer_config: dict = None, **kwargs):
-        if vision_encoder not in VISION_ENCODERS:
-            raise ValueError(f"unknown vision_encoder {vision_encoder!r}; choose from {sorted(VISION_ENCODERS)}")
-        if projector not in PROJECTORS:
-            raise ValueError(f"unknown projector {projector!r}; choose from {sorted(PROJECTORS)}")
-        # The placeholder run the LM sees per image (its length is len(image_ids)).
-        self.image_special_token = image_special_token
-        self.image_ids = list(image_ids) if image_ids is not None else [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
-        self.vision_encoder = vision_encoder
-        self.projector = projector
-        # Width and count of the encoder's features per image; set from the loaded encoder.
-        self.ve_hidden_size = ve_hidden_size
-        self.image_feature_count = image_feature_count
-        # The encoder folder's preprocessing (processing_minimind_v.read_image_processing); the kind's default.
-        self.image_processing = dict(image_processing or VISION_ENCODERS[vision_encoder].processing)
-        # The prompt format the LM was trained with (dataset/processing.py render_chat): minimind2 | minimind3.
-        self.chat_format = chat_format
-        # A saved folder's own copy of the vision tower (scripts/convert_vlm.py writes one); None: not in it.
-        self.vision_model_subfolder = vision_model_subfolder
-        # The qformer projector's learned queries (its tokens per image) and its QFORMER_FIELDS; None: not a qformer.
-        self.num_query_tokens = num_query_tokens
-        self.qformer_config = qformer_config_for(projector, qformer_config)
+        image_ids = list(image_ids) if image_ids is not None else [IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS_PER_IMAGE
+        set_vision_fields(self, image_special_token, image_ids, ve_hidden_size, vision_encoder, projector,
+                          image_feature_count, image_processing, chat_format, vision_model_subfolder, num_query_tokens,
+                          qformer_config)
         super().__init__(**kwargs)
 
     @property
