@@ -101,6 +101,39 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def default_device() -> str:
+    """--device's default: the first CUDA GPU when torch sees one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_flag(value: str) -> str:
+    """argparse type of every --device: a device this machine has (cpu, cuda, cuda:N, mps), else a usage error
+    that says what is here (torch would otherwise fail at the first tensor it moves, deep in a traceback)."""
+    try:
+        import torch
+    except ImportError:  # scripts.demo --install parses its flags before it installs torch
+        return value
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{value}: torch {torch.__version__} sees no CUDA GPU on this machine (a CPU build of torch, or no "
+                f"driver); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{value}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: this machine has no MPS (Apple GPU) device; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value}: give cpu, cuda, cuda:N or mps")
+    return value
+
+
 def unwrap(model):
     """The model inside DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)  # DDP

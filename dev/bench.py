@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
+from common import DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded, default_device, device_flag
 from model.model_vlm import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, SIGLIP_PATCH_SIZE, VISION_ENCODERS
 from model.presets import DEFAULT_PRESET
 from model.presets import PRESETS as MODEL_PRESETS
@@ -661,7 +661,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", nargs="+", choices=sorted(MODEL_PRESETS), default=[DEFAULT_PRESET],
                    help="the model(s) to time, each against its upstream-equivalent mode; several: side by side")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_flag, default=default_device())
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
                    help="autocast dtype on CUDA (CPU always runs fp32)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))

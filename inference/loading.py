@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_SAVE_DIR, DEFAULT_TOKENIZER_PATH, DEFAULT_TRANSFORMERS_DIR, DTYPE_NAMES, MAX_SEED,
-                    REPO_ROOT, UserError, bounded, count_parameters, quiet_transformers, torch_dtype)
+                    REPO_ROOT, UserError, bounded, count_parameters, default_device, device_flag, quiet_transformers,
+                    torch_dtype)
 from dataset.processing import check_tokenizer_matches, image_processor_for, load_tokenizer
 from model.model_hf_vlm import VLM_CLASSES, TransformersVLM, TransformersVLMConfig
 from model.model_minimind import convert_legacy_state_dict, is_legacy_state_dict
@@ -67,7 +68,7 @@ def add_model_flags(parser):
                           help="0: greedy decoding")
     sampling.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), default=DEFAULT_TOP_P)
     sampling.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=DEFAULT_SEED)
-    sampling.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sampling.add_argument("--device", type=device_flag, default=default_device())
     sampling.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                           help="weights and activations (default: bfloat16 on a CUDA GPU that supports it, else "
                                "float16 on CUDA; float32 on CPU)")

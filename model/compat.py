@@ -14,6 +14,11 @@
   them from `__init__`'s signature and refuses the attributes.
 - For a local folder, 4.x copies into its module cache only the files the auto_map file (model_vlm.py) imports
   itself, so model_vlm.py imports this module too.
+- `from_pretrained(use_kernels=...)`: 5.x (whose dependencies include the `kernels` package) turns it on by default,
+  and the first train()/eval() of the model on a GPU then swaps layers such as Llama's and Qwen2's rotary embedding
+  for kernels downloaded from the hub: offline a ValueError ("could not verify publisher trust status", seen on an
+  H200), online code other than the model's own. 4.57 takes the same keyword, off by default. Every model here loads
+  with `NO_HUB_KERNELS`.
 """
 import dataclasses
 import inspect
@@ -30,6 +35,9 @@ GENERATE_CACHE_KWARG = (NEW_CACHE_NAME if NEW_CACHE_NAME in inspect.signature(
 OUTPUT_CACHE_FIELD = (NEW_CACHE_NAME if NEW_CACHE_NAME in {field.name for field in dataclasses.fields(
     MoeCausalLMOutputWithPast)} else OLD_CACHE_NAME)
 
+
+# from_pretrained keywords of every model this project loads: the model's own code, nothing fetched at run time.
+NO_HUB_KERNELS = {"use_kernels": False}
 
 TRANSFORMERS_MAJOR = int(transformers_version.split(".")[0])
 PROCESSOR_CLASS_ATTRIBUTES = ({"image_processor_class": "AutoImageProcessor", "tokenizer_class": "AutoTokenizer"}

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .compat import OUTPUT_CACHE_FIELD
+from .compat import NO_HUB_KERNELS, OUTPUT_CACHE_FIELD
 from .model_minimind import IGNORE_INDEX, MiniMindForCausalLM, target_positions
 from .model_vlm import (CLIP_HIDDEN_SIZE, DEFAULT_NUM_QUERY_TOKENS, DEFAULT_VISION_ENCODER, IMAGE_TOKENS_PER_IMAGE,
                         PROJECTORS, VISION_ENCODERS, MiniMindVLM, VisionStack, VLMConfig, encoder_feature_count,
@@ -145,7 +145,7 @@ class TransformersVLM(VisionStack, PreTrainedModel, GenerationMixin):
                             **config_fields):
         """The LM folder's weights with a fresh `vision_proj` and the encoder of `vision_model_path`
         (language_model_config); the LM's embeddings grow to the tokenizer's size, placeholder included."""
-        language_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        language_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **NO_HUB_KERNELS)
         # attn_implementation: the LM's choice, which the new config would otherwise reset on its sub-config.
         config = language_model_config(folder, tokenizer, vision_model_path, vision_encoder,
                                        text_config=language_model.config,

@@ -19,7 +19,7 @@ from torch import nn
 
 # Unused here, but needed: for a local exported folder, transformers 4.57 copies into its module cache only the
 # files that this (the auto_map) file imports itself, not what model_minimind imports in turn.
-from .compat import GENERATE_CACHE_KWARG  # noqa: F401
+from .compat import GENERATE_CACHE_KWARG, NO_HUB_KERNELS  # noqa: F401
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM, cached_length
 from .processing_minimind_v import (CLIP_IMAGE_PROCESSING, CLIP_IMAGE_SIZE, SIGLIP_PROCESSOR_DEFAULTS,
                                     read_image_processing)
@@ -258,7 +258,8 @@ def load_vision_encoder(vision_model_path, subfolder: str = "", kind: str = DEFA
     encoder_class = getattr(transformers, VISION_ENCODERS[kind].model_class)
     path = Path(vision_model_path)
     if subfolder and not path.is_dir():  # a hub repo id: transformers fetches the subfolder
-        encoder = encoder_class.from_pretrained(str(vision_model_path), subfolder=subfolder, dtype=torch.float32)
+        encoder = encoder_class.from_pretrained(str(vision_model_path), subfolder=subfolder, dtype=torch.float32,
+                                                **NO_HUB_KERNELS)
         encoder.requires_grad_(False)
         return encoder.eval()
     path = path / subfolder
@@ -267,7 +268,7 @@ def load_vision_encoder(vision_model_path, subfolder: str = "", kind: str = DEFA
             f"{kind} vision encoder not found at {path}: run `python -m scripts.download --what "
             f"{'clip' if kind == DEFAULT_VISION_ENCODER else kind}`, or pass --vision_model_path")
     # callers silence the "unused text tower" report
-    encoder = encoder_class.from_pretrained(str(path), dtype=torch.float32)
+    encoder = encoder_class.from_pretrained(str(path), dtype=torch.float32, **NO_HUB_KERNELS)
     encoder.requires_grad_(False)
     return encoder.eval()
 
@@ -379,7 +380,9 @@ class VisionStack:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs):
         """Load a saved folder with its encoder from `vision_model_path` if given, else the folder's own copy if it
         has one (config.vision_model_subfolder), else none (text only, or precomputed image_features).
-        `vision_model_subfolder=None` skips the folder's copy. (The class's __init__ takes vision_model_path.)"""
+        `vision_model_subfolder=None` skips the folder's copy. (The class's __init__ takes vision_model_path.)
+        No hub kernels unless the caller asks for them (NO_HUB_KERNELS): Auto classes and pipeline() come here too."""
+        kwargs = {**NO_HUB_KERNELS, **kwargs}
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, vision_model_path=None, **kwargs)
         if vision_model_path is not None:
             model.attach_vision_encoder(vision_model_path)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 # This script installs the requirements itself (--install): at module level it imports only the standard
 # library and common.py (torch-free); the project modules are imported inside the functions, after the install.
-from common import DEFAULT_SAVE_DIR, MAX_SEED, REPO_ROOT, bounded
+from common import DEFAULT_SAVE_DIR, MAX_SEED, REPO_ROOT, bounded, device_flag
 
 REQUIREMENTS_FILE = REPO_ROOT / "requirements.txt"
 ACCURACY_LINE = re.compile(r"accuracy (\d+)/(\d+) = ([\d.]+)% \(chance ([\d.]+)%")
@@ -131,6 +131,10 @@ def parse_args(argv=None):
     p.add_argument("--pretrain_lr", type=bounded(float, 0, low_open=True), default=1e-3)
     p.add_argument("--sft_lr", type=bounded(float, 0, low_open=True), default=1e-3)
     p.add_argument("--num_workers", type=bounded(int, 0), default=1)
+    # CPU by default: the README's figures are CPU ones, the same on every machine; a GPU trains under bf16 autocast
+    # and scores in bf16, which moves them a little.
+    p.add_argument("--device", type=device_flag, default="cpu",
+                   help="where the stages train and the scoring runs (cuda: bf16 autocast; default cpu)")
     p.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0)
     p.add_argument("--max_steps", type=bounded(int, 0), default=0,
                    help="stop each training stage after this many optimizer steps (0: no limit; for quick checks)")
@@ -196,7 +200,7 @@ def blank_copy(data, out_dir):
 
 def training_flags(recipe, assets, args):
     """The trainer flags that say what the model is and where its assets are, common to a recipe's stages."""
-    flags = ["--device", "cpu", "--vision_model_path", str(assets["vision"]), *recipe.part_flags]
+    flags = ["--device", args.device, "--vision_model_path", str(assets["vision"]), *recipe.part_flags]
     if recipe.preset:
         return [*flags, "--preset", recipe.preset, "--hidden_size", str(args.hidden_size), "--num_hidden_layers",
                 str(args.num_hidden_layers), "--tokenizer_path", str(assets["tokenizer"])]
@@ -206,7 +210,7 @@ def training_flags(recipe, assets, args):
 def scoring_flags(recipe, assets, args):
     """eval_vlm.py / scripts.eval_bench flags besides --weight (a transformers-LM file's architecture file names
     its LM folder and tokenizer)."""
-    flags = ["--device", "cpu", "--vision_model_path", str(assets["vision"])]
+    flags = ["--device", args.device, "--vision_model_path", str(assets["vision"])]
     if recipe.preset:
         return [*flags, "--preset", recipe.preset, "--hidden_size", str(args.hidden_size), "--num_hidden_layers",
                 str(args.num_hidden_layers), "--tokenizer_path", str(assets["tokenizer"])]

@@ -6,9 +6,11 @@
 
 Rows (random weights and synthetic assets built here; nothing is downloaded):
     loss bf16 vs fp32      one batch's loss under the trainer's bf16 autocast and in fp32 (CUDA)
-    steps/s eager          optimizer steps (loss-only forward, backward, AdamW) on batches of changing lengths
-    steps/s compiled       the same through the trainer's torch.compile; warm-up (compilation) time and the
-                           number of graphs after the warm-up and at the end (equal: no recompile per new length)
+    steps/s eager          optimizer steps (loss-only forward, backward, AdamW) on collated batches of changing
+                           lengths, timed over a second pass (every length seen once before)
+    steps/s compiled       the same through the trainer's torch.compile; warm-up (compilation) time, graph breaks,
+                           and the number of graphs after the warm-up and at the end (equal: no recompile per new
+                           length)
     syncs per step         device->host synchronisations in one training step (torch.cuda.set_sync_debug_mode)
     attention kernels      the SDPA kernel of every attention call (LM and CLIP) in a training step and in
                            generation (flash_attention, efficient_attention, cudnn_attention: fused; math: not)
@@ -16,7 +18,7 @@ Rows (random weights and synthetic assets built here; nothing is downloaded):
                            trainable parameter: weights, gradients and AdamW's two moments, plus CLIP's weights)
     generation             tokens/s of greedy generate() on an image prompt, in the inference dtype
     API                    scripts.serve_openai_api started with --device, one chat completion with an image
-    torchrun 2 processes   train_pretrain_vlm.py under torchrun --nproc_per_node 2 on this one device
+    torchrun 2 processes   train_pretrain_vlm.py under torchrun --nproc_per_node 2 (CUDA: needs 2 GPUs)
 Prints one table and writes the JSON.
 """
 if not __package__:  # started as a file: its folder, not the repo root, is on the import path
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_SAVE_DIR, REPO_ROOT, bounded, quiet_transformers
+from common import DEFAULT_SAVE_DIR, REPO_ROOT, bounded, default_device, device_flag, quiet_transformers
 
 DEFAULT_OUT = DEFAULT_SAVE_DIR / "gpu_check.json"
 NO_CUDA = "no CUDA"
@@ -50,12 +52,13 @@ SIZES = {
 # Text around the image run of a pretrain-like sample: tokens before and after it (image: 196 more).
 TEXT_LENGTHS = (30, 44, 58, 72)
 SERVER_START_S = 600
+DDP_PROCESSES = 2
 SDPA_OP_PREFIX = "aten::_scaled_dot_product_"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_flag, default=default_device())
     p.add_argument("--tiny", action="store_true", help="a 64x2 model and tiny CLIP: a smoke run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     p.add_argument("--compile_backend", default="inductor",
@@ -88,8 +91,10 @@ def build_assets(work_dir: Path, size: dict, seed: int) -> dict:
 
 
 def training_batch(model, batch_size: int, text_length: int, device, seed: int):
-    """A pretrain-like batch: text, one 196-token image run, a caption to predict. input_ids/labels [B, T],
-    pixel_values [B, 1, 3, 224, 224]."""
+    """A pretrain-like batch through the trainer's collator: text, one 196-token image run, a caption to predict,
+    with the image and target positions the collator computes on the host (so the step neither syncs nor breaks
+    the compiled graph to find them). input_ids/labels [B, T], pixel_values [B, 3, 224, 224]."""
+    from dataset.lm_dataset import collate_batch
     from model.model_minimind import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(seed)
@@ -101,7 +106,11 @@ def training_batch(model, batch_size: int, text_length: int, device, seed: int):
     labels = ids.clone()
     labels[:, :image_end + 4] = IGNORE_INDEX
     pixels = torch.randn(batch_size, 1, 3, 224, 224, generator=generator)
-    return dict(input_ids=ids.to(device), labels=labels.to(device), pixel_values=pixels.to(device))
+    items = [{"input_ids": ids[row], "labels": labels[row], "pixel_values": pixels[row]} for row in range(batch_size)]
+    batch = collate_batch(items, pad_token_id=0, image_token_id=model.image_token_id,
+                          image_run_length=model.image_token_count)
+    batch.pop("replaced")
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -136,17 +145,24 @@ def sync(device):
 
 
 def time_steps(model, batches, device, autocast, after_warmup=lambda: None):
-    """Steps/s over every batch after the first (the warm-up, compilation included), and the warm-up seconds."""
+    """Steps/s over a second pass of the batches, each length already seen once (what a shape costs on first use,
+    such as a compilation or an attention kernel's plan, falls in the first pass), and the seconds of the very
+    first step (the warm-up, compilation included), after which `after_warmup` runs."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times = []
-    for batch in batches:
-        started = time.perf_counter()
+    started = time.perf_counter()
+    training_step(model, optimizer, autocast, batches[0])
+    sync(device)
+    warmup_s = time.perf_counter() - started
+    after_warmup()
+    for batch in batches[1:]:
         training_step(model, optimizer, autocast, batch)
-        sync(device)
-        times.append(time.perf_counter() - started)
-        if len(times) == 1:
-            after_warmup()
-    return {"steps_per_s": (len(times) - 1) / sum(times[1:]), "warmup_s": times[0], "steps_timed": len(times) - 1}
+    sync(device)
+    started = time.perf_counter()
+    for batch in batches:
+        training_step(model, optimizer, autocast, batch)
+    sync(device)
+    return {"steps_per_s": len(batches) / (time.perf_counter() - started), "warmup_s": warmup_s,
+            "steps_timed": len(batches)}
 
 
 def compiled_steps(model, batches, device, autocast, backend):
@@ -266,9 +282,11 @@ def api_check(assets, device, work_dir: Path):
 
 
 def torchrun_check(assets, device, size, work_dir: Path):
-    """Two training processes on this one device (the trainer's DDP: NCCL on CUDA, gloo on CPU)."""
+    """Two training processes (the trainer's DDP: NCCL on CUDA, one GPU each; gloo on CPU)."""
+    if device.type == "cuda" and torch.cuda.device_count() < DDP_PROCESSES:
+        return f"needs {DDP_PROCESSES} GPUs, torch sees {torch.cuda.device_count()} (NCCL puts one process on each)"
     data = assets["data"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(DDP_PROCESSES),
                str(REPO_ROOT / "train_pretrain_vlm.py"), "--device", str(device), "--hidden_size",
                str(size["hidden_size"]), "--num_hidden_layers", str(size["num_hidden_layers"]), "--num_workers", "0",
                "--data_path", str(data["pretrain_jsonl"]), "--images_path", str(data["pretrain_images"]),

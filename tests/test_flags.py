@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from common import REPO_ROOT
+from common import REPO_ROOT, device_flag
 from trainer.config import STAGE_DEFAULTS, build_parser
 
 # (module, function that builds or parses with the entry point's parser)
@@ -25,6 +26,7 @@ ENTRY_POINTS = [
     ("dev.bench_serve", "parse_args"),
     ("dev.bench_data", "parse_args"),
     ("scripts.eval_bench", "build_parser"),
+    ("scripts.gpu_check", "parse_args"),
 ]
 
 
@@ -129,3 +131,33 @@ def test_upstreams_max_seq_len_flag_still_sets_the_prompt_and_answer_budget():
 
     assert eval_vlm.parse_args(["--max_seq_len", "3000"]).max_total_tokens == 3000
     assert eval_vlm.parse_args(["--max_total_tokens", "4000"]).max_total_tokens == 4000
+
+
+def device_parsers(monkeypatch) -> dict:
+    return {name: parser for name, parser in all_parsers(monkeypatch).items()
+            if any("--device" in action.option_strings for action in parser._actions)}
+
+
+def test_every_device_flag_names_a_device_this_machine_has(monkeypatch, capsys):
+    """A device torch does not know, or CUDA on a machine without it, ends in argparse's one line (exit 2) that
+    says what to give, not in torch's traceback at the first tensor moved."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parsers = device_parsers(monkeypatch)
+    assert len(parsers) >= 9  # both trainers, eval, web demo, API server, benchmarks, demo, GPU check
+    for name, parser in parsers.items():
+        for value, expected in (("gpu0", "'gpu0' is not a device: give cpu, cuda, cuda:N or mps"),
+                                ("cuda", "cuda: torch " + torch.__version__ + " sees no CUDA GPU on this machine")):
+            with pytest.raises(SystemExit) as stop:
+                parser.parse_args(["--device", value])
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            assert stop.value.code == 2 and f"argument --device: {expected}" in error, (name, error)
+        device = next(action for action in parser._actions if "--device" in action.option_strings)
+        assert device.type("cpu") == "cpu" and device.default == "cpu", name  # no CUDA here: the default is the CPU
+
+
+def test_a_cuda_index_must_be_one_of_the_gpus_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [device_flag(value) for value in ("cuda", "cuda:0", "cuda:1", "cpu")] == ["cuda", "cuda:0", "cuda:1", "cpu"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^cuda:2: torch sees 2 CUDA GPU\(s\), cuda:0 to cuda:1$"):
+        device_flag("cuda:2")

@@ -25,6 +25,7 @@ def test_gpu_check_runs_on_cpu_at_a_tiny_size(tmp_path):
         assert checks[name]["steps_per_s"] > 0 and checks[name]["steps_timed"] >= 1
     compiled = checks["steps/s compiled"]
     assert compiled["graphs_at_end"] == compiled["graphs_after_warmup"] > 0  # new lengths compiled nothing more
+    assert compiled["graph_breaks"] == 0  # the collator's positions: nothing read back from the device
     assert sum(checks["attention kernels (training)"].values()) >= 2  # one call per layer at least
     assert sum(checks["attention kernels (generation)"].values()) > 0
     assert checks["generation"]["dtype"] == "float32" and checks["generation"]["tokens_per_s"] > 0
@@ -32,3 +33,13 @@ def test_gpu_check_runs_on_cpu_at_a_tiny_size(tmp_path):
     assert checks["torchrun 2 processes"]["returncode"] == 0, checks["torchrun 2 processes"]
     table = result.stdout
     assert "| check | result |" in table and "no CUDA" in table and "steps/s compiled" in table
+
+
+def test_torchrun_row_on_one_gpu_says_it_needs_two(monkeypatch, tmp_path):
+    """NCCL puts one process on each GPU: on a one-GPU machine the row says so instead of failing rank 1."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun was started"))
+    row = gpu_check.torchrun_check({}, torch.device("cuda"), gpu_check.SIZES["tiny"], tmp_path)
+    assert row == "needs 2 GPUs, torch sees 1 (NCCL puts one process on each)"

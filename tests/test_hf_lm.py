@@ -47,6 +47,14 @@ def prompt_ids(model, tokenizer, text=QUESTION, images=1):
     return tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
 
 
+def test_loaded_models_run_their_own_code_with_no_hub_kernels(lm_dir, tiny_clip_dir):
+    """transformers 5.x's from_pretrained turns on hub kernels by default (the rotary embedding of Llama and Qwen2 is
+    one): the first train()/eval() on a GPU then downloads them, a ValueError offline (seen on an H200). The LM and
+    the encoder are loaded without them."""
+    model, _ = composed(lm_dir, tiny_clip_dir)
+    assert model.language_model.use_kernels is False and model.vision_encoder.use_kernels is False
+
+
 def test_placeholder_token_is_added_and_the_embeddings_grow(tiny_qwen2_dir, tiny_clip_dir):
     plain = load_tokenizer(tiny_qwen2_dir)
     assert IMAGE_PLACEHOLDER not in plain.get_vocab()
@@ -314,6 +322,7 @@ def test_exported_folder_answers_through_pipeline_as_the_native_model(trained_qw
     image = sorted(Path(shapes_data["eval_images"]).iterdir())[0]
     with quiet_transformers():
         pipe = pipeline("image-text-to-text", model=str(tmp_path / "folder"), trust_remote_code=True)
+    assert pipe.model.use_kernels is False and pipe.model.vision_encoder.use_kernels is False  # no hub kernels
     messages = [{"role": "user", "content": [{"type": "image", "image": str(image)},
                                              {"type": "text", "text": QUESTION}]}]
     answer = pipe(text=messages, max_new_tokens=5, do_sample=False)[0]["generated_text"][-1]["content"]

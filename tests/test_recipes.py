@@ -35,19 +35,27 @@ def test_recipe_flag_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("name", list(demo.RECIPES))
-def test_recipe_entry_is_well_formed(name, tmp_path):
-    """Every stage names a real script, data and trainable set, and its flags parse as the trainer's own."""
+def test_recipe_entry_is_well_formed(name, tmp_path, monkeypatch):
+    """Every stage names a real script, data and trainable set, and its flags parse as the trainer's own; the
+    demo's --device reaches the training and scoring scripts (a GPU faked: the flag checks what torch sees)."""
+    import eval_vlm
+
     recipe = demo.RECIPES[name]
     assert (recipe.preset is None) != (recipe.language_model is None), "a MiniMind preset or a transformers LM"
     assert (recipe.tokenizer is None) == (recipe.preset is None)
-    args = demo.parse_args(["--recipe", name])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert demo.parse_args(["--recipe", name]).device == "cpu"  # the README's figures are CPU ones
+    args = demo.parse_args(["--recipe", name, "--device", "cuda"])
+    assert eval_vlm.parse_args([*demo.scoring_flags(recipe, {"vision": tmp_path / "vision", "tokenizer": tmp_path},
+                                                    args), "--weight", "w.pth"]).device == "cuda"
     assets = {"vision": tmp_path / "vision", "tokenizer": tmp_path / "tokenizer", "language_model": tmp_path / "lm"}
     for stage in recipe.stages:
         assert stage.script in STAGE_SCRIPTS and stage.data in ("pretrain", "sft")
         assert stage.trainable in TRAINABLE_CHOICES
         cfg = parse_stage_args(stage.script, [*demo.training_flags(recipe, assets, args), "--trainable",
                                               stage.trainable, *stage.flags])
-        assert cfg.trainable == stage.trainable
+        assert cfg.trainable == stage.trainable and cfg.device == "cuda"
         if recipe.language_model:
             assert cfg.language_model == str(tmp_path / "lm")
         else:

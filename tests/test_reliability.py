@@ -39,7 +39,7 @@ from dataset.processing import (ImageError, ROLES_BY_PARITY, build_prompt, count
                                 image_processor_for, open_image, preprocess_image)
 from model.model_vlm import MiniMindVLM, VLMConfig
 from common import run_cli
-from common import atomic_save
+from common import UserError, atomic_save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_PROCESSOR = image_processor_for(VLMConfig())
@@ -320,7 +320,7 @@ def test_extreme_aspect_ratio_is_refused_not_resized():
 # Forks one saver per request (so each starts without paying the imports again); the test SIGKILLs it.
 SAVER = r"""
 import os, sys, torch
-from common import atomic_save
+from common import UserError, atomic_save
 path = sys.argv[1]
 for line in sys.stdin:
     while True:  # reap the savers already killed
@@ -626,6 +626,23 @@ def test_resume_with_fewer_cuda_generators_restores_what_is_visible(monkeypatch)
     lines.clear()
     restore_rng([capture_rng(torch.device("cpu"))], RunContext(device=torch.device("cuda:0")), log=lines.append)
     assert len(lines) == 1 and "no saved CUDA random state for cuda:0" in lines[0]
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line_before_any_process_group(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 would ask for cuda:1 (torch: 'invalid device
+    ordinal'; NCCL refuses two ranks on one GPU). It is a user error naming the flag, raised before NCCL starts."""
+    import torch.distributed as dist
+
+    from trainer.setup import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("a process group was started"))
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^torchrun started local rank 1, but torch sees 1 CUDA GPU\(s\) on this "
+                                        r"machine: use --nproc_per_node 1 \(one process per GPU\), or --device cpu$"):
+        init_distributed("cuda")
 
 
 def test_resume_restores_python_numpy_and_torch_states_per_rank():

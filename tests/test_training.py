@@ -443,6 +443,20 @@ def test_compiled_training_forward_on_collated_batches_gives_eager_losses_withou
     torch._dynamo.reset()
 
 
+def test_inductor_options_are_settings_of_the_installed_torch():
+    """compile_model's inductor options: each one a setting this torch has (inductor refuses an unknown one at the
+    first compiled step), Triton's coalescing analysis off where it exists (it failed torch 2.11's CUDA compile)."""
+    import torch._inductor.config as inductor_config
+
+    from trainer.setup import inductor_options
+
+    options = inductor_options()
+    with inductor_config.patch(options):
+        if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
+            assert options == {"triton.coalesce_tiling_analysis": False}
+            assert inductor_config.triton.coalesce_tiling_analysis is False
+
+
 def test_collated_positions_make_the_training_forward_free_of_host_reads(sft_dataset):
     dataset, model = sft_dataset
     batch = training_batch(dataset, range(4))

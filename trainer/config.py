@@ -5,9 +5,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-import torch
-
-from common import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded
+from common import (DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, DEFAULT_SAVE_DIR, DTYPE_NAMES, MAX_SEED, bounded,
+                    default_device, device_flag)
 from model.lora import DEFAULT_LORA_DROPOUT, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGET, LORA_ALPHA_PER_RANK
 from model.model_vlm import (DEFAULT_NUM_QUERY_TOKENS, DEFAULT_QFORMER_HIDDEN_SIZE, DEFAULT_QFORMER_NUM_HEADS,
                              DEFAULT_QFORMER_NUM_LAYERS)
@@ -146,7 +145,7 @@ def build_parser(description, script: str = "SCRIPT", **stage_defaults):
                      help="stop after this many optimizer steps in a row with a non-finite loss")
     opt.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=42)
     run = p.add_argument_group("runtime")
-    run.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_flag, default=default_device())
     run.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="autocast dtype on CUDA")
     run.add_argument("--num_workers", type=bounded(int, 0), default=8, help="DataLoader worker processes")
     run.add_argument("--loader_timeout", type=bounded(float, 0, low_open=True), default=LOADER_TIMEOUT_S,

@@ -69,6 +69,11 @@ def init_distributed(device_arg: str) -> RunContext:
         return RunContext(device=torch.device(device_arg))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.device(device_arg).type == "cuda" and torch.cuda.is_available()
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        # NCCL cannot put two ranks on one GPU: one process per GPU
+        raise UserError(f"torchrun started local rank {local_rank}, but torch sees {torch.cuda.device_count()} CUDA "
+                        f"GPU(s) on this machine: use --nproc_per_node {torch.cuda.device_count()} (one process per "
+                        f"GPU), or --device cpu")
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -249,10 +254,22 @@ def optimizer_groups(model, learning_rate: float, projector_lr: float = None) ->
             {"params": [p for p in trainable if id(p) in projector], "lr": projector_lr, "initial_lr": projector_lr}]
 
 
+def inductor_options() -> dict:
+    """Inductor settings of every compiled training step. Triton's memory-coalescing analysis off: on torch 2.11 it
+    fails the compile of the training step on CUDA (an AssertionError in tiling_utils.get_pw_red_splits, seen on an
+    H200; the assertion of pytorch issue 197077), and inductor's own notes say it does not apply to dynamic shapes,
+    which the step always has. Where a torch has no such setting, nothing is passed."""
+    import torch._inductor.config as inductor_config
+
+    return ({"triton.coalesce_tiling_analysis": False}
+            if hasattr(inductor_config.triton, "coalesce_tiling_analysis") else {})
+
+
 def compile_model(model, backend: str = "inductor"):
     """torch.compile with dynamic shapes from the first step: batches vary in length (and the first target's
     position), and a new length then reuses the compiled graphs instead of compiling another set."""
-    return torch.compile(model, dynamic=True, backend=backend)
+    options = inductor_options() if backend == "inductor" else {}
+    return torch.compile(model, dynamic=True, backend=backend, options=options or None)
 
 
 # ------------------------------------------------------------------------------------------------- the data
