@@ -3,6 +3,7 @@ frozen), the data (prepared, checked, optionally its vision features cached) and
 files and the run logger. trainer/training.py holds the loop that runs on what `prepare_run` returns.
 """
 import datetime
+import gc
 import math
 import os
 import random
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import UserError, atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
+from common import RunStopped, UserError, atomic_save, count_parameters, quiet_transformers, torch_dtype, unwrap
 from dataset.lm_dataset import Collator, GlobalBatchSampler, VLMDataset, init_worker
 from dataset.prepared import prepare_dataset, prepared_root
 from dataset.processing import check_tokenizer_matches, chat_template_warning, image_processor_for, load_tokenizer
@@ -81,6 +82,39 @@ def init_distributed(device_arg: str) -> RunContext:
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PREPARE_TIMEOUT,
                             device_id=device if use_cuda else None)
     return RunContext(rank, local_rank, world_size, device)
+
+def run_then_close_group(ctx: RunContext, work):
+    """Call `work()` (a whole run: the model, its DDP wrapper and the data live in its frames), then end the process
+    group, without the gloo deadlock at exit.
+
+    A collective's work object lives until a gloo worker thread lets go of it, just after the call returns; a
+    later barrier keeps the earlier ones (gather_object's tensors among them) until the barrier itself is freed;
+    freeing a tensor that Python has seen needs the GIL; and the group's destructor joins the worker threads while
+    holding the GIL. A worker still freeing the last barrier then waits forever: one rank of a 2-process CPU run
+    hung so at exit, about once in a few runs, and a loop of such runs hangs within ten. So this thread holds
+    the last barrier's work until the group is gone (its last reference is the DDP model's, freed with `work`'s
+    frames; gc for any cycle through it): the workers have nothing left to free, and the tensors go here.
+
+    A run that every rank stopped at the same step (RunStopped: the stop flag and the loss are all-reduced) ends
+    the same way; any other error ends the group without the barrier, which the other ranks may never reach."""
+    if not ctx.distributed:
+        return work()
+    stopped = None
+    try:
+        work()
+    except RunStopped as stop:
+        stopped = RunStopped(str(stop), stop.exit_code)  # no traceback: its frames would keep the model alive
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    last_barrier = dist.barrier(async_op=True)
+    last_barrier.wait()
+    dist.destroy_process_group()
+    gc.collect()
+    del last_barrier
+    if stopped is not None:
+        raise stopped
+
 
 def end_long_waits(ctx: RunContext):
     """Every rank has its data: collectives get torch's default timeout again, so that a rank that dies in

@@ -21,9 +21,9 @@ from model.lora import adapter_path, lora_layers, merged_state_dict, save_adapte
 from model.model_minimind import IGNORE_INDEX
 from model.weights import write_architecture
 
-from .config import parse_stage_args
-from .setup import (LoopSetup, TrainState, all_reduce_sum, capture_rng, init_distributed, prepare_run, save_resume,
-                    seed_everything)
+from .config import TrainConfig, parse_stage_args
+from .setup import (LoopSetup, RunContext, TrainState, all_reduce_sum, capture_rng, init_distributed, prepare_run,
+                    run_then_close_group, save_resume, seed_everything)
 
 # Cosine schedule from the base lr down to this fraction of it (upstream: lr·(0.1 + 0.45·(1 + cos))).
 MIN_LR_RATIO = 0.1
@@ -264,8 +264,8 @@ def train(setup: LoopSetup, state: TrainState, log=print):
 
 def save_all(setup: LoopSetup, state: TrainState, log=print, final=False):
     """Rank 0 writes the weights file and the resume checkpoint. A failed write is reported and training goes
-    on with the previous files kept; only a failed final save ends the run with an error (after the barrier,
-    so that no rank waits forever)."""
+    on with the previous files kept; only a failed final save ends the run with an error (on every rank, which
+    all learn of it, so that no rank waits forever)."""
     cfg, ctx, failed = setup.cfg, setup.ctx, None
     # Every rank's random states, in rank order, on rank 0 (None on the other ranks): every rank takes part.
     rng_states = [capture_rng(ctx.device)]
@@ -289,7 +289,12 @@ def save_all(setup: LoopSetup, state: TrainState, log=print, final=False):
             if not final:
                 log(f"warning: {error}")
         model.train(was_training)
-    if ctx.distributed:
+    if ctx.distributed and final:
+        # Every rank ends as rank 0's final save did: all through the error path, or all through the closing barrier
+        # of run_then_close_group (a rank waiting there for a rank 0 that left would fail on the lost connection).
+        if all_reduce_sum([failed is not None], ctx)[0] and failed is None:
+            raise SaveError("rank 0 could not write the final weights (its error says why)")
+    elif ctx.distributed:
         dist.barrier()
     if failed is not None and final:
         raise failed
@@ -302,10 +307,13 @@ def run_stage(stage: str, description: str, argv=None):
     ctx = init_distributed(cfg.device)
     seed_everything(cfg.seed + ctx.rank)
     log = print if ctx.is_main else (lambda *a, **k: None)
+    run_then_close_group(ctx, lambda: prepare_and_train(cfg, stage, ctx, log))
+
+
+def prepare_and_train(cfg: TrainConfig, stage: str, ctx: RunContext, log):
+    """prepare_run, then train; the model, the data and the optimizer end with this call's frame."""
     setup, state = prepare_run(cfg, stage, ctx, log=log)
     try:
         train(setup, state, log=log)
     finally:
         setup.logger.finish()
-        if ctx.distributed:
-            dist.destroy_process_group()
