@@ -759,6 +759,28 @@ def test_unwritable_save_dir_warns_then_fails_the_final_save(assets, tmp_path, c
     assert "done:" not in out
 
 
+def test_two_process_run_whose_final_save_fails_ends_every_rank_with_one_line(assets, tmp_path):
+    """Rank 0 alone writes; when its final save fails, every rank learns of it and ends in the error path (a rank
+    left waiting at the closing barrier would fail on the lost connection instead)."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output folder should be")
+    argv = train_args(assets, tmp_path, "--max_steps", "2")
+    argv[argv.index("--save_dir") + 1] = str(blocker / "out")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO_ROOT / "train_pretrain_vlm.py"), *argv], capture_output=True, text=True,
+                            timeout=600, cwd="/")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(errors) == sorted([f"error: could not write {blocker / 'out' / 'pretrain_vlm_64.pth'} "
+                                     f"([Errno {errno.ENOTDIR}] Not a directory: '{blocker / 'out'}'); the previous "
+                                     f"file is kept",
+                                     "error: rank 0 could not write the final weights (its error says why)"]), \
+        result.stderr[-3000:]
+    # torchrun's own report of the failed children (after its first log line) has its traceback; the ranks none
+    assert "Traceback" not in result.stderr.split("torch/distributed/elastic")[0] and "trainer/" not in result.stderr
+    assert "FutureWarning" not in result.stderr  # DDP's buffer flag under the name this torch wants
+
+
 # ================================================================================ (f) unsafe or wrong weights
 
 class RunsCode:

@@ -4,6 +4,7 @@ files and the run logger. trainer/training.py holds the loop that runs on what `
 """
 import datetime
 import gc
+import inspect
 import math
 import os
 import random
@@ -574,11 +575,14 @@ def prepare_run(cfg: TrainConfig, stage: str, ctx: RunContext, log=print):
         # Every step uses every trainable parameter on every rank (a text-only batch still runs vision_proj on
         # its zero images, collate_batch), so DDP need not search the graph for unused ones, except with MoE,
         # whose experts may get no token on a rank, and with a projector that cannot run on zero images (the
-        # Q-Former). The only buffers are the constant RoPE tables: no broadcast before each forward.
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=bool(cfg.use_moe) or not model.vision_proj.uses_all_parameters_without_images,
-            broadcast_buffers=False)
+        # Q-Former). The only buffers are the constant RoPE tables: no broadcast before each forward (the flag's
+        # name since torch 2.13, whose old name warns; the new one still syncs the equal tables once, at the start).
+        ddp = torch.nn.parallel.DistributedDataParallel
+        buffer_flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers")
+        find_unused = bool(cfg.use_moe) or not model.vision_proj.uses_all_parameters_without_images
+        wrapped = ddp(wrapped, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                      find_unused_parameters=find_unused, **{buffer_flag: False})
     loader, sampler = build_loader(dataset, cfg, ctx)
     if ctx.local_rank == 0 and (warning := shared_memory_warning(cfg, dataset.image_processor.pixel_shape)):
         (log if ctx.is_main else print)(warning)  # each machine's own /dev/shm
