@@ -84,6 +84,7 @@ def init_distributed(device_arg: str) -> RunContext:
                             device_id=device if use_cuda else None)
     return RunContext(rank, local_rank, world_size, device)
 
+
 def run_then_close_group(ctx: RunContext, work):
     """Call `work()` (a whole run: the model, its DDP wrapper and the data live in its frames), then end the process
     group, without the gloo deadlock at exit.
@@ -92,7 +93,7 @@ def run_then_close_group(ctx: RunContext, work):
     later barrier keeps the earlier ones (gather_object's tensors among them) until the barrier itself is freed;
     freeing a tensor that Python has seen needs the GIL; and the group's destructor joins the worker threads while
     holding the GIL. A worker still freeing the last barrier then waits forever: one rank of a 2-process CPU run
-    hung so at exit, about once in a few runs, and a loop of such runs hangs within ten. So this thread holds
+    hung so at exit, about once in a few runs, and a loop of such runs hung within 3 to 30. So this thread holds
     the last barrier's work until the group is gone (its last reference is the DDP model's, freed with `work`'s
     frames; gc for any cycle through it): the workers have nothing left to free, and the tensors go here.
 
