@@ -324,7 +324,7 @@ def test_extreme_aspect_ratio_is_refused_not_resized():
 # Forks one saver per request (so each starts without paying the imports again); the test SIGKILLs it.
 SAVER = r"""
 import os, sys, torch
-from common import UserError, atomic_save
+from common import atomic_save
 path = sys.argv[1]
 for line in sys.stdin:
     while True:  # reap the savers already killed
